@@ -1,0 +1,124 @@
+"""The NumPy reference backend: the readable oracle every fast kernel is tested against.
+
+Every reduction accumulates in float64 and every variance is centered (two passes:
+the mean first, then the squared deviations from it), so float32 data with a large
+mean and a small spread keeps its digits. Speed is not a goal here; clarity is.
+See ``normkit/backends/_spec.py`` for the contract of each kernel.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+NAME = "numpy"
+
+
+def set_num_threads(n: int) -> None:
+    """NumPy's elementwise code is single-threaded; nothing to configure."""
+
+
+def info() -> dict:
+    return {"numpy": np.__version__, "threads": "1 (reference implementation)"}
+
+
+def _f64(a):
+    return np.asarray(a, dtype=np.float64)
+
+
+def _quiet(fn):
+    """NaN/Inf in the data are expected to propagate, not to warn."""
+    def wrapper(*args):
+        with np.errstate(all="ignore"):
+            return fn(*args)
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+# ---------------------------------------------------------------- statistics
+@_quiet
+def plane_moments(x):
+    x64 = _f64(x)
+    mean = x64.mean(axis=1)
+    m2 = ((x64 - mean[:, None]) ** 2).sum(axis=1)
+    return mean, m2
+
+
+@_quiet
+def channels_last_moments(x):
+    x64 = _f64(x)
+    mean = x64.mean(axis=1)
+    m2 = ((x64 - mean[:, None, :]) ** 2).sum(axis=1)
+    return mean, m2
+
+
+# ---------------------------------------------------------------- LayerNorm / RMSNorm
+@_quiet
+def rows_forward(x, weight, bias, eps, rms, out):
+    x64 = _f64(x)
+    if rms:
+        mean = np.zeros(x64.shape[0])
+        var = (x64 * x64).mean(axis=1)
+        bias = np.zeros_like(bias)
+    else:
+        mean = x64.mean(axis=1)
+        var = ((x64 - mean[:, None]) ** 2).mean(axis=1)
+    rstd = 1.0 / np.sqrt(var + eps)
+    out[...] = (x64 - mean[:, None]) * rstd[:, None] * _f64(weight) + _f64(bias)
+    return mean, rstd
+
+
+@_quiet
+def rows_backward(dy, x, mean, rstd, weight, rms, dx):
+    dy64 = _f64(dy)
+    xhat = (_f64(x) - mean[:, None]) * rstd[:, None]
+    g = dy64 * _f64(weight)
+    k = x.shape[1]
+    proj = (g * xhat).sum(axis=1, keepdims=True) / k
+    centred_g = g if rms else g - g.sum(axis=1, keepdims=True) / k
+    dx[...] = rstd[:, None] * (centred_g - xhat * proj)
+    return (dy64 * xhat).sum(axis=0), dy64.sum(axis=0)
+
+
+# ---------------------------------------------------------------- per-channel passes
+# Channels-first arrays are (N, C, S): parameters (N', C) broadcast as [:, :, None].
+# Channels-last arrays are (N, S, C): parameters (N', C) broadcast as [:, None, :].
+def _first(p):
+    return _f64(p)[:, :, None]
+
+
+def _last(p):
+    return _f64(p)[:, None, :]
+
+
+@_quiet
+def channels_first_affine(x, shift, scale, offset, out):
+    out[...] = (_f64(x) - _first(shift)) * _first(scale) + _first(offset)
+
+
+@_quiet
+def channels_last_affine(x, shift, scale, offset, out):
+    out[...] = (_f64(x) - _last(shift)) * _last(scale) + _last(offset)
+
+
+@_quiet
+def channels_first_grad_sums(dy, x, shift):
+    dy64 = _f64(dy)
+    return dy64.sum(axis=2), (dy64 * (_f64(x) - _first(shift))).sum(axis=2)
+
+
+@_quiet
+def channels_last_grad_sums(dy, x, shift):
+    dy64 = _f64(dy)
+    return dy64.sum(axis=1), (dy64 * (_f64(x) - _last(shift))).sum(axis=1)
+
+
+@_quiet
+def channels_first_grad_apply(dy, x, shift, coef_dy, coef_x, coef_1, dx):
+    dx[...] = (_first(coef_dy) * _f64(dy) + _first(coef_x) * (_f64(x) - _first(shift))
+               + _first(coef_1))
+
+
+@_quiet
+def channels_last_grad_apply(dy, x, shift, coef_dy, coef_x, coef_1, dx):
+    dx[...] = (_last(coef_dy) * _f64(dy) + _last(coef_x) * (_f64(x) - _last(shift))
+               + _last(coef_1))
