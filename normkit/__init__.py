@@ -1,12 +1,28 @@
 """normkit: fast, numerically careful CPU normalization layers.
 
-Public names only; see ``../shared/API.md`` for the contract.
+Public names only; the contract is ``../shared/API.md`` in the repository.
 """
+from . import diagnostics, functional
 from ._version import __version__
 from .backends import (BackendUnavailableError, available_backends, get_backend,
                        get_num_threads, set_backend, set_num_threads, use_backend)
+from .diagnostics import UnstableBatchStatisticsWarning
+from .functional import (batch_norm, batch_norm_backward, group_norm, group_norm_backward,
+                         instance_norm, instance_norm_backward, layer_norm,
+                         layer_norm_backward, rms_norm, rms_norm_backward)
+from .layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, Norm, RMSNorm
 
 __all__ = [
-    "__version__", "BackendUnavailableError", "available_backends", "get_backend",
-    "get_num_threads", "set_backend", "set_num_threads", "use_backend",
+    "__version__",
+    # functional
+    "batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm",
+    "batch_norm_backward", "layer_norm_backward", "group_norm_backward",
+    "instance_norm_backward", "rms_norm_backward",
+    # layers
+    "Norm", "BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "RMSNorm",
+    # backends
+    "BackendUnavailableError", "available_backends", "get_backend", "set_backend",
+    "use_backend", "set_num_threads", "get_num_threads",
+    # diagnostics
+    "diagnostics", "UnstableBatchStatisticsWarning",
 ]

@@ -1,0 +1,384 @@
+"""Layer objects: parameters, running statistics, train/eval mode and a cached backward.
+
+Each layer is a thin stateful wrapper over ``normkit.functional``; the base class
+``Norm`` holds everything the five share (mode, parameters, gradients, state_dict), so
+a layer only says how to call its forward and backward functions.
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from . import functional as F
+from .backends import resolve
+
+__all__ = ["Norm", "BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "RMSNorm"]
+
+
+def _shape_tuple(shape):
+    if isinstance(shape, numbers.Integral):
+        return (int(shape),)
+    return tuple(int(d) for d in shape)
+
+
+def _check_dtype(dtype):
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
+        raise TypeError(f"dtype must be float16, float32 or float64, got {dtype}")
+    return dtype
+
+
+def _positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+class Norm:
+    """Base class of the normalization layers.
+
+    Subclasses set ``self._params`` (name -> array), ``self._buffers`` (running
+    statistics), and implement ``_forward(x)`` returning ``(y, cache)`` and
+    ``_backward(grad_out, cache)`` returning ``(grad_x, {name: grad})``.
+    """
+
+    def __init__(self, *, dtype=np.float32, backend=None):
+        self.dtype = _check_dtype(dtype)
+        if backend is not None:
+            resolve(backend)      # an unknown or unavailable backend fails here, not later
+        self._backend = backend
+        self.training = True
+        self.name = None          # optional label, used in diagnostics messages
+        self._params: dict[str, np.ndarray] = {}
+        self._buffers: dict[str, np.ndarray] = {}
+        self.grads: dict[str, np.ndarray] = {}
+        self._cache = None
+
+    # ------------------------------------------------------------------ mode
+    def train(self, mode: bool = True):
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    @property
+    def backend(self) -> str:
+        """The backend this layer's calls use (resolved now if the default is 'auto')."""
+        return resolve(self._backend).NAME
+
+    # ------------------------------------------------------------------ compute
+    def forward(self, x):
+        y, self._cache = self._forward(x)
+        return y
+
+    __call__ = forward
+
+    def backward(self, grad_out):
+        """Gradient w.r.t. the input of the last forward; sets ``self.grads`` afresh."""
+        if self._cache is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+        grad_x, grads = self._backward(grad_out, self._cache)
+        self.grads = {name: np.asarray(grads[name], dtype=p.dtype).reshape(p.shape)
+                      for name, p in self._params.items()}
+        return grad_x
+
+    # ------------------------------------------------------------------ state
+    def parameters(self) -> dict:
+        return dict(self._params)
+
+    def state_dict(self) -> dict:
+        state = {name: p.copy() for name, p in self._params.items()}
+        state.update({name: b.copy() for name, b in self._buffers.items()})
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True):
+        own = {**self._params, **self._buffers}
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"Error loading state_dict into {type(self).__name__}: "
+                               f"missing keys {missing}, unexpected keys {unexpected}")
+        for key, target in own.items():
+            if key not in state_dict:
+                continue
+            value = state_dict[key]
+            if hasattr(value, "detach"):           # a torch tensor
+                value = value.detach().cpu().numpy()
+            value = np.asarray(value)
+            if value.shape != target.shape:
+                raise ValueError(f"state_dict[{key!r}]: expected shape {target.shape}, "
+                                 f"got shape {value.shape}")
+            target[...] = value                    # in place: live arrays stay live
+        return self
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def _init_affine(self, shape, weight=True, bias=True):
+        if weight:
+            self._params["weight"] = np.ones(shape, self.dtype)
+        if bias:
+            self._params["bias"] = np.zeros(shape, self.dtype)
+
+    @property
+    def weight(self):
+        return self._params.get("weight")
+
+    @property
+    def bias(self):
+        return self._params.get("bias")
+
+
+class _RunningStatsNorm(Norm):
+    """Shared by BatchNorm and InstanceNorm: running statistics and their momentum."""
+
+    def __init__(self, num_features, eps, momentum, affine, track_running_stats, axis,
+                 dtype, backend):
+        super().__init__(dtype=dtype, backend=backend)
+        self.num_features = _positive_int(num_features, "num_features")
+        self.eps = float(eps)
+        self.momentum = None if momentum is None else float(momentum)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.axis = int(axis)
+        if self.affine:
+            self._init_affine((self.num_features,))
+        if self.track_running_stats:
+            self._buffers["running_mean"] = np.zeros(self.num_features, self.dtype)
+            self._buffers["running_var"] = np.ones(self.num_features, self.dtype)
+            self._buffers["num_batches_tracked"] = np.array(0, dtype=np.int64)
+
+    running_mean = property(lambda self: self._buffers.get("running_mean"))
+    running_var = property(lambda self: self._buffers.get("running_var"))
+
+    @property
+    def num_batches_tracked(self):
+        nbt = self._buffers.get("num_batches_tracked")
+        return None if nbt is None else int(nbt)
+
+    def reset_running_stats(self):
+        if self.track_running_stats:
+            self._buffers["running_mean"][...] = 0
+            self._buffers["running_var"][...] = 1
+            self._buffers["num_batches_tracked"][...] = 0
+
+    def _momentum_for_step(self):
+        """torch's exponential_average_factor: counts the batch, None = cumulative average.
+
+        Only a training step that tracks statistics updates them; otherwise the value
+        is unused and 0.0 is returned.
+        """
+        if not (self.training and self.track_running_stats):
+            return 0.0
+        self._buffers["num_batches_tracked"] += 1
+        if self.momentum is None:
+            return 1.0 / float(self._buffers["num_batches_tracked"])
+        return self.momentum
+
+    def extra_repr(self):
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+                f"axis={self.axis}")
+
+
+class BatchNorm(_RunningStatsNorm):
+    """Batch normalization (torch's BatchNorm1d/2d/3d in one layer, any channel axis).
+
+    Parameters
+    ----------
+    num_features : int
+        Number of channels C.
+    eps : float
+    momentum : float or None
+        None: cumulative moving average over all batches seen.
+    affine : bool
+        Learnable per-channel weight and bias.
+    track_running_stats : bool
+        Keep running statistics (used in eval mode). Without them, batch statistics
+        are used in eval mode too.
+    axis : int, keyword-only
+        Channel axis: 1 (NCHW, default) or -1 (channels-last), or any other.
+    dtype : numpy dtype, keyword-only
+        dtype of parameters and running statistics.
+    backend : str, keyword-only
+        Backend for this layer (default: the global default at each call).
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, *, axis=1, dtype=np.float32, backend=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, axis,
+                         dtype, backend)
+
+    def _forward(self, x):
+        batch_stats = self.training or not self.track_running_stats
+        momentum = self._momentum_for_step()
+        y, mean, rstd = F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, batch_stats, momentum, self.eps, axis=self.axis,
+            backend=self._backend, return_stats=True)
+        return y, (x, mean, rstd, batch_stats)
+
+    def _backward(self, grad_out, cache):
+        x, mean, rstd, batch_stats = cache
+        gx, gw, gb = F.batch_norm_backward(grad_out, x, mean, rstd, self.weight,
+                                           training=batch_stats, axis=self.axis,
+                                           backend=self._backend)
+        return gx, {"weight": gw, "bias": gb}
+
+
+class InstanceNorm(_RunningStatsNorm):
+    """Instance normalization (torch's InstanceNorm1d/2d/3d in one layer).
+
+    Parameters are those of :class:`BatchNorm`; defaults follow torch (no affine, no
+    running statistics). Input statistics are used in training mode, and in eval mode
+    unless running statistics are tracked.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False,
+                 track_running_stats=False, *, axis=1, dtype=np.float32, backend=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, axis,
+                         dtype, backend)
+
+    def _forward(self, x):
+        use_input_stats = self.training or not self.track_running_stats
+        momentum = self._momentum_for_step()
+        y, mean, rstd = F.instance_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias,
+            use_input_stats, momentum, self.eps, axis=self.axis, backend=self._backend,
+            return_stats=True)
+        return y, (x, mean, rstd, use_input_stats)
+
+    def _backward(self, grad_out, cache):
+        x, mean, rstd, use_input_stats = cache
+        gx, gw, gb = F.instance_norm_backward(grad_out, x, mean, rstd, self.weight,
+                                              use_input_stats=use_input_stats,
+                                              axis=self.axis, backend=self._backend)
+        return gx, {"weight": gw, "bias": gb}
+
+
+class GroupNorm(Norm):
+    """Group normalization over ``num_groups`` groups of ``num_channels`` channels.
+
+    Parameters
+    ----------
+    num_groups : int
+    num_channels : int
+        Must be divisible by ``num_groups``.
+    eps : float
+    affine : bool
+        Learnable per-channel weight and bias.
+    axis, dtype, backend : keyword-only
+        As in :class:`BatchNorm`.
+    """
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, *, axis=1,
+                 dtype=np.float32, backend=None):
+        super().__init__(dtype=dtype, backend=backend)
+        self.num_groups = _positive_int(num_groups, "num_groups")
+        self.num_channels = _positive_int(num_channels, "num_channels")
+        if self.num_channels % self.num_groups:
+            raise ValueError(f"num_channels ({num_channels}) must be divisible by "
+                             f"num_groups ({num_groups})")
+        self.eps = float(eps)
+        self.affine = bool(affine)
+        self.axis = int(axis)
+        if self.affine:
+            self._init_affine((self.num_channels,))
+
+    def _forward(self, x):
+        y, mean, rstd = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps,
+                                     axis=self.axis, backend=self._backend,
+                                     return_stats=True)
+        return y, (x, mean, rstd)
+
+    def _backward(self, grad_out, cache):
+        x, mean, rstd = cache
+        gx, gw, gb = F.group_norm_backward(grad_out, x, self.num_groups, mean, rstd,
+                                           self.weight, axis=self.axis,
+                                           backend=self._backend)
+        return gx, {"weight": gw, "bias": gb}
+
+    def extra_repr(self):
+        return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, "
+                f"affine={self.affine}, axis={self.axis}")
+
+
+class LayerNorm(Norm):
+    """Layer normalization over the trailing ``normalized_shape`` axes.
+
+    Parameters
+    ----------
+    normalized_shape : int or tuple of int
+    eps : float
+    elementwise_affine : bool
+        Learnable weight (and bias, see ``bias``) of shape ``normalized_shape``.
+    bias : bool
+        Whether the affine part has a bias.
+    dtype, backend : keyword-only
+    """
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, *,
+                 dtype=np.float32, backend=None):
+        super().__init__(dtype=dtype, backend=backend)
+        self.normalized_shape = _shape_tuple(normalized_shape)
+        self.eps = float(eps)
+        self.elementwise_affine = bool(elementwise_affine)
+        if self.elementwise_affine:
+            self._init_affine(self.normalized_shape, bias=bool(bias))
+
+    def _forward(self, x):
+        y, mean, rstd = F.layer_norm(x, self.normalized_shape, self.weight, self.bias,
+                                     self.eps, backend=self._backend, return_stats=True)
+        return y, (x, mean, rstd)
+
+    def _backward(self, grad_out, cache):
+        x, mean, rstd = cache
+        gx, gw, gb = F.layer_norm_backward(grad_out, x, self.normalized_shape, mean, rstd,
+                                           self.weight, backend=self._backend)
+        return gx, {"weight": gw, "bias": gb}
+
+    def extra_repr(self):
+        return (f"{self.normalized_shape}, eps={self.eps}, "
+                f"elementwise_affine={self.elementwise_affine}")
+
+
+class RMSNorm(Norm):
+    """Root-mean-square normalization (torch.nn.RMSNorm).
+
+    Parameters
+    ----------
+    normalized_shape : int or tuple of int
+    eps : float or None
+        None: ``np.finfo`` eps of the input's dtype, as torch.
+    elementwise_affine : bool
+        Learnable weight of shape ``normalized_shape``.
+    dtype, backend : keyword-only
+    """
+
+    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, *,
+                 dtype=np.float32, backend=None):
+        super().__init__(dtype=dtype, backend=backend)
+        self.normalized_shape = _shape_tuple(normalized_shape)
+        self.eps = None if eps is None else float(eps)
+        self.elementwise_affine = bool(elementwise_affine)
+        if self.elementwise_affine:
+            self._init_affine(self.normalized_shape, bias=False)
+
+    def _forward(self, x):
+        y, _, rstd = F.rms_norm(x, self.normalized_shape, self.weight, self.eps,
+                                backend=self._backend, return_stats=True)
+        return y, (x, rstd)
+
+    def _backward(self, grad_out, cache):
+        x, rstd = cache
+        gx, gw, _ = F.rms_norm_backward(grad_out, x, self.normalized_shape, None, rstd,
+                                        self.weight, backend=self._backend)
+        return gx, {"weight": gw}
+
+    def extra_repr(self):
+        return (f"{self.normalized_shape}, eps={self.eps}, "
+                f"elementwise_affine={self.elementwise_affine}")
