@@ -7,9 +7,11 @@ a layer only says how to call its forward and backward functions.
 from __future__ import annotations
 
 import numbers
+import types
 
 import numpy as np
 
+from . import _renorm
 from . import functional as F
 from .backends import resolve
 
@@ -207,14 +209,54 @@ class BatchNorm(_RunningStatsNorm):
         dtype of parameters and running statistics.
     backend : str, keyword-only
         Backend for this layer (default: the global default at each call).
+    renorm : bool, keyword-only
+        Batch renormalization (Ioffe 2017) in training mode: the batch-normalized
+        values are corrected by ``r``, ``d`` towards moving renorm statistics, kept
+        in the extra buffers ``renorm_mean`` and ``renorm_std``. Eval mode is
+        unchanged. Needs ``track_running_stats``. Details: ``normkit/_renorm.py``.
+    renorm_clipping : dict, keyword-only
+        ``{'rmax': ..., 'rmin': ..., 'dmax': ...}`` bounds of ``r`` and ``|d|``
+        (missing: no bound; ``rmin`` defaults to ``1 / rmax``). Mutable between
+        steps through the ``renorm_clipping`` attribute, to relax it during training.
+    renorm_momentum : float, keyword-only
+        Weight of the new batch in the renorm statistics (0.01 is Keras's 0.99).
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, *, axis=1, dtype=np.float32, backend=None):
+                 track_running_stats=True, *, axis=1, dtype=np.float32, backend=None,
+                 renorm=False, renorm_clipping=None, renorm_momentum=0.01):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, axis,
                          dtype, backend)
+        self.renorm = bool(renorm)
+        if self.renorm:
+            if not self.track_running_stats:
+                raise ValueError("renorm=True needs track_running_stats=True")
+            self.renorm_clipping = _renorm.check_clipping(renorm_clipping)
+            self.renorm_momentum = _renorm.check_momentum(renorm_momentum)
+            self._buffers["renorm_mean"] = np.zeros(self.num_features, self.dtype)
+            self._buffers["renorm_std"] = np.ones(self.num_features, self.dtype)
+
+    renorm_mean = property(lambda self: self._buffers.get("renorm_mean"))
+    renorm_std = property(lambda self: self._buffers.get("renorm_std"))
+
+    @property
+    def renorm_clipping(self):
+        """Read-only view of the clipping bounds; assign a new dict to change them."""
+        return types.MappingProxyType(self._renorm_clipping) if self.renorm else None
+
+    @renorm_clipping.setter
+    def renorm_clipping(self, value):
+        self._renorm_clipping = _renorm.check_clipping(value)
+
+    def reset_running_stats(self):
+        super().reset_running_stats()
+        if self.renorm:
+            self._buffers["renorm_mean"][...] = 0
+            self._buffers["renorm_std"][...] = 1
 
     def _forward(self, x):
+        if self.renorm and self.training:
+            return _renorm.forward(self, x, self._momentum_for_step())
         batch_stats = self.training or not self.track_running_stats
         momentum = self._momentum_for_step()
         y, mean, rstd = F.batch_norm(
@@ -223,6 +265,8 @@ class BatchNorm(_RunningStatsNorm):
         return y, (x, mean, rstd, batch_stats)
 
     def _backward(self, grad_out, cache):
+        if isinstance(cache, _renorm.RenormCache):
+            return _renorm.backward(self, grad_out, cache)
         x, mean, rstd, batch_stats = cache
         gx, gw, gb = F.batch_norm_backward(grad_out, x, mean, rstd, self.weight,
                                            training=batch_stats, axis=self.axis,
@@ -242,6 +286,11 @@ class InstanceNorm(_RunningStatsNorm):
                  track_running_stats=False, *, axis=1, dtype=np.float32, backend=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, axis,
                          dtype, backend)
+
+    def _momentum_for_step(self):
+        """As torch's InstanceNorm: num_batches_tracked is never counted, and
+        momentum=None means 0.0 (the running statistics stay as they are)."""
+        return 0.0 if self.momentum is None else self.momentum
 
     def _forward(self, x):
         use_input_stats = self.training or not self.track_running_stats
