@@ -38,40 +38,45 @@ _FM = {"reassoc", "contract"}
 # ============================================================ helpers: reductions
 @njit(fastmath=_FM, cache=True)
 def _h_sum(a, lo, hi):
+    v = a[lo:hi]
     s = 0.0
-    for i in range(lo, hi):
-        s += a[i]
+    for i in range(v.shape[0]):
+        s += v[i]
     return s
 
 
 @njit(fastmath=_FM, cache=True)
 def _h_ssd(a, lo, hi, m):
     """Sum of squared deviations from m (float64)."""
+    v = a[lo:hi]
     q = 0.0
-    for i in range(lo, hi):
-        d = a[i] - m
+    for i in range(v.shape[0]):
+        d = v[i] - m
         q += d * d
     return q
 
 
 @njit(fastmath=_FM, cache=True)
 def _h_sumsq(a, lo, hi):
+    v = a[lo:hi]
     q = 0.0
-    for i in range(lo, hi):
-        v = np.float64(a[i])
-        q += v * v
+    for i in range(v.shape[0]):
+        e = np.float64(v[i])
+        q += e * e
     return q
 
 
 @njit(fastmath=_FM, cache=True)
 def _h_dot_c(dy, x, lo, hi, sh):
     """(sum dy, sum dy * (x - sh)) over [lo, hi), float64."""
+    dv = dy[lo:hi]
+    xv = x[lo:hi]
     s1 = 0.0
     s2 = 0.0
-    for i in range(lo, hi):
-        d = np.float64(dy[i])
+    for i in range(xv.shape[0]):
+        d = np.float64(dv[i])
         s1 += d
-        s2 += d * (x[i] - sh)
+        s2 += d * (xv[i] - sh)
     return s1, s2
 
 
@@ -127,8 +132,10 @@ def _h_cl_gsums(dyn, xn, lo, hi, sh, p1, p2):
 # ============================================================ helpers: element-wise
 @njit(cache=True)
 def _h_affine(a, o, lo, hi, sh, sc, of):
-    for i in range(lo, hi):
-        o[i] = (a[i] - sh) * sc + of
+    av = a[lo:hi]
+    ov = o[lo:hi]
+    for i in range(av.shape[0]):
+        ov[i] = (av[i] - sh) * sc + of
 
 
 @njit(cache=True)
@@ -143,8 +150,11 @@ def _h_affine_rows(a, o, lo, hi, sh, sc, of):
 
 @njit(cache=True)
 def _h_gapply(dy, x, o, lo, hi, sh, cdy, cx, c1):
-    for i in range(lo, hi):
-        o[i] = cdy * dy[i] + cx * (x[i] - sh) + c1
+    dv = dy[lo:hi]
+    xv = x[lo:hi]
+    ov = o[lo:hi]
+    for i in range(xv.shape[0]):
+        ov[i] = cdy * dv[i] + cx * (xv[i] - sh) + c1
 
 
 @njit(cache=True)
@@ -160,14 +170,27 @@ def _h_gapply_rows(dy, x, o, lo, hi, sh, cdy, cx, c1):
 
 @njit(cache=True)
 def _h_row_out(xr, w, b, mu, rs, o):
+    """o = (x - mu) * rs * w + b in the data's dtype.
+
+    For float32 the float64 mean is split into mh + ml (both float32): (x - mh) - ml
+    keeps the centering exact to float32 precision even when |mu| >> std, while every
+    operation runs on 16 float32 lanes instead of 8 float64 ones. No fastmath here: it
+    would be free to rewrite (x - mh) - ml as x - (mh + ml) and lose the digits.
+    For float64 ml is 0 and this is the plain formula.
+    """
+    t = xr.dtype.type
+    mh = t(mu)
+    ml = t(mu - mh)
+    r = t(rs)
     for k in range(xr.shape[0]):
-        o[k] = ((xr[k] - mu) * rs) * w[k] + b[k]
+        o[k] = (((xr[k] - mh) - ml) * r) * w[k] + b[k]
 
 
 @njit(cache=True)
 def _h_row_out_rms(xr, w, rs, o):
+    r = xr.dtype.type(rs)
     for k in range(xr.shape[0]):
-        o[k] = (xr[k] * rs) * w[k]
+        o[k] = (xr[k] * r) * w[k]
 
 
 @njit(cache=True)
