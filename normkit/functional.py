@@ -11,6 +11,7 @@ Semantics (statistics, momentum, biased/unbiased variance, eps placement) follow
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 
@@ -43,6 +44,17 @@ def _coefs(dtype, n_rows, *arrays):
             for a in arrays]
 
 
+def _split_shift(mean, dtype):
+    """The mean as a compute-dtype shift plus the float64 residual it rounded away.
+
+    Kernels compute (x - shift) in the compute dtype; with x close to shift that
+    difference is exact, so adding the residual's effect back in float64 (folded into
+    an offset) keeps float32 outputs accurate even at |mean| >> std, at no extra pass.
+    """
+    shift = np.asarray(mean, dtype=dtype)
+    return shift, mean - shift.astype(np.float64)
+
+
 def _update_running(running, batch_value, momentum):
     """running <- (1 - momentum) * running + momentum * batch, in place, in its own dtype."""
     running[...] = (1.0 - momentum) * running.astype(np.float64) + momentum * batch_value
@@ -56,14 +68,24 @@ def _merge_groups(mean, m2, count):
     return gmean, gm2
 
 
+# Private hook for normkit.diagnostics: while ``_capture.on`` is true in this thread,
+# _batch_moments leaves the unmerged per-plane moments it computed anyway (and the
+# view and backend) in ``_capture.value``. Off: one attribute test, nothing else.
+_capture = threading.local()
+
+
 def _batch_moments(be, view):
     """BatchNorm statistics per channel: (mean, M2) over N and S, float64 (C,)."""
     if view.layout == "first":
         mean, m2 = be.plane_moments(view.data.reshape(view.n * view.c, view.s))
+        mean, m2 = mean.reshape(view.n, view.c), m2.reshape(view.n, view.c)
+        if getattr(_capture, "on", False):
+            _capture.value = (be, view, mean, m2)
         # merge the N planes of each channel: swap so the merged axis is last
-        return _merge_groups(mean.reshape(view.n, view.c).T, m2.reshape(view.n, view.c).T,
-                             view.s)
+        return _merge_groups(mean.T, m2.T, view.s)
     mean, m2 = be.channels_last_moments(view.data)
+    if getattr(_capture, "on", False):
+        _capture.value = (be, view, None, None)
     return mean[0], m2[0]
 
 
@@ -160,9 +182,10 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
         var = running_var.astype(np.float64)
     rstd = _rstd(var, eps)
     scale = rstd if w is None else w * rstd
-    offset = np.zeros(c) if b is None else b
+    shift, resid = _split_shift(mean, dt)
+    offset = -resid * scale if b is None else b - resid * scale
     res = view.empty(out)
-    view.call(be, "affine", view.data, *_coefs(dt, 1, mean, scale, offset), res)
+    view.call(be, "affine", view.data, *_coefs(dt, 1, shift, scale, offset), res)
     y = view.to_user(res, out, x.dtype)
     if return_stats:
         return y, _stat_out(mean, dt), _stat_out(rstd, dt)
@@ -192,9 +215,10 @@ def _per_sample_forward(x, ax, groups, w, b, eps, out, be, dt, return_stats,
     mean_c = np.repeat(mean, per_channel, axis=1)
     rstd_c = np.repeat(rstd, per_channel, axis=1)
     scale = rstd_c if w is None else rstd_c * w
-    offset = np.zeros(c) if b is None else b
+    shift, resid = _split_shift(mean_c, dt)
+    offset = -resid * scale if b is None else b - resid * scale
     res = view.empty(out)
-    view.call(be, "affine", view.data, *_coefs(dt, n, mean_c, scale, offset), res)
+    view.call(be, "affine", view.data, *_coefs(dt, n, shift, scale, offset), res)
     return view.to_user(res, out, x.dtype), mean, rstd, m2
 
 
@@ -366,14 +390,18 @@ def _channel_backward(be, view, dy, shift, rstd_nc, w, pool, count, batch_stats)
     share one statistic. With fixed statistics (eval) dx is just weight * rstd * dy.
     """
     dt = view.data.dtype
+    shift, resid = _split_shift(shift, dt)
     sum_dy, sum_dyx = view.call(be, "grad_sums", dy, view.data,
                                 *_coefs(dt, shift.shape[0], shift))
+    sum_dyx = sum_dyx - resid * sum_dy      # sums of dy * (x - mean), exactly centered
     a = rstd_nc if w is None else rstd_nc * w
     if batch_stats:
         coef_x = -rstd_nc ** 3 * pool(sum_dyx if w is None else sum_dyx * w) / count
         coef_1 = -rstd_nc * pool(sum_dy if w is None else sum_dy * w) / count
     else:
-        coef_x = coef_1 = np.zeros_like(a)
+        coef_x = np.zeros_like(a)
+        coef_1 = np.zeros_like(a)
+    coef_1 = coef_1 - coef_x * resid
     dx = np.empty_like(view.data)
     view.call(be, "grad_apply", dy, view.data, *_coefs(dt, shift.shape[0], shift, a,
                                                         coef_x, coef_1), dx)

@@ -97,7 +97,7 @@ def resolve(name=None):
     """The kernel module a call should use: explicit name, else thread-local, else global."""
     if name is None:
         name = getattr(_local, "override", None) or _default
-    elif name not in _loaded:
+    elif not isinstance(name, str) or name not in _loaded:
         _check_name(name)
     module = _loaded.get(name)
     if module is not None:

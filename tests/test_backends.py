@@ -1,0 +1,162 @@
+"""The backend registry: names, selection, thread-local overrides, env vars, threads."""
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+import normkit as nk
+from normkit import backends
+from normkit.backends import _spec
+
+
+def _run(code, **env):
+    full_env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full_env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_numpy_always_available_and_listed_first_class():
+    names = nk.available_backends()
+    assert "numpy" in names
+    assert set(names) <= {"numpy", "numba", "cython"}
+
+
+@pytest.mark.parametrize("name", nk.available_backends())
+def test_every_backend_implements_the_contract(name):
+    module = backends.resolve(name)
+    assert module.NAME == name
+    for member in _spec.MEMBERS:
+        assert hasattr(module, member), f"{name} lacks {member}"
+    assert isinstance(module.info(), dict)
+
+
+def test_get_set_backend_and_use_backend():
+    assert nk.get_backend() in ("auto",) + backends.KNOWN_BACKENDS
+    previous = nk.get_backend()
+    try:
+        nk.set_backend("numpy")
+        assert nk.get_backend() == "numpy"
+        assert nk.LayerNorm(4).backend == "numpy"
+        with nk.use_backend("auto"):
+            assert nk.get_backend() == "auto"
+        assert nk.get_backend() == "numpy"
+    finally:
+        nk.set_backend(previous)
+
+
+def test_use_backend_is_thread_local():
+    seen = {}
+    inside = threading.Event()
+    release = threading.Event()
+
+    def other():
+        inside.wait()
+        seen["other"] = nk.get_backend()
+        release.set()
+
+    t = threading.Thread(target=other)
+    t.start()
+    before = nk.get_backend()
+    with nk.use_backend("numpy"):
+        seen["main"] = nk.get_backend()
+        inside.set()
+        release.wait(10)
+    t.join()
+    assert seen == {"main": "numpy", "other": before}
+
+
+def test_backend_argument_overrides_default():
+    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    with nk.use_backend("numpy"):
+        for name in nk.available_backends():
+            np.testing.assert_allclose(nk.layer_norm(x, 8, backend=name),
+                                       nk.layer_norm(x, 8), rtol=1e-5, atol=1e-5)
+            assert nk.LayerNorm(8, backend=name).backend == name
+
+
+def test_unknown_backend():
+    for call in (lambda: nk.set_backend("gpu"), lambda: nk.use_backend("gpu").__enter__(),
+                 lambda: backends.resolve("gpu")):
+        with pytest.raises(ValueError, match=r"Expected backend to be one of \['auto', "
+                                             r"'cython', 'numba', 'numpy'\]\. Received 'gpu'"):
+            call()
+
+
+def test_unavailable_backend_raises_import_error_subclass(monkeypatch):
+    assert issubclass(nk.BackendUnavailableError, ImportError)
+    monkeypatch.setitem(backends._MODULES, "cython",
+                        ("normkit.backends._does_not_exist", "Rebuild it with pip install -e ."))
+    monkeypatch.delitem(backends._loaded, "cython", raising=False)
+    monkeypatch.delitem(backends._failed, "cython", raising=False)
+    monkeypatch.delitem(backends._loaded, "auto", raising=False)
+    try:
+        with pytest.raises(nk.BackendUnavailableError, match="not available.*pip install -e"):
+            nk.layer_norm(np.ones((2, 3), np.float32), 3, backend="cython")
+        assert "cython" not in nk.available_backends()
+        assert nk.layer_norm(np.ones((2, 3), np.float32), 3).shape == (2, 3)
+        assert backends.backend_status()["cython"] != "available"
+    finally:
+        backends._failed.pop("cython", None)
+        backends._loaded.pop("auto", None)
+
+
+def test_env_var_selects_backend_and_threads():
+    res = _run("""
+        import normkit
+        print(normkit.get_backend(), normkit.get_num_threads())
+        import numpy as np
+        normkit.layer_norm(np.ones((2, 4), np.float32), 4)
+        """, NORMKIT_BACKEND="numpy", NORMKIT_NUM_THREADS="1")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["numpy", "1"]
+
+
+def test_bad_env_var_is_a_clear_error():
+    res = _run("import normkit", NORMKIT_BACKEND="fortran")
+    assert res.returncode != 0 and "Received 'fortran'" in res.stderr
+
+
+def test_set_num_threads():
+    n = nk.get_num_threads()
+    try:
+        nk.set_num_threads(1)
+        assert nk.get_num_threads() == 1
+        x = np.random.default_rng(0).standard_normal((64, 4096)).astype(np.float32)
+        for name in nk.available_backends():
+            nk.layer_norm(x, 4096, backend=name)
+    finally:
+        nk.set_num_threads(n)
+    for bad in (0, -2, 1.5, "2", True):
+        with pytest.raises(ValueError):
+            nk.set_num_threads(bad)
+
+
+def test_import_is_fast_and_compiles_nothing():
+    """`import normkit` must not import numba, torch or onnx, and stay under 0.3 s."""
+    res = _run("""
+        import sys, time
+        t = time.perf_counter()
+        import normkit
+        dt = time.perf_counter() - t
+        heavy = [m for m in ("numba", "torch", "onnx", "onnxruntime") if m in sys.modules]
+        print(dt, heavy)
+        """)
+    assert res.returncode == 0, res.stderr
+    dt, heavy = res.stdout.split(maxsplit=1)
+    assert heavy.strip() == "[]"
+    assert float(dt) < 0.3, f"import normkit took {float(dt):.3f} s"
+
+
+def test_info_command():
+    res = subprocess.run([sys.executable, "-m", "normkit", "info"], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert f"normkit {nk.__version__}" in out and "default backend" in out
+    assert "threads:" in out
+    for name in backends.KNOWN_BACKENDS:
+        assert name in out
