@@ -1,4 +1,4 @@
-"""Command line: ``python -m normkit info`` (and ``bench`` once benchmarks land)."""
+"""Command line: ``python -m normkit info`` and ``python -m normkit bench``."""
 from __future__ import annotations
 
 import argparse
@@ -34,8 +34,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="normkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, backends available here, default backend, threads")
+    from . import _bench   # NumPy + normkit only; torch/onnxruntime load inside `bench`
+    _bench.add_arguments(sub.add_parser(
+        "bench", help="time every backend against the copy floor, PyTorch and ONNX Runtime",
+        description=_bench.__doc__.split("\n\n")[0]))
     args = parser.parse_args(argv)
-    return {"info": _info}[args.command](args)
+    args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
+    return {"info": _info, "bench": _bench.run}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,166 @@
+"""The main job ``python -m normkit bench`` and the case table it shares with this suite."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import normkit
+from normkit import _bench
+from normkit import _bench_cases as C
+
+TINY = "tiny_ln_1x1x768"
+
+
+def _run(capsys, *argv):
+    rc = _bench.main(["--no-progress", "--min-time", "0.01", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# ---------------------------------------------------------------- the table
+def test_case_table_is_consistent():
+    names = [c.name for c in C.CASES]
+    assert len(names) == len(set(names))
+    for c in C.CASES:
+        assert c.tier in C.TAGS and c.category in C.CATEGORIES
+        assert len(c.smoke_units) == len(c.units)
+        for big, small in zip(c.units, c.smoke_units):
+            assert len(big) == len(small) and np.prod(small) <= np.prod(big)
+        assert c.tol() > 0
+    quick, default, full = (set(map(id, C.select_cases(t))) for t in C.TAGS)
+    assert quick < default < full and len(full) == len(C.CASES)
+    # what the issue asks for is there
+    cats = {c.category for c in C.CASES}
+    assert cats == set(C.CATEGORIES)
+    assert {"bn_eval", "bn_train_fwd", "bn_train_fb", "ln", "rms", "gn", "in",
+            "ln_train_fb"} <= {c.op.key for c in C.CASES}
+    assert {c.units[0][0] for c in C.CASES if c.op.key == "bn_eval"
+            and c.category == "batchnorm"} >= {1, 8, 32}
+
+
+def test_real_model_shapes():
+    layers = C.RESNET50_BN_LAYERS
+    assert len(layers) == 53
+    assert layers[0] == (64, 112) and layers[-1] == (2048, 7)
+    # channel counts of torchvision's resnet50 BatchNorm layers, summed
+    assert sum(c for c, _ in layers) == 26560
+    resnet = C.CASE_BY_NAME["resnet50_bn_eval_b8"]
+    assert len(resnet.units) == 53 and all(u[0] == 8 for u in resnet.units)
+    bert = C.CASE_BY_NAME["bert_base_ln_b8x128"]
+    assert bert.units == [(8, 128, 768)] * 25
+
+
+def test_bytes_model():
+    case = C.CASE_BY_NAME["bn_eval_nchw_1x64x56x56"]
+    units = C.make_data(case, smoke=True)
+    assert C.case_bytes(case, units) == 2 * units[0]["x"].nbytes
+    case = C.CASE_BY_NAME["bn_train_fb_nchw_8x64x56x56"]
+    units = C.make_data(case, smoke=True)
+    assert C.case_bytes(case, units) == 8 * units[0]["x"].nbytes
+
+
+def test_select_cases_patterns():
+    assert [c.name for c in C.select_cases(patterns=[TINY])] == [TINY]
+    assert {c.category for c in C.select_cases(patterns=["tiny"])} == {"tiny"}
+    assert all(c.op.key == "rms" for c in C.select_cases(patterns=["rms"]))
+    assert C.select_cases(patterns=["no_such_case*"]) == []
+
+
+# ---------------------------------------------------------------- imports stay lazy
+def test_import_normkit_does_not_import_peers_or_bench():
+    code = ("import sys, normkit; bad = [m for m in ('torch', 'onnxruntime', 'onnx', "
+            "'normkit._bench', 'normkit._bench_cases') if m in sys.modules]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+
+
+# ---------------------------------------------------------------- the CLI
+def test_bench_table_and_json(capsys, tmp_path):
+    path = tmp_path / "bench.json"
+    rc, out, err = _run(capsys, "--cases", TINY, "--peers", "numpy", "--json", str(path))
+    assert rc == 0
+    assert TINY in out and "copy" in out and "plain-numpy" in out
+    for b in normkit.available_backends():
+        assert b in out.splitlines()[2]          # a column per available backend
+    data = json.loads(path.read_text())
+    (rec,) = data["records"]
+    assert rec["case"] == TINY and rec["bytes"] == 2 * 768 * 4
+    for b in normkit.available_backends():
+        r = rec["results"][b]
+        assert r["status"] == "ok" and r["correct"] and r["median_s"] > 0
+    assert rec["results"]["copy"]["status"] == "ok"
+    assert rec["results"]["plain-numpy"]["correct"]
+    assert data["meta"]["threads"] == normkit.get_num_threads()
+
+
+def test_bench_markdown(capsys):
+    rc, out, _ = _run(capsys, "--cases", TINY, "--peers", "none", "--markdown")
+    assert rc == 0
+    assert "| case | MB |" in out and f"| `{TINY}` |" in out
+
+
+def test_quick_and_full_select_tiers(capsys):
+    rc, out, _ = _run(capsys, "--quick", "--list")
+    assert rc == 0
+    assert len(out.strip().splitlines()) == len(C.select_cases("quick"))
+    rc, out, _ = _run(capsys, "--full", "--list")
+    assert len(out.strip().splitlines()) == len(C.CASES)
+
+
+def test_missing_peer_is_a_note(capsys, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("torch", "onnxruntime")
+                        else real(name, *a))
+    rc, out, err = _run(capsys, "--cases", TINY)
+    assert rc == 0
+    assert "PyTorch is not installed" in out and "onnxruntime" in out
+    assert "torch" not in out.splitlines()[2]           # no torch column
+
+
+def test_ctrl_c_prints_partial_table(capsys, monkeypatch):
+    real = _bench.measure_case
+    calls = []
+
+    def interrupted_on_second(case, *a, **k):
+        calls.append(case.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(case, *a, **k)
+
+    monkeypatch.setattr(_bench, "measure_case", interrupted_on_second)
+    rc, out, _ = _run(capsys, "--cases", "tiny_*", "--peers", "none")
+    assert rc == 130
+    assert calls[0] in out and calls[1] not in out.split("interrupted")[0]
+    assert "interrupted: 1 of" in out
+
+
+def test_bad_options(capsys):
+    rc, _, err = _run(capsys, "--cases", "no_such_case")
+    assert rc == 2 and "no case matches" in err
+    rc, _, err = _run(capsys, "--cases", TINY, "--peers", "tensorflow")
+    assert rc == 2 and "unknown peer" in err
+    with pytest.raises(SystemExit, match="unknown backend"):
+        _run(capsys, "--cases", TINY, "--backends", "fortran")
+
+
+def test_unavailable_backend_is_skipped_with_a_note(capsys, monkeypatch):
+    from normkit import backends
+    status = dict(backends.backend_status())
+    status["numba"] = "ImportError: pretend numba is missing"
+    monkeypatch.setattr(backends, "backend_status", lambda: status)
+    rc, out, _ = _run(capsys, "--cases", TINY, "--peers", "none",
+                      "--backends", "numpy,numba")
+    assert rc == 0 and "backend 'numba' skipped" in out
+
+
+def test_cli_entry_point():
+    out = subprocess.run([sys.executable, "-m", "normkit", "bench", "--list", "--quick"],
+                         capture_output=True, text=True, check=True).stdout
+    assert TINY in out

@@ -1,0 +1,700 @@
+"""``python -m normkit bench``: time every normkit backend against the copy floor and peers.
+
+For each case of the table in :mod:`normkit._bench_cases` it prepares every
+implementation on the same arrays -- each available normkit backend, an ``np.copyto``
+of the same number of bytes (the memory-bound floor), and the peers that are installed
+(PyTorch CPU, ONNX Runtime, and on request a plain vectorized NumPy version) -- checks
+each result against the normkit ``numpy`` backend, then times them.
+
+Timing: one warm-up call (JIT compilation, first-touch page faults), a calibration
+call that picks how many calls make one sample (so a sample lasts a few ms), then
+rounds in which every implementation takes one sample in turn (the order rotates every
+round). Interleaving makes a burst of load from other processes hit every column alike,
+so the *ratios* stay meaningful on a busy machine even when the absolute times do not.
+The reported time is the median per-call time over the rounds (``time.perf_counter``,
+garbage collector off while a sample runs). Calls shorter than 10 ms get one untimed
+call right before each sample, so threads another library left spinning (OpenMP, ORT)
+and cold caches do not land on the next column.
+
+PyTorch and ONNX Runtime are imported here, lazily, and only when installed; ``import
+normkit`` never imports them or this module. No third-party progress bar either: a
+small one is drawn on stderr (plain lines when stderr is not a terminal).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import importlib.util
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from . import _bench_cases as C
+
+__all__ = ["add_arguments", "run", "main", "TIERS"]
+
+#: (seconds of rounds per case, minimum rounds, target seconds per sample)
+TIERS = {
+    "quick": (0.25, 3, 0.002),
+    "default": (0.6, 5, 0.004),
+    "full": (2.0, 9, 0.010),
+}
+PEERS = ("numpy", "torch", "onnxruntime")
+PEER_LABEL = {"numpy": "plain-numpy", "torch": "torch", "onnxruntime": "onnxruntime"}
+_PRECALL_BELOW = 0.010
+
+
+# ====================================================================== implementations
+class Impl:
+    """One column: ``prepare(case, units)`` returns ``(fn, fetch)`` or raises NotApplicable."""
+
+    def __init__(self, id, kind, label, prepare, version=""):
+        self.id, self.kind, self.label, self.prepare, self.version = (
+            id, kind, label, prepare, version)
+
+
+def _backend_impl(name):
+    def prepare(case, units):
+        return C.normkit_runner(case, units, name), C.to_arrays
+    return Impl(name, "backend", name, prepare)
+
+
+def _copy_impl():
+    def prepare(case, units):
+        return C.copy_runner(case, units), None
+    return Impl("copy", "floor", "copy", prepare)
+
+
+def _plain_impl():
+    def prepare(case, units):
+        return C.plain_runner(case, units), C.to_arrays
+    return Impl("plain-numpy", "peer", "plain-numpy", prepare, np.__version__)
+
+
+def _torch_impl(threads):
+    import torch
+    torch.set_num_threads(threads)
+
+    def prepare(case, units):
+        try:
+            return C.torch_runner(case, units, torch)
+        except (RuntimeError, TypeError, KeyError) as exc:
+            raise C.NotApplicable(f"torch cannot run it: {_short(exc)}") from exc
+    return Impl("torch", "peer", "torch", prepare, torch.__version__)
+
+
+def _ort_impl(threads):
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    def prepare(case, units):
+        nodes = C.onnx_units(case, units)
+        dtype = units[0]["x"].dtype
+        elem = helper.np_dtype_to_tensor_dtype(dtype)
+        input_names, feed, value_infos, inits, gnodes, outputs = {}, {}, [], [], [], []
+        for i, (node, u) in enumerate(zip(nodes, units)):
+            names = []
+            for role, arr, is_input in node.inputs:
+                if is_input:       # units that share an input array share the graph input
+                    if id(arr) not in input_names:
+                        name = f"X{len(input_names)}"
+                        input_names[id(arr)] = name
+                        feed[name] = arr
+                        value_infos.append(helper.make_tensor_value_info(name, elem, arr.shape))
+                    names.append(input_names[id(arr)])
+                else:
+                    name = f"u{i}_{role}"
+                    inits.append(numpy_helper.from_array(arr, name))
+                    names.append(name)
+            outs = [f"Y{i}"] + [f"u{i}_extra{j}" for j in range(1, node.n_outputs)]
+            gnodes.append(helper.make_node(node.op_type, names, outs, domain=node.domain,
+                                           **node.attrs))
+            outputs.append(helper.make_tensor_value_info(f"Y{i}", elem, u["x"].shape))
+        opsets = [helper.make_opsetid("", max(n.opset for n in nodes))]
+        graph = helper.make_graph(gnodes, case.name, value_infos, outputs, inits)
+        model = helper.make_model(graph, opset_imports=opsets)
+        model.ir_version = helper.find_min_ir_version_for(opsets)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3
+        try:
+            sess = ort.InferenceSession(model.SerializeToString(), so,
+                                        providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - e.g. no kernel for this op/dtype
+            raise C.NotApplicable(f"ORT cannot load {nodes[0].op_type} "
+                                  f"(opset {nodes[0].opset}, {dtype}): {_short(exc)}") from exc
+        out_names = [o.name for o in outputs]
+        return (lambda: sess.run(out_names, feed)), list
+
+    return Impl("onnxruntime", "peer", "onnxruntime", prepare, ort.__version__)
+
+
+def _short(exc, limit=160):
+    msg = " ".join(str(exc).split())
+    return msg if len(msg) <= limit else msg[:limit - 3] + "..."
+
+
+def discover(backends=None, peers=("torch", "onnxruntime"), threads=None):
+    """The columns to measure, plus notes on what was asked for but is missing."""
+    import normkit
+    from normkit.backends import KNOWN_BACKENDS, backend_status
+
+    notes = []
+    status = backend_status()
+    available = [b for b in KNOWN_BACKENDS if status[b] == "available"]
+    if backends is None:
+        chosen = available
+    else:
+        unknown = [b for b in backends if b not in KNOWN_BACKENDS]
+        if unknown:
+            raise SystemExit(f"normkit bench: unknown backend(s) {unknown}; known: "
+                             f"{list(KNOWN_BACKENDS)}, available here: {available}")
+        chosen = []
+        for b in backends:
+            if status[b] == "available":
+                chosen.append(b)
+            else:
+                notes.append(f"backend {b!r} skipped: {status[b]}")
+        if not chosen:
+            raise SystemExit("normkit bench: none of the requested backends is available "
+                             "here:\n  " + "\n  ".join(notes))
+    threads = threads or normkit.get_num_threads()
+    impls = [_backend_impl(b) for b in chosen] + [_copy_impl()]
+    for p in peers:
+        if p == "numpy":
+            impls.append(_plain_impl())
+        elif p == "torch":
+            if importlib.util.find_spec("torch") is None:
+                notes.append("PyTorch is not installed: no torch column "
+                             "(pip install torch --index-url https://download.pytorch.org/whl/cpu)")
+                continue
+            try:
+                impls.append(_torch_impl(threads))
+            except Exception as exc:  # noqa: BLE001 - a broken peer is a note, not a crash
+                notes.append(f"PyTorch is installed but failed to import: {_short(exc)}")
+        elif p == "onnxruntime":
+            missing = [m for m in ("onnxruntime", "onnx") if importlib.util.find_spec(m) is None]
+            if missing:
+                notes.append(f"{' and '.join(missing)} not installed: no onnxruntime column "
+                             f"(pip install {' '.join(missing)})")
+                continue
+            try:
+                impls.append(_ort_impl(threads))
+            except Exception as exc:  # noqa: BLE001
+                notes.append(f"ONNX Runtime is installed but failed to import: {_short(exc)}")
+    return impls, notes
+
+
+# ====================================================================== progress
+class Progress:
+    """A one-line progress bar on stderr, or plain lines when stderr is not a terminal."""
+
+    def __init__(self, total, stream=None, enabled=True):
+        self.total, self.stream = total, stream or sys.stderr
+        self.enabled = enabled
+        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.t0 = time.perf_counter()
+        self.done = 0
+        self.case = ""
+
+    def _elapsed(self):
+        s = int(time.perf_counter() - self.t0)
+        return f"{s // 60}:{s % 60:02d}"
+
+    def step(self, case, what=""):
+        self.case = case
+        if self.tty:
+            width = shutil.get_terminal_size((80, 20)).columns
+            bar_w = 20
+            filled = int(bar_w * self.done / max(1, self.total))
+            bar = "#" * filled + "-" * (bar_w - filled)
+            line = f"[{bar}] {self.done}/{self.total} {self._elapsed()} {case} {what}"
+            self.stream.write("\r" + line[:width - 1].ljust(width - 1))
+            self.stream.flush()
+
+    def finish_case(self, case, seconds, flag=""):
+        self.done += 1
+        if not self.enabled:
+            return
+        if self.tty:
+            self.step(case, "done")
+        else:
+            self.stream.write(f"[{self.done}/{self.total}] {case} ({seconds:.1f} s){flag}\n")
+            self.stream.flush()
+
+    def close(self):
+        if self.tty:
+            width = shutil.get_terminal_size((80, 20)).columns
+            self.stream.write("\r" + " " * (width - 1) + "\r")
+            self.stream.flush()
+
+    def message(self, text):
+        if self.tty:
+            self.close()
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+# ====================================================================== measuring
+def _time_sample(fn, number):
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        return (time.perf_counter() - t0) / number
+    finally:
+        if gc_was:
+            gc.enable()
+
+
+def measure_case(case, impls, tier="default", check=True, progress=None, budget=None):
+    """Prepare, check and time every implementation on one case; returns a record."""
+    seconds, min_rounds, target = TIERS[tier]
+    if budget is not None:
+        seconds = budget
+    units = C.make_data(case)
+    nbytes = C.case_bytes(case, units)
+    rec = {"case": case.name, "norm": case.norm, "layout": case.layout, "dtype": case.dtype,
+           "tier": case.tier, "category": case.category,
+           "shapes": [list(s) for s in case.units], "bytes": nbytes, "results": {}}
+    res = rec["results"]
+    tol = case.tol()
+    ref = None
+    # the numpy backend is the oracle: measure it first and reuse its warm-up result
+    order = sorted(impls, key=lambda i: not (i.kind == "backend" and i.id == "numpy"))
+    if check and not any(i.kind == "backend" and i.id == "numpy" for i in impls):
+        if progress:
+            progress.step(case.name, "reference")
+        ref = C.to_arrays(C.normkit_runner(case, units, "numpy")())
+
+    ready = []   # [impl, fn, per-call estimate, calls per sample]
+    for impl in order:
+        if progress:
+            progress.step(case.name, impl.label)
+        r = res[impl.id] = {"status": "ok"}
+        try:
+            fn, fetch = impl.prepare(case, units)
+            out = fn()                                 # warm-up (JIT, page faults) + result
+            if check and fetch is not None:
+                got = fetch(out)
+                if ref is None and impl.id == "numpy":
+                    ref = got
+                err = C.max_rel_error(got, ref)
+                r["max_rel_error"] = err
+                r["correct"] = bool(err <= tol)
+            del out
+            t = _time_sample(fn, 1)
+            if t < target:
+                t = min(t, _time_sample(fn, 1))
+        except C.NotApplicable as exc:
+            res[impl.id] = {"status": "n/a", "note": str(exc)}
+            continue
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one failing column must not stop the run
+            res[impl.id] = _failure(impl, exc)
+            continue
+        ready.append([impl, fn, t, max(1, int(target / max(t, 1e-9)))])
+    # measure in the original column order, rotated every round
+    ready.sort(key=lambda e: impls.index(e[0]))
+
+    samples = {e[0].id: [] for e in ready}
+    t_start = time.perf_counter()
+    rounds = 0
+    while ready:
+        if progress:
+            progress.step(case.name, f"round {rounds + 1}")
+        k = rounds % len(ready)
+        for entry in ready[k:] + ready[:k]:
+            impl, fn, t, number = entry
+            try:
+                if t < _PRECALL_BELOW:
+                    fn()
+                samples[impl.id].append(_time_sample(fn, number))
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                res[impl.id] = _failure(impl, exc)
+                ready.remove(entry)
+                del samples[impl.id]
+        rounds += 1
+        elapsed = time.perf_counter() - t_start
+        if rounds >= 200 or (rounds >= min_rounds and elapsed >= seconds) \
+                or (rounds >= 3 and elapsed >= 3 * seconds):
+            break
+    for impl, fn, t, number in ready:
+        s = samples[impl.id]
+        med = statistics.median(s)
+        res[impl.id].update({"median_s": med, "min_s": min(s), "rounds": len(s),
+                             "calls_per_sample": number,
+                             "gbps": nbytes / med / 1e9 if med > 0 else math.inf})
+    return rec
+
+
+def _failure(impl, exc):
+    if impl.id == "torch" and "not implemented for" in str(exc):
+        return {"status": "n/a", "note": f"torch: {_short(exc)}"}
+    return {"status": "error", "note": f"{type(exc).__name__}: {_short(exc)}"}
+
+
+def best_backend(rec, impls):
+    """(id, median) of the fastest normkit backend in this record, or (None, None)."""
+    best = (None, None)
+    for impl in impls:
+        if impl.kind != "backend":
+            continue
+        r = rec["results"].get(impl.id, {})
+        if r.get("status") == "ok" and "median_s" in r:
+            if best[1] is None or r["median_s"] < best[1]:
+                best = (impl.id, r["median_s"])
+    return best
+
+
+# ====================================================================== reporting
+def fmt_time(s):
+    if s is None or not math.isfinite(s):
+        return "-"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if s >= scale:
+            v = s / scale
+            break
+    else:
+        unit, v = "ns", s / 1e-9
+    return f"{v:.3g} {unit}" if v < 100 else f"{v:.0f} {unit}"
+
+
+def fmt_gbps(g):
+    if g is None or not math.isfinite(g):
+        return "-"
+    return f"{g:.2f}" if g < 10 else f"{g:.1f}"
+
+
+def _cell(r):
+    """Text of a time cell (n/a, error, with a ! when the result did not match)."""
+    st = r.get("status")
+    if st == "n/a":
+        return "n/a"
+    if st == "error":
+        return "error"
+    if "median_s" not in r:
+        return "-"
+    bad = "!" if r.get("correct") is False else ""
+    return fmt_time(r["median_s"]) + bad
+
+
+def table_rows(records, impls):
+    header = ["case", "MB"]
+    for impl in impls:
+        if impl.kind == "peer":
+            header += [impl.label, "ratio"]
+        else:
+            header += [impl.label, "GB/s"]
+    rows = []
+    for rec in records:
+        _, best = best_backend(rec, impls)
+        row = [rec["case"], f"{rec['bytes'] / 1e6:.3g}"]
+        for impl in impls:
+            r = rec["results"].get(impl.id, {})
+            row.append(_cell(r))
+            if impl.kind == "peer":
+                if best and r.get("status") == "ok" and "median_s" in r:
+                    row.append(f"{r['median_s'] / best:.2f}")
+                else:
+                    row.append("")
+            else:
+                row.append(fmt_gbps(r.get("gbps")) if r.get("status") == "ok" else "")
+        rows.append(row)
+    return header, rows
+
+
+def format_text(header, rows):
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(header)]
+    out = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in
+                     enumerate(zip(header, widths)))]
+    out.append("  ".join("-" * w for w in widths))
+    for r in rows:
+        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(r, widths))))
+    return "\n".join(out)
+
+
+def format_markdown(header, rows):
+    out = ["| " + " | ".join(header) + " |",
+           "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |"]
+    for r in rows:
+        out.append("| " + " | ".join([f"`{r[0]}`"] + [c or " " for c in r[1:]]) + " |")
+    return "\n".join(out)
+
+
+def _abbrev(names, k=4):
+    return ", ".join(names[:k]) + (f", ... ({len(names)} cases)" if len(names) > k else "")
+
+
+def summary_lines(records, impls):
+    """Where normkit is ahead / behind each peer, n/a reasons, errors, mismatches."""
+    lines = []
+    for impl in impls:
+        if impl.kind != "peer":
+            continue
+        ratios = []
+        for rec in records:
+            _, best = best_backend(rec, impls)
+            r = rec["results"].get(impl.id, {})
+            if best and r.get("status") == "ok" and "median_s" in r:
+                ratios.append((r["median_s"] / best, rec["case"]))
+        if not ratios:
+            continue
+        ahead = sorted((x for x in ratios if x[0] > 1.0), reverse=True)
+        behind = sorted(x for x in ratios if x[0] <= 1.0)
+        geo = math.exp(sum(math.log(x) for x, _ in ratios) / len(ratios))
+        line = (f"vs {impl.label}: normkit faster in {len(ahead)} of {len(ratios)} cases, "
+                f"geometric-mean ratio {geo:.2f}")
+        if ahead:
+            line += "; largest leads: " + ", ".join(f"{n} {x:.2f}" for x, n in ahead[:3])
+        if behind:
+            line += "; behind in: " + ", ".join(f"{n} {x:.2f}" for x, n in behind[:6])
+            if len(behind) > 6:
+                line += f" (+{len(behind) - 6} more)"
+        lines.append(line)
+    # n/a, errors and mismatches, grouped by reason
+    groups = {}
+    for rec in records:
+        for impl in impls:
+            r = rec["results"].get(impl.id, {})
+            if r.get("status") in ("n/a", "error"):
+                groups.setdefault((impl.label, r["status"], r.get("note", "")), []).append(
+                    rec["case"])
+            elif r.get("correct") is False:
+                groups.setdefault((impl.label, "MISMATCH", f"max relative error "
+                                   f"{r['max_rel_error']:.2g} > tolerance"), []).append(rec["case"])
+    for (label, st, note), names in groups.items():
+        lines.append(f"{label} {st} in {_abbrev(names)}: {note}")
+    return lines
+
+
+def machine_info(impls, threads):
+    import normkit
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        load = None
+    return {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "load_avg_1min": load,
+        "normkit": normkit.__version__, "python": platform.python_version(),
+        "numpy": np.__version__, "platform": platform.platform(), "cpu": cpu,
+        "cpus": os.cpu_count(), "threads": threads,
+        "backends": [i.id for i in impls if i.kind == "backend"],
+        "peers": {i.label: i.version for i in impls if i.kind == "peer"},
+    }
+
+
+def legend(meta):
+    return [
+        "time: median per call; GB/s: bytes that must move / median (2x|x| for inference, "
+        "3x BN train fwd, 8x BN train fwd+bwd, 5x other fwd+bwd);",
+        "copy: np.copyto of the same bytes (the memory-bound floor); ratio: peer median / "
+        "fastest normkit backend (> 1: normkit faster); '!': result differs from the "
+        "normkit numpy backend beyond the case tolerance.",
+    ]
+
+
+def header_line(meta):
+    peers = ", ".join(f"{k} {v}" for k, v in meta["peers"].items()) or "none"
+    return (f"normkit {meta['normkit']} bench, {meta['date']}: {meta['threads']} threads; "
+            f"backends: {', '.join(meta['backends'])}; peers: {peers}; "
+            f"{meta['cpu']} ({meta['cpus']} CPUs), Python {meta['python']}, "
+            f"NumPy {meta['numpy']}")
+
+
+# ====================================================================== CLI
+def add_arguments(p: argparse.ArgumentParser):
+    sel = p.add_mutually_exclusive_group()
+    sel.add_argument("--quick", action="store_const", dest="tier", const="quick",
+                     help="a few representative cases, short timing (~15 s)")
+    sel.add_argument("--full", action="store_const", dest="tier", const="full",
+                     help="every case, longer timing (several minutes)")
+    p.add_argument("--cases", metavar="PATTERNS",
+                   help="comma-separated glob patterns over case names, or a category "
+                        "(batchnorm, rows, groupnorm, training, tiny, model), op "
+                        "(bn_eval, ln, rms, gn, in, ...) or tier; selects from the whole "
+                        "table (--quick/--full then only set the timing)")
+    p.add_argument("--backends", metavar="NAMES",
+                   help="comma-separated normkit backends (default: every available one)")
+    p.add_argument("--peers", metavar="NAMES", default="torch,onnxruntime",
+                   help="comma-separated peers among torch, onnxruntime, numpy (a plain "
+                        "vectorized NumPy version); 'all' or 'none' (default: "
+                        "torch,onnxruntime, those that are installed)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="threads for normkit, torch and ONNX Runtime alike "
+                        "(default: normkit.get_num_threads())")
+    p.add_argument("--json", metavar="PATH", help="also write every measurement to PATH")
+    p.add_argument("--markdown", action="store_true",
+                   help="print the table as Markdown (for RESULTS.md)")
+    p.add_argument("--min-time", type=float, metavar="SECONDS",
+                   help="timing budget per case (default: 0.25 quick, 0.6, 2.0 full)")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip the correctness check against the numpy backend")
+    p.add_argument("--list", action="store_true", help="list the selected cases and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress output on stderr")
+    p.set_defaults(tier="default")
+
+
+def _split(s):
+    return [x.strip() for x in s.split(",") if x.strip()] if s else []
+
+
+def run(args) -> int:
+    """The ``bench`` subcommand; exit status 0, 2 (bad options) or 130 (Ctrl-C)."""
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("\nnormkit bench: interrupted before any case was measured", file=sys.stderr)
+        return 130
+    except BrokenPipeError:          # e.g. `normkit bench --list | head`
+        sys.stdout = open(os.devnull, "w")
+        return 0
+
+
+def _run(args) -> int:
+    import normkit
+
+    tier = args.tier or "default"
+    patterns = _split(args.cases)
+    cases = C.select_cases(tier, patterns)
+    if not cases:
+        print(f"normkit bench: no case matches {args.cases!r}; see "
+              "`python -m normkit bench --list --full`", file=sys.stderr)
+        return 2
+    if args.list:
+        for c in cases:
+            units = f"{len(c.units)} layers" if len(c.units) > 1 else "x".join(
+                map(str, c.units[0]))
+            print(f"{c.name:36s} {c.tier:8s} {c.category:10s} {c.dtype:8s} {units}")
+        return 0
+    if args.threads is not None:
+        if args.threads < 1:
+            print("normkit bench: --threads must be a positive integer", file=sys.stderr)
+            return 2
+        normkit.set_num_threads(args.threads)
+    threads = normkit.get_num_threads()
+    peers = _split(args.peers)
+    if peers == ["all"]:
+        peers = list(PEERS)
+    elif peers == ["none"]:
+        peers = []
+    bad = [p for p in peers if p not in PEERS]
+    if bad:
+        print(f"normkit bench: unknown peer(s) {bad}; choose among {list(PEERS)}, 'all' "
+              "or 'none'", file=sys.stderr)
+        return 2
+    backends = _split(args.backends) or None
+    progress = Progress(len(cases), enabled=not args.no_progress)
+    progress.message(f"normkit bench: loading backends and peers ({threads} threads) ...")
+    impls, notes = discover(backends, peers, threads)
+    meta = machine_info(impls, threads)
+    meta["command"] = "python -m normkit bench " + " ".join(getattr(args, "argv", []) or [])
+    meta["tier"] = tier
+    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if meta["load_avg_1min"] is not None and meta["load_avg_1min"] > 0.75 * (ncpu or 1):
+        notes.append(f"the machine was busy when the run started (1-min load average "
+                     f"{meta['load_avg_1min']} on {ncpu} CPUs): multi-threaded calls wait for "
+                     "descheduled threads, so absolute times are inflated and ratios noisy")
+    for n in notes:
+        progress.message("note: " + n)
+    progress.message(f"normkit bench: {len(cases)} cases x {len(impls)} columns "
+                     f"({', '.join(i.label for i in impls)}); Ctrl-C stops with the "
+                     "partial table")
+
+    records = []
+    interrupted = False
+    t0 = time.perf_counter()
+    try:
+        for case in cases:
+            tc = time.perf_counter()
+            progress.step(case.name, "data")
+            rec = measure_case(case, impls, tier, check=not args.no_check, progress=progress,
+                               budget=args.min_time)
+            records.append(rec)
+            bad = [i.label for i in impls
+                   if rec["results"].get(i.id, {}).get("status") == "error"
+                   or rec["results"].get(i.id, {}).get("correct") is False]
+            progress.finish_case(case.name, time.perf_counter() - tc,
+                                 f"  (problems: {', '.join(bad)})" if bad else "")
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        progress.close()
+    meta["seconds"] = round(time.perf_counter() - t0, 1)
+    meta["interrupted"] = interrupted
+
+    header, rows = table_rows(records, impls)
+    out = sys.stdout
+    if args.markdown:
+        print(f"_{header_line(meta)}_\n", file=out)
+        print(format_markdown(header, rows), file=out)
+        print(file=out)
+        for line in legend(meta):
+            print(line, file=out)
+        print(file=out)
+        for line in notes + summary_lines(records, impls):
+            print(f"- {line}", file=out)
+    else:
+        print(header_line(meta), file=out)
+        print(file=out)
+        print(format_text(header, rows), file=out)
+        print(file=out)
+        for line in legend(meta) + notes + summary_lines(records, impls):
+            print(line, file=out)
+    if interrupted:
+        print(f"\ninterrupted: {len(records)} of {len(cases)} cases measured "
+              f"({meta['seconds']} s)", file=out)
+    else:
+        print(f"\n{len(records)} cases in {meta['seconds']} s", file=out)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(_finite({"meta": meta, "notes": notes, "records": records}), f,
+                      indent=1)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 130 if interrupted else 0
+
+
+def _finite(obj):
+    """JSON has no inf/nan: write them as strings."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    return obj
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="normkit bench", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return run(args)
