@@ -28,20 +28,121 @@ __all__ = [
 
 # ====================================================================== helpers
 def _rstd(var, eps):
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return 1.0 / np.sqrt(var + eps)
+    # No errstate here (it costs ~1.5 us a call): NaN variances pass silently, and
+    # NumPy's warning for a negative running_var or var + eps == 0 is worth seeing.
+    return 1.0 / np.sqrt(var + eps)
+
+
+# ---------------------------------------------------------------- fast paths
+# The common inference call (contiguous float32/float64 input, parameters of the same
+# dtype, no out=, no stats) skips the general validation and view machinery: per-call
+# overhead dominates on small inputs. Anything else takes the general path, which
+# validates fully; so must the fast path never accept what the general path rejects.
+_FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _fast_param(p, dtype, n):
+    """None, or a contiguous 1-D array of exactly ``dtype`` and length n."""
+    return p is None or (type(p) is np.ndarray and p.dtype == dtype and p.shape == (n,)
+                         and p.flags.c_contiguous)
+
+
+def _fast_input(x):
+    return (type(x) is np.ndarray and x.dtype in _FAST_DTYPES and x.flags.c_contiguous
+            and x.size > 0)
+
+
+def _fast_rows(x, ns, weight, bias, eps, backend, rms):
+    """LayerNorm/RMSNorm over the last axis, or None when the general path is needed."""
+    if not _fast_input(x):
+        return None
+    k = x.shape[-1]
+    if not (ns == k or ns == (k,)) or type(eps) is not float or not eps >= 0.0:
+        return None
+    dt = x.dtype
+    if not (_fast_param(weight, dt, k) and _fast_param(bias, dt, k)):
+        return None
+    be = resolve(backend)
+    out = np.empty_like(x)
+    be.rows_forward(x.reshape(-1, k), _ones(k, dt) if weight is None else weight,
+                    _zeros(k, dt) if bias is None else bias, eps, rms, out.reshape(-1, k))
+    return out
+
+
+def _fast_batch_norm_eval(x, running_mean, running_var, weight, bias, eps, axis, backend):
+    """Eval-mode BatchNorm on channels-first (axis=1) or channels-last (axis=-1) input."""
+    if not _fast_input(x) or x.ndim < 2 or type(eps) is not float or not eps >= 0.0:
+        return None
+    if not (axis == -1 or axis == 1):
+        return None
+    dt = x.dtype
+    shape = x.shape
+    c = shape[axis]
+    if not (running_mean is not None and running_var is not None
+            and _fast_param(running_mean, dt, c) and _fast_param(running_var, dt, c)
+            and _fast_param(weight, dt, c) and _fast_param(bias, dt, c)):
+        return None
+    be = resolve(backend)
+    # float64 for the coefficients, then one cast: as accurate as the general path
+    scale = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
+    if weight is not None:
+        scale *= weight
+    out = np.empty_like(x)
+    scale = scale.astype(dt).reshape(1, c)
+    offset = _zeros(c, dt) if bias is None else bias
+    if axis == 1 and x.ndim > 2:
+        view = (shape[0], c, x.size // (shape[0] * c))
+        be.channels_first_affine(x.reshape(view), running_mean.reshape(1, c), scale,
+                                 offset.reshape(1, c), out.reshape(view))
+    else:
+        view = (1, x.size // c, c)
+        be.channels_last_affine(x.reshape(view), running_mean.reshape(1, c), scale,
+                                offset.reshape(1, c), out.reshape(view))
+    return out
+
+
+_constants: dict = {}
+
+
+def _ones(k, dtype):
+    """A read-only cached vector of ones (kernels never write their parameters)."""
+    key = ("ones", k, dtype)
+    a = _constants.get(key)
+    if a is None:
+        a = np.ones(k, dtype)
+        a.setflags(write=False)
+        if len(_constants) < 256:
+            _constants[key] = a
+    return a
+
+
+def _zeros(k, dtype):
+    key = ("zeros", k, dtype)
+    a = _constants.get(key)
+    if a is None:
+        a = np.zeros(k, dtype)
+        a.setflags(write=False)
+        if len(_constants) < 256:
+            _constants[key] = a
+    return a
 
 
 def _stat_out(a, dtype, shape=None):
     """Statistics handed back to users: the compute dtype (float32 for float16 input)."""
-    a = np.asarray(a, dtype=dtype)
+    a = np.array(a, dtype=dtype)   # a copy: never hand out a live running statistic
     return a if shape is None else a.reshape(shape)
 
 
 def _coefs(dtype, n_rows, *arrays):
     """(N', C) contiguous arrays of the compute dtype, all with the same N'."""
-    return [np.ascontiguousarray(np.broadcast_to(a, (n_rows, a.shape[-1])), dtype=dtype)
-            for a in arrays]
+    result = []
+    for a in arrays:
+        if a.ndim == 1:
+            a = a.reshape(1, -1)
+        if a.shape[0] != n_rows:
+            a = np.broadcast_to(a, (n_rows, a.shape[1]))
+        result.append(np.ascontiguousarray(a, dtype=dtype))
+    return result
 
 
 def _split_shift(mean, dtype):
@@ -51,8 +152,18 @@ def _split_shift(mean, dtype):
     difference is exact, so adding the residual's effect back in float64 (folded into
     an offset) keeps float32 outputs accurate even at |mean| >> std, at no extra pass.
     """
-    shift = np.asarray(mean, dtype=dtype)
-    return shift, mean - shift.astype(np.float64)
+    if mean.dtype == dtype:             # already exact in the compute dtype
+        return mean, None
+    shift = mean.astype(dtype)
+    with np.errstate(invalid="ignore"):     # inf - inf where a channel holds an Inf
+        return shift, mean - shift.astype(np.float64)
+
+
+def _offset(bias, resid, scale):
+    """The affine offset, corrected for the part of the mean the shift rounded away."""
+    if resid is None:
+        return np.zeros(scale.shape[-1]) if bias is None else bias
+    return -resid * scale if bias is None else bias - resid * scale
 
 
 def _update_running(running, batch_value, momentum):
@@ -144,6 +255,11 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     -------
     y or (y, mean, rstd)
     """
+    if not training and out is None and not return_stats:
+        y = _fast_batch_norm_eval(x, running_mean, running_var, weight, bias, eps, axis,
+                                  backend)
+        if y is not None:
+            return y
     x = V.as_input(x, min_ndim=2)
     ax = V.channel_axis(x, axis, "batch_norm")
     c = x.shape[ax]
@@ -178,12 +294,12 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
         if running_var is not None:
             _update_running(running_var, m2 / (count - 1), momentum)
     else:
-        mean = running_mean.astype(np.float64)
+        mean = running_mean          # its own dtype: exact as a shift when it is dt's
         var = running_var.astype(np.float64)
     rstd = _rstd(var, eps)
     scale = rstd if w is None else w * rstd
     shift, resid = _split_shift(mean, dt)
-    offset = -resid * scale if b is None else b - resid * scale
+    offset = _offset(b, resid, scale)
     res = view.empty(out)
     view.call(be, "affine", view.data, *_coefs(dt, 1, shift, scale, offset), res)
     y = view.to_user(res, out, x.dtype)
@@ -216,7 +332,7 @@ def _per_sample_forward(x, ax, groups, w, b, eps, out, be, dt, return_stats,
     rstd_c = np.repeat(rstd, per_channel, axis=1)
     scale = rstd_c if w is None else rstd_c * w
     shift, resid = _split_shift(mean_c, dt)
-    offset = -resid * scale if b is None else b - resid * scale
+    offset = _offset(b, resid, scale)
     res = view.empty(out)
     view.call(be, "affine", view.data, *_coefs(dt, n, shift, scale, offset), res)
     return view.to_user(res, out, x.dtype), mean, rstd, m2
@@ -355,6 +471,10 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
     out, backend, return_stats
         As in :func:`batch_norm`; statistics have shape ``x.shape[:-len(normalized_shape)]``.
     """
+    if out is None and not return_stats:
+        y = _fast_rows(x, normalized_shape, weight, bias, eps, backend, False)
+        if y is not None:
+            return y
     x = V.as_input(x)
     ns = V.normalized_shape(normalized_shape, x, "layer_norm")
     eps = V.check_eps(eps, "layer_norm")
@@ -369,6 +489,11 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, backend=No
     ``eps=None`` uses ``np.finfo(x.dtype).eps`` of the input's dtype, as torch.
     With ``return_stats=True`` returns ``(y, None, rstd)``.
     """
+    if out is None and not return_stats and type(x) is np.ndarray and x.dtype in _FAST_DTYPES:
+        y = _fast_rows(x, normalized_shape, weight, None,
+                       float(np.finfo(x.dtype).eps) if eps is None else eps, backend, True)
+        if y is not None:
+            return y
     x = V.as_input(x)
     ns = V.normalized_shape(normalized_shape, x, "rms_norm")
     eps = float(np.finfo(x.dtype).eps) if eps is None else V.check_eps(eps, "rms_norm")
@@ -393,7 +518,8 @@ def _channel_backward(be, view, dy, shift, rstd_nc, w, pool, count, batch_stats)
     shift, resid = _split_shift(shift, dt)
     sum_dy, sum_dyx = view.call(be, "grad_sums", dy, view.data,
                                 *_coefs(dt, shift.shape[0], shift))
-    sum_dyx = sum_dyx - resid * sum_dy      # sums of dy * (x - mean), exactly centered
+    if resid is not None:                   # sums of dy * (x - mean), exactly centered
+        sum_dyx = sum_dyx - resid * sum_dy
     a = rstd_nc if w is None else rstd_nc * w
     if batch_stats:
         coef_x = -rstd_nc ** 3 * pool(sum_dyx if w is None else sum_dyx * w) / count
@@ -401,7 +527,8 @@ def _channel_backward(be, view, dy, shift, rstd_nc, w, pool, count, batch_stats)
     else:
         coef_x = np.zeros_like(a)
         coef_1 = np.zeros_like(a)
-    coef_1 = coef_1 - coef_x * resid
+    if resid is not None:
+        coef_1 = coef_1 - coef_x * resid
     dx = np.empty_like(view.data)
     view.call(be, "grad_apply", dy, view.data, *_coefs(dt, shift.shape[0], shift, a,
                                                         coef_x, coef_1), dx)

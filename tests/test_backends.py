@@ -136,7 +136,20 @@ def test_set_num_threads():
 
 
 def test_import_is_fast_and_compiles_nothing():
-    """`import normkit` must not import numba, torch or onnx, and stay under 0.3 s."""
+    """`import normkit` must not import numba, torch or onnx, and stay under 0.3 s.
+
+    Best of three fresh interpreters, so that one slow start on a busy machine does
+    not decide it.
+    """
+    times = []
+    for _ in range(3):
+        dt, heavy = _import_once()
+        assert heavy.strip() == "[]"
+        times.append(float(dt))
+    assert min(times) < 0.3, f"import normkit took {min(times):.3f} s (best of 3)"
+
+
+def _import_once():
     res = _run("""
         import sys, time
         t = time.perf_counter()
@@ -146,9 +159,7 @@ def test_import_is_fast_and_compiles_nothing():
         print(dt, heavy)
         """)
     assert res.returncode == 0, res.stderr
-    dt, heavy = res.stdout.split(maxsplit=1)
-    assert heavy.strip() == "[]"
-    assert float(dt) < 0.3, f"import normkit took {float(dt):.3f} s"
+    return res.stdout.split(maxsplit=1)
 
 
 def test_info_command():
