@@ -5,7 +5,8 @@
   negligible against the data's variance, which the data scale makes the usual case.
 * Invariances: adding a constant to x (LayerNorm, BatchNorm, GroupNorm, InstanceNorm)
   changes nothing; scaling x by ``a > 0`` changes nothing when eps is scaled by ``a**2``
-  (all five, RMSNorm included), an identity that holds exactly, eps and all.
+  (all five, RMSNorm included), an identity that holds exactly, eps and all (eps = 0
+  among the drawn values gives the plain ``norm(a * x) == norm(x)``).
 * Output dtype and shape equal the input's (float16/32/64, any parameter dtype), and
   ``return_stats`` shapes follow API.md.
 * Non-contiguous, negative-stride, Fortran-order, byte-swapped and read-only inputs
@@ -236,10 +237,11 @@ def test_invariant_to_adding_a_constant(kind, backend):
 
 @pytest.mark.parametrize("kind", NORMALIZING)
 def test_invariant_to_positive_scaling(kind, backend):
-    """norm(a * x, eps = a**2 * eps) == norm(x, eps) exactly (in exact arithmetic)."""
+    """norm(a * x, eps = a**2 * eps) == norm(x, eps) exactly (in exact arithmetic);
+    eps = 0 is the plain statement norm(a * x) == norm(x)."""
     @SETTINGS
     @given(spec=specs(kind, min_group=4), log_a=st.floats(-3, 3), affine=st.booleans(),
-           eps=st.sampled_from([1e-5, 1e-2, 1.0]),
+           eps=st.sampled_from([0.0, 1e-5, 1e-2, 1.0]),
            dtype=st.sampled_from([np.float64, np.float32]))
     def check(spec, log_a, affine, eps, dtype):
         a = 10.0 ** log_a
