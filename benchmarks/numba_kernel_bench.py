@@ -136,13 +136,53 @@ def compare(fns, rounds):
     return [float(np.median(s)) for s in samples]
 
 
+_STARTUP = r"""
+import time, sys
+t0 = time.perf_counter()
+import normkit
+t1 = time.perf_counter()
+import numpy as np
+from normkit.backends import numba_backend as nb
+t2 = time.perf_counter()
+x = np.random.default_rng(0).standard_normal((32, 128, 768)).astype(np.float32).reshape(-1, 768)
+w = np.ones(768, np.float32); b = np.zeros(768, np.float32); out = np.empty_like(x)
+t3 = time.perf_counter()
+nb.rows_forward(x, w, b, 1e-5, False, out)       # LayerNorm: one parallel kernel
+t4 = time.perf_counter()
+nb.rows_forward(x[:1], w, b, 1e-5, False, out[:1])  # its serial twin
+t5 = time.perf_counter()
+print(f"{t1 - t0:.3f} {t2 - t1:.3f} {t4 - t3:.3f} {t5 - t4:.3f} {t4 - t3 + t2 - t1:.3f}")
+"""
+
+
+def startup(runs):
+    """import normkit, then the first kernel call, in fresh processes: cold and warm cache."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    print("seconds: import normkit | import numba backend | first parallel call | "
+          "first serial call | backend import + first call")
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        for i in range(runs + 1):
+            label = "cold cache" if i == 0 else "warm cache"
+            out = subprocess.run([sys.executable, "-c", _STARTUP], env=env,
+                                 capture_output=True, text=True, check=True).stdout.split()
+            print(f"{label:10s} " + "  ".join(f"{v:>7s}" for v in out), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--startup", type=int, default=0,
+                    help="only time import and first calls in N warm fresh processes")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--only", default="")
     ap.add_argument("--dtype", default="float32")
     args = ap.parse_args()
+    if args.startup:
+        return startup(args.startup)
     torch.set_num_threads(args.threads)
     nb.set_num_threads(args.threads)
     dt = np.dtype(args.dtype)

@@ -134,18 +134,30 @@ def _h_cl_gsums(dyn, xn, lo, hi, sh, p1, p2):
 def _h_affine(a, o, lo, hi, sh, sc, of):
     av = a[lo:hi]
     ov = o[lo:hi]
-    for i in range(av.shape[0]):
-        ov[i] = (av[i] - sh) * sc + of
+    if av.ctypes.data == ov.ctypes.data:
+        # In place. Reading and writing through one array lets LLVM vectorize; with two
+        # arrays its runtime overlap check fails and it runs the scalar loop (same
+        # values, no fastmath here, but ~1.5x slower).
+        for i in range(ov.shape[0]):
+            ov[i] = (ov[i] - sh) * sc + of
+    else:
+        for i in range(av.shape[0]):
+            ov[i] = (av[i] - sh) * sc + of
 
 
 @njit(cache=True)
 def _h_affine_rows(a, o, lo, hi, sh, sc, of):
     C = a.shape[1]
+    inplace = a.ctypes.data == o.ctypes.data
     for s in range(lo, hi):
-        arow = a[s]
         orow = o[s]
-        for c in range(C):
-            orow[c] = (arow[c] - sh[c]) * sc[c] + of[c]
+        if inplace:
+            for c in range(C):
+                orow[c] = (orow[c] - sh[c]) * sc[c] + of[c]
+        else:
+            arow = a[s]
+            for c in range(C):
+                orow[c] = (arow[c] - sh[c]) * sc[c] + of[c]
 
 
 @njit(cache=True)
