@@ -11,6 +11,12 @@ from .functional import (batch_norm, batch_norm_backward, group_norm, group_norm
                          instance_norm, instance_norm_backward, layer_norm,
                          layer_norm_backward, rms_norm, rms_norm_backward)
 from .layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, Norm, RMSNorm
+# inference pipelines: folding, import from torch/ONNX, precise BN, conventions
+from . import conventions
+from .conventions import convert_momentum, convert_running_var
+from .folding import fold_batch_norm, fold_batch_norm_stats
+from .interop import fold_onnx_batch_norms, from_onnx, from_torch
+from .recalibration import recalibrate
 
 __all__ = [
     "__version__",
@@ -25,4 +31,8 @@ __all__ = [
     "use_backend", "set_num_threads", "get_num_threads",
     # diagnostics
     "diagnostics", "UnstableBatchStatisticsWarning",
+    # inference pipelines
+    "fold_batch_norm", "fold_batch_norm_stats", "from_torch", "from_onnx",
+    "fold_onnx_batch_norms", "recalibrate", "conventions", "convert_momentum",
+    "convert_running_var",
 ]

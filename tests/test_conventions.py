@@ -1,0 +1,80 @@
+"""Momentum and running-variance conventions between torch, Keras, ONNX, Flax, MXNet."""
+import numpy as np
+import pytest
+
+import normkit
+from normkit import conventions as C
+
+
+@pytest.mark.parametrize("other", ["keras", "tensorflow", "onnx", "flax", "mxnet"])
+def test_momentum_round_trip(other):
+    for m in (0.0, 0.01, 0.1, 0.5, 0.99, 1.0):
+        there = C.convert_momentum(m, "torch", other)
+        assert there == pytest.approx(1.0 - m)
+        assert C.convert_momentum(there, other, "torch") == pytest.approx(m)
+
+
+def test_momentum_same_convention_is_identity():
+    assert C.convert_momentum(0.3, "keras", "onnx") == 0.3
+    assert C.convert_momentum(0.3, "torch", "normkit") == 0.3
+    assert C.convert_momentum(None, "torch", "torch") is None
+    assert normkit.convert_momentum(0.99, "Keras") == pytest.approx(0.01)
+
+
+def test_momentum_means_the_same_update():
+    """A Keras-style update with m equals a torch-style update with the converted m."""
+    rng = np.random.default_rng(0)
+    running, batch = rng.standard_normal(5), rng.standard_normal(5)
+    keras_m = 0.99
+    keras = keras_m * running + (1 - keras_m) * batch
+    torch_m = C.convert_momentum(keras_m, "keras")
+    torch_style = (1 - torch_m) * running + torch_m * batch
+    np.testing.assert_allclose(keras, torch_style, rtol=1e-14)
+
+
+def test_momentum_errors():
+    with pytest.raises(ValueError, match="no equivalent"):
+        C.convert_momentum(None, "torch", "keras")
+    with pytest.raises(ValueError, match="unknown convention"):
+        C.convert_momentum(0.1, "caffe2000")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        C.convert_momentum(1.5, "keras")
+    with pytest.raises(TypeError):
+        C.convert_momentum("0.1", "keras")
+
+
+def test_running_var_biased_unbiased():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((8, 3, 5))               # n = 40 values per channel
+    n = x.size // x.shape[1]
+    biased = x.var(axis=(0, 2))
+    unbiased = x.var(axis=(0, 2), ddof=1)
+    np.testing.assert_allclose(C.biased_to_unbiased_var(biased, n), unbiased, rtol=1e-13)
+    np.testing.assert_allclose(C.unbiased_to_biased_var(unbiased, n), biased, rtol=1e-13)
+    np.testing.assert_allclose(C.convert_running_var(biased, n, "keras"), unbiased,
+                               rtol=1e-13)
+    np.testing.assert_allclose(C.convert_running_var(unbiased, n, "torch", "onnx"), biased,
+                               rtol=1e-13)
+    same = C.convert_running_var(unbiased, n, "torch", "normkit")
+    np.testing.assert_array_equal(same, unbiased)
+    assert same is not unbiased
+    assert isinstance(C.biased_to_unbiased_var(1.0, 2), float)
+    with pytest.raises(ValueError, match="n "):
+        C.biased_to_unbiased_var(biased, 1)
+
+
+def test_exact_for_equal_batches_ema():
+    """An EMA of biased variances converts exactly when every batch has the same n."""
+    rng = np.random.default_rng(2)
+    m_torch = 0.1
+    m_keras = C.convert_momentum(m_torch, "torch", "keras")
+    torch_rv, keras_rv = np.ones(4), np.ones(4)
+    # start both from values that already correspond (1 unbiased <-> (n-1)/n biased)
+    n = 6 * 7
+    keras_rv = C.convert_running_var(torch_rv, n, "torch", "keras")
+    for _ in range(5):
+        x = rng.standard_normal((6, 4, 7)) * 3
+        torch_rv = (1 - m_torch) * torch_rv + m_torch * x.var(axis=(0, 2), ddof=1)
+        keras_rv = m_keras * keras_rv + (1 - m_keras) * x.var(axis=(0, 2))
+    np.testing.assert_allclose(C.convert_running_var(keras_rv, n, "keras"), torch_rv,
+                               rtol=1e-12)

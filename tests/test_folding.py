@@ -1,0 +1,264 @@
+"""fold_batch_norm / fold_batch_norm_stats: folded layer == layer followed by eval BN.
+
+Oracles: explicit NumPy linear, convolution and transposed convolution (always), and
+torch's ``fuse_conv_bn_eval`` / ``fuse_linear_bn_eval`` and module forwards (when torch
+is installed).
+"""
+import numpy as np
+import pytest
+from numpy.lib.stride_tricks import sliding_window_view
+
+import normkit
+
+
+# ------------------------------------------------------------------ NumPy oracles
+def np_conv2d(x, w, b=None, *, groups=1, stride=1, padding=0):
+    x = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    cout, cin_g, kh, kw = w.shape
+    win = sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::stride, ::stride]
+    og = cout // groups
+    y = np.concatenate([np.einsum("ncijkl,ockl->noij", win[:, g * cin_g:(g + 1) * cin_g],
+                                  w[g * og:(g + 1) * og]) for g in range(groups)], axis=1)
+    return y if b is None else y + b[None, :, None, None]
+
+
+def np_conv_transpose2d(x, w, b=None, *, groups=1, stride=1):
+    n, cin, h, wd = x.shape
+    _, og, kh, kw = w.shape
+    ig = cin // groups
+    y = np.zeros((n, og * groups, (h - 1) * stride + kh, (wd - 1) * stride + kw))
+    for g in range(groups):
+        xg, wg = x[:, g * ig:(g + 1) * ig], w[g * ig:(g + 1) * ig]
+        for k in range(kh):
+            for l in range(kw):
+                y[:, g * og:(g + 1) * og, k:k + stride * h:stride, l:l + stride * wd:stride] \
+                    += np.einsum("ncij,co->noij", xg, wg[:, :, k, l])
+    return y if b is None else y + b[None, :, None, None]
+
+
+def np_bn_eval(y, mean, var, gamma, beta, eps, axis=1):
+    shape = [1] * y.ndim
+    shape[axis] = -1
+    out = (y - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps)
+    if gamma is not None:
+        out = out * gamma.reshape(shape)
+    if beta is not None:
+        out = out + beta.reshape(shape)
+    return out
+
+
+def make_bn(rng, c, affine=True, dtype=np.float64, eps=1e-3):
+    bn = normkit.BatchNorm(c, eps=eps, affine=affine, dtype=dtype).eval()
+    bn.running_mean[:] = rng.standard_normal(c)
+    bn.running_var[:] = rng.uniform(0.2, 3.0, c)
+    if affine:
+        bn.weight[:] = rng.standard_normal(c)
+        bn.bias[:] = rng.standard_normal(c)
+    return bn
+
+
+def bn_ref(bn, y, axis=1):
+    return np_bn_eval(y, bn.running_mean.astype(np.float64), bn.running_var.astype(np.float64),
+                      None if bn.weight is None else bn.weight.astype(np.float64),
+                      None if bn.bias is None else bn.bias.astype(np.float64), bn.eps, axis)
+
+
+# ------------------------------------------------------------------ NumPy tests
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_linear(rng, with_bias, affine):
+    w = rng.standard_normal((5, 3))
+    b = rng.standard_normal(5) if with_bias else None
+    bn = make_bn(rng, 5, affine)
+    u = rng.standard_normal((7, 3))
+    expected = bn_ref(bn, u @ w.T + (0 if b is None else b))
+    w2, b2 = normkit.fold_batch_norm(w, b, bn)
+    np.testing.assert_allclose(u @ w2.T + b2, expected, rtol=1e-12, atol=1e-12)
+    # and with normkit's own eval BatchNorm as the reference
+    np.testing.assert_allclose(u @ w2.T + b2, bn(u @ w.T + (0 if b is None else b)),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("groups,stride,padding", [(1, 1, 0), (1, 2, 1), (2, 1, 1),
+                                                   (6, 2, 0)])
+def test_conv2d(rng, groups, stride, padding):
+    cin, cout = 6, 12
+    w = rng.standard_normal((cout, cin // groups, 3, 3))
+    b = rng.standard_normal(cout)
+    bn = make_bn(rng, cout)
+    x = rng.standard_normal((2, cin, 9, 8))
+    expected = bn_ref(bn, np_conv2d(x, w, b, groups=groups, stride=stride, padding=padding))
+    w2, b2 = normkit.fold_batch_norm(w, b, bn, axis=0)
+    got = np_conv2d(x, w2, b2, groups=groups, stride=stride, padding=padding)
+    np.testing.assert_allclose(got, expected, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("groups,stride", [(1, 1), (1, 2), (2, 2), (4, 1)])
+def test_conv_transpose2d(rng, groups, stride):
+    cin, cout = 8, 12
+    w = rng.standard_normal((cin, cout // groups, 3, 2))
+    b = rng.standard_normal(cout)
+    bn = make_bn(rng, cout)
+    x = rng.standard_normal((2, cin, 4, 5))
+    expected = bn_ref(bn, np_conv_transpose2d(x, w, b, groups=groups, stride=stride))
+    w2, b2 = normkit.fold_batch_norm(w, b, bn, axis=1, groups=groups)
+    got = np_conv_transpose2d(x, w2, b2, groups=groups, stride=stride)
+    np.testing.assert_allclose(got, expected, rtol=1e-11, atol=1e-11)
+
+
+def test_channels_last_kernel(rng):
+    """A Keras-style Dense kernel (in, out) and an HWIO conv kernel: axis=-1."""
+    kernel = rng.standard_normal((3, 5))
+    bn = make_bn(rng, 5)
+    u = rng.standard_normal((4, 3))
+    k2, b2 = normkit.fold_batch_norm(kernel, None, bn, axis=-1)
+    np.testing.assert_allclose(u @ k2 + b2, bn_ref(bn, u @ kernel, axis=-1), rtol=1e-12)
+    hwio = rng.standard_normal((3, 3, 4, 5))
+    k2, _ = normkit.fold_batch_norm(hwio, None, bn, axis=-1)
+    oihw = np.transpose(hwio, (3, 2, 0, 1))
+    k_ref, _ = normkit.fold_batch_norm(oihw, None, bn, axis=0)
+    np.testing.assert_allclose(np.transpose(k2, (3, 2, 0, 1)), k_ref, rtol=1e-14)
+
+
+def test_stats_form_matches_layer_form(rng):
+    bn = make_bn(rng, 4, eps=1e-5)
+    w, b = rng.standard_normal((4, 2, 3)), rng.standard_normal(4)
+    by_layer = normkit.fold_batch_norm(w, b, bn)
+    by_stats = normkit.fold_batch_norm_stats(w, b, bn.running_mean, bn.running_var,
+                                             bn.weight, bn.bias, bn.eps)
+    for a, e in zip(by_stats, by_layer):
+        np.testing.assert_array_equal(a, e)
+    # no gamma/beta: pure normalization
+    w2, b2 = normkit.fold_batch_norm_stats(np.eye(4), None, np.arange(4.0), np.full(4, 3.0),
+                                           eps=1.0)
+    np.testing.assert_allclose(np.diag(w2), 0.5)
+    np.testing.assert_allclose(b2, -np.arange(4.0) / 2)
+
+
+def test_dtypes_and_no_mutation(rng):
+    bn = make_bn(rng, 3, dtype=np.float32)
+    w = rng.standard_normal((3, 4)).astype(np.float32)
+    b = rng.standard_normal(3).astype(np.float32)
+    w0, b0, state0 = w.copy(), b.copy(), bn.state_dict()
+    w2, b2 = normkit.fold_batch_norm(w, b, bn)
+    assert w2.dtype == np.float32 and b2.dtype == np.float32
+    np.testing.assert_array_equal(w, w0)
+    np.testing.assert_array_equal(b, b0)
+    for k, v in bn.state_dict().items():
+        np.testing.assert_array_equal(v, state0[k])
+    w3, b3 = normkit.fold_batch_norm(np.ones((3, 2), np.int64), None, bn)
+    assert w3.dtype == np.float64 and b3.dtype == np.float64
+    w4, _ = normkit.fold_batch_norm(w.astype(np.float16), None, bn)
+    assert w4.dtype == np.float16
+
+
+def test_refuses_training_mode_and_missing_stats(rng):
+    bn = make_bn(rng, 3).train()
+    with pytest.raises(ValueError, match="training mode.*eval"):
+        normkit.fold_batch_norm(np.ones((3, 2)), None, bn)
+    no_stats = normkit.BatchNorm(3, track_running_stats=False).eval()
+    with pytest.raises(ValueError, match="no running statistics"):
+        normkit.fold_batch_norm(np.ones((3, 2)), None, no_stats)
+    with pytest.raises(TypeError, match="InstanceNorm"):
+        normkit.fold_batch_norm(np.ones((3, 2)), None,
+                                normkit.InstanceNorm(3, track_running_stats=True).eval())
+    with pytest.raises(TypeError, match="expected a BatchNorm"):
+        normkit.fold_batch_norm(np.ones((3, 2)), None, normkit.LayerNorm(3))
+
+
+def test_shape_errors(rng):
+    bn = make_bn(rng, 3)
+    with pytest.raises(ValueError, match=r"4 output channels but the BatchNorm has 3"):
+        normkit.fold_batch_norm(np.ones((4, 2)), None, bn)
+    with pytest.raises(ValueError, match=r"bias: expected shape \(3,\), got shape \(4,\)"):
+        normkit.fold_batch_norm(np.ones((3, 2)), np.ones(4), bn)
+    with pytest.raises(ValueError, match="out of range"):
+        normkit.fold_batch_norm(np.ones((3, 2)), None, bn, axis=2)
+    with pytest.raises(ValueError, match="groups > 1"):
+        normkit.fold_batch_norm(np.ones((2, 3, 3)), None, bn, axis=2, groups=3)
+    with pytest.raises(ValueError, match="output channels, expected"):
+        normkit.fold_batch_norm(np.ones((4, 1, 3, 3)), None, bn, axis=1, groups=2)
+
+
+# ------------------------------------------------------------------ torch cross-checks
+try:
+    import torch
+    nn = torch.nn
+except ImportError:          # torch is an optional peer: only these tests skip
+    torch = nn = None
+needs_torch = pytest.mark.skipif(torch is None, reason="torch cross-checks need torch")
+
+
+def _randomize_bn(bn, gen):
+    with torch.no_grad():
+        c = bn.num_features
+        bn.running_mean.copy_(torch.randn(c, generator=gen))
+        bn.running_var.copy_(torch.rand(c, generator=gen) * 2 + 0.2)
+        bn.weight.copy_(torch.randn(c, generator=gen))
+        bn.bias.copy_(torch.randn(c, generator=gen))
+    return bn.eval()
+
+
+@needs_torch
+@pytest.mark.parametrize("kind", ["conv1d", "conv2d", "conv3d", "conv2d_nobias",
+                                  "conv2d_groups", "convT2d", "linear"])
+def test_against_torch_fusion(kind):
+    from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    layer, bn, shape = {
+        "conv1d": (nn.Conv1d(4, 6, 3), nn.BatchNorm1d(6), (2, 4, 9)),
+        "conv2d": (nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), (2, 4, 7, 6)),
+        "conv3d": (nn.Conv3d(4, 6, 2), nn.BatchNorm3d(6), (2, 4, 4, 5, 3)),
+        "conv2d_nobias": (nn.Conv2d(4, 6, 3, bias=False), nn.BatchNorm2d(6), (2, 4, 6, 6)),
+        "conv2d_groups": (nn.Conv2d(4, 6, 3, groups=2), nn.BatchNorm2d(6), (2, 4, 6, 6)),
+        "convT2d": (nn.ConvTranspose2d(4, 6, 3, stride=2), nn.BatchNorm2d(6), (2, 4, 4, 4)),
+        "linear": (nn.Linear(4, 6), nn.BatchNorm1d(6), (5, 4)),
+    }[kind]
+    layer.eval()
+    _randomize_bn(bn, gen)
+    transposed = kind.startswith("convT")
+    fused = (fuse_linear_bn_eval(layer, bn) if kind == "linear"
+             else fuse_conv_bn_eval(layer, bn, transpose=transposed))
+    # the torch BatchNorm module itself is accepted as `bn`
+    w2, b2 = normkit.fold_batch_norm(layer.weight, layer.bias, bn, axis=1 if transposed else 0)
+    np.testing.assert_allclose(w2, fused.weight.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(b2, fused.bias.detach().numpy(), rtol=1e-5, atol=1e-6)
+    # and the folded layer reproduces layer + BN
+    x = torch.randn(shape, generator=gen)
+    with torch.no_grad():
+        expected = bn(layer(x)).numpy()
+        layer.weight.copy_(torch.from_numpy(w2))
+        if layer.bias is None:
+            layer.bias = nn.Parameter(torch.from_numpy(b2))
+        else:
+            layer.bias.copy_(torch.from_numpy(b2))
+        got = layer(x).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@needs_torch
+def test_grouped_conv_transpose_against_torch_forward():
+    """torch's fuse_conv_bn_eval cannot fold a grouped ConvTranspose; normkit can."""
+    gen = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)
+    conv = nn.ConvTranspose2d(6, 8, 3, stride=2, groups=2).eval()
+    bn = _randomize_bn(nn.BatchNorm2d(8), gen)
+    x = torch.randn(2, 6, 4, 5, generator=gen)
+    w2, b2 = normkit.fold_batch_norm(conv.weight, conv.bias, bn, axis=1, groups=2)
+    with torch.no_grad():
+        expected = bn(conv(x)).numpy()
+        conv.weight.copy_(torch.from_numpy(w2))
+        conv.bias.copy_(torch.from_numpy(b2))
+        got = conv(x).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@needs_torch
+def test_torch_refusals():
+    bn = nn.BatchNorm2d(3)        # training mode
+    with pytest.raises(ValueError, match="training mode"):
+        normkit.fold_batch_norm(np.ones((3, 1, 1, 1)), None, bn)
+    bn = nn.BatchNorm2d(3, track_running_stats=False).eval()
+    with pytest.raises(ValueError, match="no running statistics"):
+        normkit.fold_batch_norm(np.ones((3, 1, 1, 1)), None, bn)
