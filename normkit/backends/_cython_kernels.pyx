@@ -30,7 +30,7 @@ Design, in short
   NOGIL_MIN elements it also keeps the GIL (releasing it costs more than the work).
 """
 
-from cython.parallel cimport prange
+from cython.parallel cimport prange, threadid
 from libc.math cimport sqrt, fabs
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset, memcpy
@@ -146,6 +146,22 @@ def _set_parallel_min(Py_ssize_t n):
     return old
 
 
+def _team_size(Py_ssize_t work):
+    """Testing aid: how many OpenMP threads a call over `work` elements runs on now."""
+    cdef int nt = _team(work, 1 << 30)
+    cdef Py_ssize_t i
+    cdef int seen[256]
+    if nt <= 1:
+        return 1
+    if nt > 256:
+        nt = 256
+    for i in range(nt):
+        seen[i] = -1
+    for i in prange(nt, schedule='static', num_threads=nt, nogil=True):
+        seen[i] = threadid()
+    return len({seen[i] for i in range(nt)})
+
+
 def _after_fork_in_child():
     # libgomp keeps its thread pool across fork() but the threads are gone in the
     # child, so the next parallel region there can wait for them forever. A child
@@ -215,7 +231,7 @@ cdef int _bad(object a, int tn, int nd, str name, bint writeable) except -1:
     if a.ndim != nd:
         raise ValueError(f"{name} must have {nd} dimensions, got shape {a.shape}")
     if a.dtype != want:
-        raise TypeError(f"{name} must be {want} like x, got {a.dtype}")
+        raise TypeError(f"{name} must be {want} in native byte order, got {a.dtype}")
     if writeable and not a.flags.writeable:
         raise ValueError(f"{name} must be writeable")
     raise ValueError(f"{name} must be C-contiguous, aligned and in native byte order")

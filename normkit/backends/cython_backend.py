@@ -17,10 +17,8 @@ try:
     from . import _cython_kernels as _ext
 except ImportError as exc:
     raise ImportError(
-        "normkit's compiled Cython extension (normkit.backends._cython_kernels) is not "
-        f"available ({exc}). Build it from a source checkout with a C compiler: "
-        "`pip install -e .` (or `python setup.py build_ext --inplace`); "
-        "set NORMKIT_NO_OPENMP=1 to build without OpenMP."
+        f"normkit's compiled Cython extension could not be imported ({exc}); build it "
+        "from a source checkout with a C compiler: `pip install -e .`."
     ) from exc
 
 _variants = ["baseline"]
