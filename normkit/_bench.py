@@ -207,9 +207,17 @@ class Progress:
         self.done = 0
         self.case = ""
 
-    def _elapsed(self):
-        s = int(time.perf_counter() - self.t0)
+    @staticmethod
+    def _clock(seconds):
+        s = int(seconds)
         return f"{s // 60}:{s % 60:02d}"
+
+    def _elapsed(self):
+        el = time.perf_counter() - self.t0
+        text = self._clock(el)
+        if 0 < self.done < self.total:
+            text += f" eta {self._clock(el / self.done * (self.total - self.done))}"
+        return text
 
     def step(self, case, what=""):
         self.case = case
