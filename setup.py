@@ -12,6 +12,9 @@ Metadata lives in pyproject.toml; this file only adds the extension.
   ``-march=native`` (the binary then only runs on CPUs like the build machine).
   Never -ffast-math: NaN/Inf must propagate; reductions vectorize through explicit
   independent accumulators instead.
+* On x86 (not Windows) the same .pyx is also built with -mavx2 as
+  ``_cython_kernels_avx2``; cython_backend.py loads it when the CPU has AVX2
+  (``NORMKIT_NO_AVX2=1`` skips that build, ``NORMKIT_NATIVE=1`` makes it moot).
 * What was built (OpenMP or not and why, flags, compiler) is written to a generated
   header, normkit_build_config.h, that the extension compiles in and reports through
   ``normkit.backends.cython_backend.info()``.
@@ -100,6 +103,11 @@ class BuildExt(build_ext):
     doubles that without giving up a portable binary. No FMA is enabled, so both
     builds round identically and give bitwise equal results.
     """
+
+    def finalize_options(self):
+        super().finalize_options()
+        if not self.parallel:          # the two builds compile side by side
+            self.parallel = min(2, os.cpu_count() or 1)
 
     def run(self):
         from Cython.Build import cythonize

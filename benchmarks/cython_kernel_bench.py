@@ -97,21 +97,27 @@ def make_bn_train_fwd_bwd(be, x, dy, w, b, eps=1e-5):
     return run
 
 
-def make_group_norm(be, x, groups, w, b, eps=1e-5):
+def make_group_norm(be, x, groups, w, b, eps=1e-5, block_bytes=1 << 20):
+    """plane_moments + channels_first_affine, over blocks of samples of about
+    block_bytes, so that the affine pass finds its block still in cache: 2n bytes
+    from memory instead of 3n. block_bytes=0: one call each over the whole batch."""
     n, c = x.shape[:2]
     s = x[0, 0].size
-    rows = x.reshape(n * groups, (c // groups) * s)
     x3 = x.reshape(n, c, s)
     out = np.empty_like(x3)
+    rep = c // groups
+    step = n if block_bytes <= 0 else max(1, block_bytes // x3[0].nbytes)
+    offset = np.broadcast_to(b, (n, c)).copy()
 
     def run():
-        mean, m2 = be.plane_moments(rows)
-        rstd = 1.0 / np.sqrt(m2 / rows.shape[1] + eps)
-        rep = c // groups
-        shift = np.repeat(mean.reshape(n, groups), rep, axis=1).astype(x.dtype)
-        scale = (np.repeat(rstd.reshape(n, groups), rep, axis=1) * w).astype(x.dtype)
-        offset = np.broadcast_to(b, (n, c)).copy()
-        be.channels_first_affine(x3, shift, scale, offset, out)
+        for i in range(0, n, step):
+            xb = x3[i:i + step]
+            k = xb.shape[0]
+            mean, m2 = be.plane_moments(xb.reshape(k * groups, rep * s))
+            rstd = 1.0 / np.sqrt(m2 / (rep * s) + eps)
+            shift = np.repeat(mean.reshape(k, groups), rep, axis=1).astype(x.dtype)
+            scale = (np.repeat(rstd.reshape(k, groups), rep, axis=1) * w).astype(x.dtype)
+            be.channels_first_affine(xb, shift, scale, offset[i:i + k], out[i:i + k])
         return out
     return run
 
@@ -257,11 +263,15 @@ def main():
         w, b = randn(c), randn(c)
         tx, tw, tb = map(torch.from_numpy, (x, w, b))
         run = make_group_norm(be, x, 32, w, b)
+        unblocked = make_group_norm(be, x, 32, w, b, block_bytes=0)
 
         def theirs():
             with torch.inference_mode():
                 F.group_norm(tx, 32, tw, tb, 1e-5)
-        report(name, 2 * x.nbytes, measure({"torch": theirs, "cython": run}, args.rounds))
+        times = measure({"torch": theirs, "cython": run, "unblocked": unblocked}, args.rounds)
+        report(name, 2 * x.nbytes, times)
+        print(f"{'':38s} (one plane_moments + one affine call over the whole batch: "
+              f"{times['unblocked'] * 1e3:.4f} ms, ratio {times['unblocked'] / times['torch']:.2f})")
 
     # ---- per-call overhead of the bare kernels
     if want("overhead"):

@@ -301,6 +301,26 @@ def test_bad_arguments_raise_not_crash():
                                  np.ones((3, 3), np.float32), np.empty_like(x3))   # N' not 1 or N
     with pytest.raises(ValueError):
         cy.channels_last_grad_sums(x3, x3[:1], p)
+    # empty arrays (the public layer handles them first): an error, never a crash
+    for shape in [(0, 5), (3, 0)]:
+        with pytest.raises(ValueError):
+            cy.plane_moments(np.ones(shape, np.float32))
+    for shape in [(2, 0, 3), (2, 3, 0), (0, 3, 3)]:
+        e = np.ones(shape, np.float32)
+        with pytest.raises(ValueError):
+            cy.channels_last_moments(e)
+        with pytest.raises(ValueError):
+            cy.channels_last_grad_sums(e, e, np.ones((1, shape[2]), np.float32))
+        with pytest.raises(ValueError):
+            cy.channels_first_grad_sums(e, e, np.ones((1, shape[1]), np.float32))
+        q = np.ones((1, shape[1]), np.float32)
+        cy.channels_first_affine(e, q, q, q, np.empty_like(e))
+        cy.channels_first_grad_apply(e, e, q, q, q, q, np.empty_like(e))
+    e = np.ones((4, 0), np.float32)
+    with pytest.raises(ValueError):
+        cy.rows_forward(e, np.ones(0, np.float32), np.ones(0, np.float32), 1e-5, False, e.copy())
+    with pytest.raises(ValueError):
+        cy.rows_backward(e, e, np.zeros(4), np.ones(4), np.ones(0, np.float32), False, e.copy())
 
 
 @needs_cython

@@ -15,12 +15,20 @@ Design, in short
   call against 0.18 us here, which matters for the <= 3 us per-call target.
 * Kernel bodies are ``nogil`` functions fused over float32/float64 (``real``) working
   on ``const real*`` inputs, so read-only arrays are accepted and ``out`` may be ``x``.
-* Every statistic is accumulated in double, in 8 independent accumulators so that gcc
-  vectorizes the reduction without -ffast-math (NaN/Inf still propagate): one
-  accumulator runs at ~1.2 G elements/s, eight at ~6 (float32) / ~8 (float64).
+* Every statistic is accumulated in double, in NK_ACC (8 for SSE2, 16 for AVX2)
+  independent accumulators, one reduction per loop: that is what gcc vectorizes
+  without -ffast-math (so NaN/Inf still propagate). One accumulator runs at the add
+  latency, ~5x slower; two reductions in one loop stay scalar, ~2x slower.
 * Variances are centered: two passes over blocks of CHUNK elements (the second pass
-  reads L1), block results merged with Chan's formula. So the data is read once
-  from memory, and a row longer than a block is still accurate.
+  reads L1), the first summing deviations from the block's first value, block
+  results merged with Chan's formula. So memory is read once, |mean| >> std keeps
+  its digits, and long rows stay accurate. Channels-last columns take one pass per
+  block of rows (the loop runs along C, so both sums vectorize) of deviations d from
+  the block's first row: m2 = sum(d**2) - sum(d)**2 / n cancels at most a factor n
+  (the shift is one of the values), n <= a few hundred rows.
+* float32 statistics are compute-bound at SSE2 width (two doubles per instruction),
+  so setup.py also builds this file with -mavx2 (module _cython_kernels_avx2), which
+  cython_backend.py picks on CPUs that have AVX2.
 * How work is split depends only on the shapes, never on the number of threads, so
   results are bitwise identical for any ``set_num_threads`` value (and any number of
   concurrent Python threads). Cross-row reductions write per-unit partials (unit = a
@@ -287,6 +295,13 @@ cdef inline Py_ssize_t _params(cnp.ndarray x, int tn, Py_ssize_t n, Py_ssize_t c
     return npr
 
 
+cdef int _nonempty(cnp.ndarray x) except -1:
+    """Reductions need data (the public functions handle size 0 before the kernels)."""
+    if cnp.PyArray_SIZE(x) == 0:
+        raise ValueError(f"normkit kernels need non-empty arrays, got shape {(<object>x).shape}")
+    return 0
+
+
 cdef inline object _empty(int nd, Py_ssize_t a, Py_ssize_t b):
     cdef cnp.npy_intp dims[2]
     dims[0] = a
@@ -541,6 +556,7 @@ def plane_moments(cnp.ndarray x not None):
     """(P, S) -> mean f64[P], m2 f64[P]: per-row mean and centered sum of squares."""
     cdef int tn = _dtype(x)
     _in(x, tn, 2, "x")
+    _nonempty(x)
     return _plane_moments_call(x, tn, cnp.PyArray_DIM(x, 0), cnp.PyArray_DIM(x, 1))
 
 
@@ -659,6 +675,7 @@ def channels_last_moments(cnp.ndarray x not None):
     """(N, S, C) -> mean f64[N, C], m2 f64[N, C] over S."""
     cdef int tn = _dtype(x)
     _in(x, tn, 3, "x")
+    _nonempty(x)
     cdef Py_ssize_t N = cnp.PyArray_DIM(x, 0), S = cnp.PyArray_DIM(x, 1)
     cdef Py_ssize_t C = cnp.PyArray_DIM(x, 2)
     if C == 1:   # (N, S, 1) is (N, S) rows
@@ -741,6 +758,7 @@ def rows_forward(cnp.ndarray x not None, cnp.ndarray weight not None,
     """LayerNorm / RMSNorm forward over the last axis of (R, K) -> (mean, rstd)."""
     cdef int tn = _dtype(x)
     _in(x, tn, 2, "x")
+    _nonempty(x)
     cdef Py_ssize_t R = cnp.PyArray_DIM(x, 0), K = cnp.PyArray_DIM(x, 1)
     _vec(weight, tn, K, "weight")
     _vec(bias, tn, K, "bias")
@@ -843,6 +861,7 @@ def rows_backward(cnp.ndarray dy not None, cnp.ndarray x not None, cnp.ndarray m
     """LayerNorm / RMSNorm backward -> (dweight f64[K], dbias f64[K]); writes dx."""
     cdef int tn = _dtype(x)
     _in(x, tn, 2, "x")
+    _nonempty(x)
     cdef Py_ssize_t R = cnp.PyArray_DIM(x, 0), K = cnp.PyArray_DIM(x, 1)
     _in(dy, tn, 2, "dy")
     _same(x, dy, "dy")
@@ -966,8 +985,11 @@ cdef _affine_call(cnp.ndarray x, cnp.ndarray shift, cnp.ndarray scale, cnp.ndarr
     elif not last and B == 1:      # (N, C, 1) is channels-last (N, 1, C)
         last = True
         A, B = 1, A
+    if N * A * B == 0:
+        return
     cdef Py_ssize_t work = N * A * B
-    cdef int nt = _team(work, work // 8192 + 1)
+    # one read + one write per element is cheap: half weight against _par_min
+    cdef int nt = _team(work // 2, work // 8192 + 1)
     cdef char* px = _p(x)
     cdef char* po = _p(out)
     cdef char* p1 = _p(shift)
@@ -1079,6 +1101,8 @@ cdef _apply_call(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray shift, cnp.ndarray c
     elif not last and B == 1:
         last = True
         A, B = 1, A
+    if N * A * B == 0:
+        return
     cdef Py_ssize_t work = N * A * B
     cdef int nt = _team(work, work // 8192 + 1)
     cdef char* pdy = _p(dy)
@@ -1227,6 +1251,7 @@ cdef inline void _gs_unit(const real* dy, const real* x, const real* sh, Py_ssiz
 cdef _grad_sums_call(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray shift, bint last):
     cdef int tn = _dtype(x)
     _in(x, tn, 3, "x")
+    _nonempty(x)
     _in(dy, tn, 3, "dy")
     _same(x, dy, "dy")
     cdef Py_ssize_t N = cnp.PyArray_DIM(x, 0), A = cnp.PyArray_DIM(x, 1)
