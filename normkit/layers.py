@@ -12,6 +12,7 @@ import types
 import numpy as np
 
 from . import _renorm
+from . import diagnostics as _diagnostics
 from . import functional as F
 from .backends import resolve
 
@@ -220,13 +221,23 @@ class BatchNorm(_RunningStatsNorm):
         steps through the ``renorm_clipping`` attribute, to relax it during training.
     renorm_momentum : float, keyword-only
         Weight of the new batch in the renorm statistics (0.01 is Keras's 0.99).
+    diagnostics : None, bool, dict or diagnostics.Thresholds, keyword-only
+        Small-batch diagnostics in training mode (``UnstableBatchStatisticsWarning``
+        when the batch statistics are too noisy to trust). None follows
+        ``normkit.diagnostics.configure``; False turns them off for this layer (no
+        extra work); a dict overrides thresholds. The ``diagnostics`` attribute can be
+        reassigned later. Renorm training steps are not diagnosed. See
+        ``docs/diagnostics.md``.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, *, axis=1, dtype=np.float32, backend=None,
-                 renorm=False, renorm_clipping=None, renorm_momentum=0.01):
+                 renorm=False, renorm_clipping=None, renorm_momentum=0.01,
+                 diagnostics=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, axis,
                          dtype, backend)
+        self.diagnostics = _diagnostics.check_setting(diagnostics)
+        self._diag_state = None
         self.renorm = bool(renorm)
         if self.renorm:
             if not self.track_running_stats:
@@ -259,9 +270,16 @@ class BatchNorm(_RunningStatsNorm):
             return _renorm.forward(self, x, self._momentum_for_step())
         batch_stats = self.training or not self.track_running_stats
         momentum = self._momentum_for_step()
-        y, mean, rstd = F.batch_norm(
-            x, self.running_mean, self.running_var, self.weight, self.bias, batch_stats, momentum, self.eps, axis=self.axis,
-            backend=self._backend, return_stats=True)
+        probe = _diagnostics.start(self, x) if self.training else None
+        try:
+            y, mean, rstd = F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, batch_stats, momentum, self.eps, axis=self.axis,
+                backend=self._backend, return_stats=True)
+        finally:
+            if probe is not None:
+                probe.release()
+        if probe is not None:
+            probe.check(mean, rstd)
         return y, (x, mean, rstd, batch_stats)
 
     def _backward(self, grad_out, cache):
@@ -279,13 +297,18 @@ class InstanceNorm(_RunningStatsNorm):
 
     Parameters are those of :class:`BatchNorm`; defaults follow torch (no affine, no
     running statistics). Input statistics are used in training mode, and in eval mode
-    unless running statistics are tracked.
+    unless running statistics are tracked. ``diagnostics`` (keyword-only) as in
+    :class:`BatchNorm`: training steps are checked for too few values per instance,
+    near-constant instances and non-finite values.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False,
-                 track_running_stats=False, *, axis=1, dtype=np.float32, backend=None):
+                 track_running_stats=False, *, axis=1, dtype=np.float32, backend=None,
+                 diagnostics=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, axis,
                          dtype, backend)
+        self.diagnostics = _diagnostics.check_setting(diagnostics)
+        self._diag_state = None
 
     def _momentum_for_step(self):
         """As torch's InstanceNorm: num_batches_tracked is never counted, and
@@ -295,10 +318,13 @@ class InstanceNorm(_RunningStatsNorm):
     def _forward(self, x):
         use_input_stats = self.training or not self.track_running_stats
         momentum = self._momentum_for_step()
+        probe = _diagnostics.start(self, x) if self.training else None
         y, mean, rstd = F.instance_norm(
             x, self.running_mean, self.running_var, self.weight, self.bias,
             use_input_stats, momentum, self.eps, axis=self.axis, backend=self._backend,
             return_stats=True)
+        if probe is not None:
+            probe.check(mean, rstd)
         return y, (x, mean, rstd, use_input_stats)
 
     def _backward(self, grad_out, cache):

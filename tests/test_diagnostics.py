@@ -1,0 +1,383 @@
+"""Small-batch diagnostics: the statistics are validated by Monte Carlo, the warnings by
+their behaviour (when, how often, how to silence them), the eval check by drift and
+convergence scenarios. Formulas and assumptions: docs/diagnostics.md.
+"""
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+import normkit as nk
+from normkit import diagnostics as D
+from normkit.diagnostics import UnstableBatchStatisticsWarning as W
+
+
+@pytest.fixture(autouse=True)
+def _fresh_config():
+    D.reset_config()
+    yield
+    D.reset_config()
+
+
+def _collect(fn, *args, **kwargs):
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        fn(*args, **kwargs)
+    return [w for w in got if issubclass(w.category, W)]
+
+
+def _image_like(rng, n, c, h, rho, dtype=np.float32):
+    """Per-(sample, channel) random offsets plus i.i.d. noise: intra-sample correlation rho."""
+    a = math.sqrt(rho) * rng.standard_normal((n, c, 1, 1))
+    return (a + math.sqrt(1 - rho) * rng.standard_normal((n, c, h, h))).astype(dtype)
+
+
+# ============================================================ Monte Carlo: the statistics
+def _monte_carlo(gen, batches, sigma2=None):
+    """Empirical spread of the batch statistics over many batches vs the reports.
+
+    Returns (empirical var CV, predicted var_rel_se, empirical n_eff, predicted n_eff
+    (median), predicted mean_rel_se, empirical mean SE / sigma). Channels are independent
+    replicates, so spreads are taken per channel over batches and pooled (RMS) over
+    channels; predictions are the RMS of the per-batch estimates (they estimate a
+    variance, so averaging squares is what is unbiased).
+    """
+    reps = [D.batch_stats_report(gen()) for _ in range(batches)]
+    var = np.array([r.var for r in reps])
+    mean = np.array([r.mean for r in reps])
+    emp_cv = math.sqrt(np.mean((var.std(axis=0, ddof=1) / var.mean(axis=0)) ** 2))
+    pred_cv = math.sqrt(np.mean(np.array([r.var_rel_se for r in reps]) ** 2))
+    s2 = var.mean() if sigma2 is None else sigma2
+    var_of_mean = mean.var(axis=0, ddof=1).mean()
+    emp_neff = s2 / var_of_mean
+    pred_neff = float(np.median([r.n_eff for r in reps]))
+    pred_mse = math.sqrt(np.mean(np.array([r.mean_rel_se for r in reps]) ** 2))
+    return emp_cv, pred_cv, emp_neff, pred_neff, pred_mse, math.sqrt(var_of_mean / s2), reps
+
+
+@pytest.mark.parametrize("shape", [(4, 32, 8, 8), (16, 32), (64, 32), (2, 48)])
+def test_var_rel_se_iid_normal(shape):
+    rng = np.random.default_rng(1)
+    emp, pred, emp_neff, pred_neff, pred_mse, emp_mse, reps = _monte_carlo(
+        lambda: rng.standard_normal(shape), 250, sigma2=1.0)
+    n = reps[0].values_per_channel
+    assert n == math.prod(shape) // shape[1]
+    assert abs(pred / emp - 1) < 0.2, (pred, emp)
+    assert abs(pred / math.sqrt(2 / (n - 1)) - 1) < 0.1         # the textbook value
+    assert abs(pred_mse / emp_mse - 1) < 0.2
+    assert abs(pred_neff / n - 1) < 0.05                      # no correlation: n_eff ~ n
+
+
+def test_var_rel_se_heavy_tails_uses_kurtosis():
+    """Student t(6) has kurtosis 6: the normal formula would be ~37% too small."""
+    rng = np.random.default_rng(2)
+    shape = (8, 16, 8, 8)
+    emp, pred, *_ = _monte_carlo(lambda: rng.standard_t(6, shape), 200, sigma2=1.5)
+    n = 8 * 64
+    normal = math.sqrt(2 / (n - 1))
+    assert abs(normal / emp - 1) > 0.25                       # the normal formula fails
+    assert abs(pred / emp - 1) < 0.2, (pred, emp)
+
+
+@pytest.mark.parametrize("n,h,rho", [(8, 16, 0.3), (16, 8, 0.1), (4, 32, 0.5)])
+def test_correlated_image_like_n_eff_and_var_rel_se(n, h, rho):
+    rng = np.random.default_rng(3)
+    emp, pred, emp_neff, pred_neff, pred_mse, emp_mse, reps = _monte_carlo(
+        lambda: _image_like(rng, n, 32, h, rho, np.float64), 250, sigma2=1.0)
+    values = n * h * h
+    # n_eff: close to the truth measured the same way (variance of the batch mean over
+    # batches), and far below the number of values
+    # (per-batch n_eff from N samples is a ratio estimate, biased up at small N: the
+    # layers pool it over steps; see test_layer_pools_structure_over_steps_at_batch_2)
+    assert abs(pred_neff / emp_neff - 1) < (0.2 if n >= 8 else 0.25), (pred_neff, emp_neff)
+    assert emp_neff < values / 5 and pred_neff < values / 5
+    assert abs(pred_mse / emp_mse - 1) < 0.2
+    # var_rel_se from the variance components matches the empirical spread ...
+    assert abs(pred / emp - 1) < 0.2, (pred, emp)
+    # ... where the naive sqrt(2 / (n_eff - 1)) does not (it treats the variance like
+    # the mean; the between-sample part enters the variance squared)
+    if rho >= 0.3:
+        naive = math.sqrt(2 / (emp_neff - 1))
+        assert naive / emp > 1.3, (naive, emp)
+
+
+def test_heteroscedastic_samples():
+    """Samples of different scale: the per-sample variances spread more than the model
+    of identical samples allows; the empirical term keeps var_rel_se calibrated."""
+    rng = np.random.default_rng(4)
+
+    def gen():
+        s = np.exp(0.4 * rng.standard_normal((8, 32, 1, 1)))
+        return (math.sqrt(0.3) * rng.standard_normal((8, 32, 1, 1))
+                + math.sqrt(0.7) * s * rng.standard_normal((8, 32, 16, 16)))
+    emp, pred, *_ = _monte_carlo(gen, 250)
+    assert abs(pred / emp - 1) < 0.2, (pred, emp)
+
+
+def test_layer_pools_structure_over_steps_at_batch_2():
+    """One batch of 2 samples measures rho on 1 degree of freedom; the layer pools the
+    variance components over steps and converges to the true rho."""
+    rng = np.random.default_rng(5)
+    bn = nk.BatchNorm(32, diagnostics={"check_every": 1, "warn_every": None})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", W)
+        for _ in range(60):
+            bn(_image_like(rng, 2, 32, 28, 0.5))
+    rho = bn._diag_state.pooled_rho()
+    assert abs(np.median(rho) - 0.5) < 0.1
+    true_neff = 2 * 784 / (1 + 783 * 0.5)                      # 3.99
+    n_eff, mse, vse, _ = D._expected_noise(rho, 784, 2, *(bn._diag_state.pool[k] for k in
+                                                          ("beta_w", "het", "beta_b")))
+    assert abs(np.median(n_eff) / true_neff - 1) < 0.25
+
+
+# ============================================================ report object
+def test_report_fields_and_text():
+    rng = np.random.default_rng(6)
+    x = _image_like(rng, 2, 16, 56, 0.5)
+    r = D.batch_stats_report(x)
+    assert r.values_per_channel == 2 * 56 * 56
+    for name in ("n_eff", "mean_rel_se", "var_rel_se", "rho", "kurtosis"):
+        assert getattr(r, name).shape == (16,)
+    assert r.unstable and r.reasons and "GroupNorm(num_groups=8, num_channels=16)" in r.recommendation
+    assert np.median(r.n_eff) < 50                     # 6272 values, a handful effective
+    text = str(r)
+    assert "var_rel_se" in text and "n_eff" in text and text == r.summary()
+    ok = D.batch_stats_report(rng.standard_normal((256, 16)))
+    assert not ok.unstable and ok.reasons == [] and ok.recommendation == ""
+
+
+def test_report_kinds_and_layouts():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 8, 5, 6))
+    a = D.batch_stats_report(x, axis=1)
+    b = D.batch_stats_report(np.moveaxis(x, 1, -1), axis=-1)
+    np.testing.assert_allclose(a.n_eff, b.n_eff, rtol=1e-10)
+    np.testing.assert_allclose(a.var, x.transpose(1, 0, 2, 3).reshape(8, -1).var(axis=1))
+    inst = D.batch_stats_report(x, kind="instance")
+    assert inst.var_rel_se.shape == (3, 8) and inst.values_per_channel == 30
+    grp = D.batch_stats_report(x, kind="group", num_groups=2)
+    assert grp.var_rel_se.shape == (3, 2) and grp.values_per_channel == 120
+    with pytest.raises(ValueError, match="num_groups"):
+        D.batch_stats_report(x, kind="group")
+    with pytest.raises(ValueError, match="kind"):
+        D.batch_stats_report(x, kind="layer")
+    tiny = D.batch_stats_report(rng.standard_normal((4, 8, 3)), kind="instance")
+    assert tiny.unstable and "too few values" in " ".join(tiny.reasons)
+
+
+def test_report_zero_variance_and_nonfinite_channels():
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((16, 6, 4, 4))
+    x[:, 2] = 7.0
+    x[3, 4, 1, 1] = np.nan
+    r = D.batch_stats_report(x)
+    assert list(r.zero_var) == [2] and list(r.nonfinite) == [4]
+    assert r.unstable and any("near-zero variance" in s for s in r.reasons)
+    assert any("non-finite" in s for s in r.reasons)
+
+
+# ============================================================ layer warnings
+def test_warns_at_two_values_per_channel():
+    rng = np.random.default_rng(9)
+    bn = nk.BatchNorm(16)
+    bn.name = "encoder.bn1"
+    got = _collect(bn, rng.standard_normal((2, 16)).astype(np.float32))
+    assert len(got) == 1
+    msg = str(got[0].message)
+    assert "'encoder.bn1'" in msg and "n = 2 values per channel" in msg
+    assert "var_rel_se = 1.41" in msg and "recommendation" in msg
+    assert got[0].filename == __file__                    # points at the caller's line
+
+
+def test_warns_at_batch_2_on_56x56_maps():
+    rng = np.random.default_rng(10)
+    bn = nk.BatchNorm(64)
+    got = _collect(bn, _image_like(rng, 2, 64, 56, 0.5))
+    assert len(got) == 1
+    msg = str(got[0].message)
+    assert "n = 6272 values per channel (2 samples x 3136)" in msg
+    assert "n_eff" in msg and "GroupNorm(num_groups=32, num_channels=64)" in msg
+    assert "a batch of at least" in msg and "renorm=True" in msg
+
+
+@pytest.mark.parametrize("shape", [(256, 16), (32, 16, 16, 16)])
+def test_silent_on_large_normal_batches(shape):
+    rng = np.random.default_rng(11)
+    bn = nk.BatchNorm(16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(12):                                 # warm-up: all fully checked
+            bn(rng.standard_normal(shape).astype(np.float32))
+
+
+@pytest.mark.parametrize("warn_every,expected", [(10, 10), (1, 100), (None, 1), (1000, 1)])
+def test_rate_limiting_over_100_steps(warn_every, expected):
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    bn = nk.BatchNorm(8, diagnostics={"warn_every": warn_every, "check_every": 1})
+    got = _collect(lambda: [bn(x) for _ in range(100)])
+    assert len(got) == expected
+
+
+def test_filters_turn_it_into_an_error_or_silence_it():
+    x = np.random.default_rng(13).standard_normal((2, 8)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", W)
+        with pytest.raises(W, match="cannot be trusted"):
+            nk.BatchNorm(8)(x)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("ignore", W)
+        nk.BatchNorm(8)(x)
+    assert not got
+    assert issubclass(nk.UnstableBatchStatisticsWarning, UserWarning)
+
+
+def test_per_layer_off_and_global_configuration():
+    x = np.random.default_rng(14).standard_normal((2, 8)).astype(np.float32)
+    off = nk.BatchNorm(8, diagnostics=False)
+    assert _collect(off, x) == [] and off._diag_state is None      # no work at all
+    with D.configure(enabled=False):
+        assert _collect(nk.BatchNorm(8), x) == []
+        assert len(_collect(nk.BatchNorm(8, diagnostics=True), x)) == 1   # layer wins
+    assert D.get_config().enabled
+    assert len(_collect(nk.BatchNorm(8), x)) == 1
+    lax = {"max_var_rel_se": 2.0, "max_mean_rel_se": 1.0, "min_values": 2}
+    assert _collect(nk.BatchNorm(8, diagnostics=lax), x) == []
+    D.configure(**lax)
+    assert _collect(nk.BatchNorm(8), x) == []
+    D.reset_config()
+    bn = nk.BatchNorm(8)
+    bn.diagnostics = False                                   # switch off later
+    assert _collect(bn, x) == []
+    with pytest.raises(TypeError, match="unknown diagnostics setting"):
+        nk.BatchNorm(8, diagnostics={"max_var": 1})
+    with pytest.raises(ValueError, match="max_var_rel_se"):
+        D.configure(max_var_rel_se=-1)
+    with pytest.raises(TypeError):
+        nk.BatchNorm(8, diagnostics="yes")
+
+
+def test_outputs_unchanged_by_diagnostics():
+    rng = np.random.default_rng(15)
+    for axis, x in ((1, _image_like(rng, 2, 8, 9, 0.5)),
+                    (-1, np.ascontiguousarray(_image_like(rng, 2, 8, 9, 0.5).transpose(0, 2, 3, 1)))):
+        a = nk.BatchNorm(8, axis=axis, diagnostics=False)
+        b = nk.BatchNorm(8, axis=axis, diagnostics={"warn_every": None})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", W)
+            for _ in range(3):
+                np.testing.assert_array_equal(a(x), b(x))
+        np.testing.assert_array_equal(a.running_var, b.running_var)
+
+
+def test_layouts_give_the_same_diagnosis():
+    rng = np.random.default_rng(16)
+    x = _image_like(rng, 4, 8, 12, 0.4)
+    states = []
+    for axis, xi in ((1, x), (-1, np.ascontiguousarray(x.transpose(0, 2, 3, 1)))):
+        bn = nk.BatchNorm(8, axis=axis, diagnostics={"warn_every": None})
+        _collect(bn, xi)
+        states.append(bn._diag_state)
+    np.testing.assert_allclose(states[0].pool["lam"], states[1].pool["lam"], rtol=1e-6)
+    np.testing.assert_allclose(states[0].last_vse, states[1].last_vse, rtol=0.05)
+    rep = D.batch_stats_report(x)                              # same numbers as the report
+    np.testing.assert_allclose(states[0].pooled_rho(), rep.rho, rtol=1e-6, atol=1e-9)
+
+
+def test_cheap_checks_every_step_and_batch_size_change():
+    rng = np.random.default_rng(17)
+    bn = nk.BatchNorm(6, diagnostics={"check_every": 10**6, "warmup_checks": 1})
+    clean = lambda n=32: _image_like(rng, n, 6, 4, 0.5)  # noqa: E731
+    assert _collect(lambda: [bn(clean()) for _ in range(5)]) == []
+    bad = clean()
+    bad[0, 3, 0, 0] = np.inf
+    got = _collect(bn, bad)                               # not a full-check step
+    assert len(got) == 1 and "non-finite" in str(got[0].message) and "channels 3" in str(got[0].message)
+    const = clean()
+    const[:, 1] = 2.0
+    got = _collect(bn, const)
+    assert len(got) == 1 and "near-zero variance" in str(got[0].message)
+    got = _collect(bn, clean(2))                          # the last, small batch of an epoch
+    assert len(got) == 1 and "2 samples" in str(got[0].message)
+
+
+def test_instance_norm_warnings():
+    rng = np.random.default_rng(18)
+    assert _collect(nk.InstanceNorm(8), rng.standard_normal((4, 8, 16, 16)).astype(np.float32)) == []
+    got = _collect(nk.InstanceNorm(8), rng.standard_normal((4, 8, 3)).astype(np.float32))
+    assert len(got) == 1 and "only n = 3 values per instance" in str(got[0].message)
+    x = rng.standard_normal((4, 8, 16, 16)).astype(np.float32)
+    x[1, 5] = 0.5
+    got = _collect(nk.InstanceNorm(8), x)
+    assert len(got) == 1 and "(1, 5)" in str(got[0].message)
+    assert _collect(nk.InstanceNorm(8, diagnostics=False), x) == []
+    xl = np.ascontiguousarray(rng.standard_normal((4, 3, 8)).astype(np.float32))
+    assert len(_collect(nk.InstanceNorm(8, axis=-1), xl)) == 1
+
+
+# ============================================================ eval-time check
+def _trained(rng, steps, momentum=0.1):
+    bn = nk.BatchNorm(8, momentum=momentum, diagnostics=False)
+    for _ in range(steps):
+        bn(_image_like(rng, 32, 8, 8, 0.3))
+    return bn.eval()
+
+
+def test_eval_check_convergence():
+    rng = np.random.default_rng(19)
+    young = _trained(rng, 5)
+    got = []
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        r = D.check_running_stats(young, _image_like(rng, 32, 8, 8, 0.3))
+    assert not r.converged and r.init_weight == pytest.approx(0.9 ** 5)
+    assert r.batches_needed == 29 and r.unstable
+    assert any(issubclass(w.category, W) and "not converged" in str(w.message) for w in got)
+    old = _trained(rng, 60)
+    r = D.check_running_stats(old, _image_like(rng, 32, 8, 8, 0.3), warn=False)
+    assert r.converged and not r.unstable and len(r.drifting) == 0
+    cma = _trained(rng, 3, momentum=None)
+    assert D.check_running_stats(cma, _image_like(rng, 32, 8, 8, 0.3), warn=False).converged
+
+
+def test_eval_check_drift():
+    rng = np.random.default_rng(20)
+    bn = _trained(rng, 60)
+    x = _image_like(rng, 32, 8, 8, 0.3)
+    x[:, [1, 6]] += 1.5                                   # two channels shifted by ~1.5 std
+    x[:, 3] *= 3.0                                        # one channel with 9x the variance
+    r = D.check_running_stats(bn, x, warn=False)
+    assert set(r.drifting.tolist()) == {1, 3, 6}
+    assert r.var_ratio[3] > 5 and abs(r.mean_shift[1]) > 1
+    # every channel drifting: unstable, warns with the same category
+    got = _collect(D.check_running_stats, bn, _image_like(rng, 32, 8, 8, 0.3) + 2.0)
+    assert len(got) == 1 and "drift" in str(got[0].message)
+    # a small shift in a batch of 2 is within that batch's own noise: no drift
+    r = D.check_running_stats(bn, _image_like(rng, 2, 8, 8, 0.3) + 0.6, warn=False)
+    assert len(r.drifting) == 0 and "running statistics check" in str(r)
+    with pytest.raises(ValueError, match="track_running_stats"):
+        D.check_running_stats(nk.BatchNorm(8, track_running_stats=False), x)
+
+
+def test_eval_check_uses_structure_pooled_in_training():
+    """Trained with diagnostics on, the layer knows rho: the drift test then uses normal
+    quantiles; from a single batch it uses Student-t quantiles on N - 1 df."""
+    rng = np.random.default_rng(21)
+    bn = nk.BatchNorm(8, diagnostics={"check_every": 1})
+    for _ in range(40):
+        bn(_image_like(rng, 32, 8, 8, 0.3))
+    bn.eval()
+    r = D.check_running_stats(bn, _image_like(rng, 4, 8, 8, 0.3), warn=False)
+    assert r.z_threshold == 3.0 and r.running_var_rel_se is not None
+    bare = _trained(rng, 40)
+    r = D.check_running_stats(bare, _image_like(rng, 4, 8, 8, 0.3), warn=False)
+    assert r.z_threshold == pytest.approx(9.2189, rel=1e-3)        # t(3) at Phi(3)
+
+
+def test_student_t_quantiles():
+    assert D._t_quantile(0.975, 1) == pytest.approx(12.7062, rel=1e-4)
+    assert D._t_quantile(0.975, 2) == pytest.approx(4.3027, rel=1e-4)
+    assert D._t_quantile(0.975, 10) == pytest.approx(2.2281, rel=1e-4)
+    assert D._t_quantile(0.975, 0) == math.inf
