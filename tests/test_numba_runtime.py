@@ -408,3 +408,62 @@ def test_cold_then_warm_cache(tmp_path):
     assert all(hit == 1 and miss == 0 for hit, miss in warm["stats"].values()), warm
     assert warm["seconds"] < cold["seconds"]
     assert any(tmp_path.rglob("*.nbi"))
+
+
+# ---------------------------------------------------------------- streaming stores
+def _offset_empty(shape, dtype, offset):
+    """A C-contiguous array starting `offset` elements into a fresh buffer (misaligned)."""
+    n = int(np.prod(shape))
+    return np.empty(n + offset, dtype)[offset:].reshape(shape)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("par_min", [1 << 40, 0], ids=["serial", "parallel"])
+@pytest.mark.parametrize("offset", [0, 3])
+def test_streaming_stores_match_normal_stores(monkeypatch, dtype, par_min, offset):
+    """Outputs written with non-temporal stores (large arrays) equal the normal path bit for bit."""
+    rng = np.random.default_rng(4)
+
+    def a(*shape):
+        return (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+
+    x3, dy3 = a(3, 5, 4099), a(3, 5, 4099)           # planes longer than one block
+    xl, dyl = a(2, 1001, 37), a(2, 1001, 37)         # channels-last, odd C
+    xr, dyr = a(9, 5003), a(9, 5003)
+    p = [a(1, 5) for _ in range(4)]
+    pl = [a(2, 37) for _ in range(4)]
+    w, b = a(5003), a(5003)
+
+    def run():
+        outs = []
+        o = _offset_empty(x3.shape, dtype, offset)
+        nb.channels_first_affine(x3, *p[:3], o)
+        outs.append(o.copy())
+        o = _offset_empty(x3.shape, dtype, offset)
+        nb.channels_first_grad_apply(dy3, x3, *p, o)
+        outs.append(o.copy())
+        o = _offset_empty(xl.shape, dtype, offset)
+        nb.channels_last_affine(xl, *pl[:3], o)
+        outs.append(o.copy())
+        o = _offset_empty(xl.shape, dtype, offset)
+        nb.channels_last_grad_apply(dyl, xl, *pl, o)
+        outs.append(o.copy())
+        for rms in (False, True):
+            o = _offset_empty(xr.shape, dtype, offset)
+            mean, rstd = nb.rows_forward(xr, w, b, 1e-5, rms, o)
+            outs += [o.copy(), mean, rstd]
+            o = _offset_empty(xr.shape, dtype, offset)
+            outs += list(nb.rows_backward(dyr, xr, mean, rstd, w, rms, o)) + [o.copy()]
+        y = x3.copy()                                  # in place, streamed
+        nb.channels_first_affine(y, *p[:3], y)
+        outs.append(y)
+        return outs
+
+    monkeypatch.setattr(nb._S, "par_min", par_min)
+    monkeypatch.setattr(nb._S, "nt_bytes", 1 << 62)
+    normal = run()
+    monkeypatch.setattr(nb._S, "nt_bytes", 0)
+    streamed = run()
+    for got, want in zip(streamed, normal):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(normal[-1], normal[0])   # in place == out of place
