@@ -1,0 +1,223 @@
+"""Numbers and tables for the documentation prose, computed from ``docs/_data/*.json``.
+
+``conf.py`` turns the dict returned by :func:`substitutions` into MyST substitutions,
+so a page writes ``{{ acc_batch_2 }}`` or ``{{ digits_acc_table }}`` and the value comes
+from the committed result files that the figures are drawn from: prose, tables and
+figures cannot disagree. Regenerate the data with ``python docs/tools/make_figures.py``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+NORM_NAMES = {"batch": "BatchNorm", "group": "GroupNorm", "layer": "LayerNorm",
+              "none": "none"}
+
+
+def _load(data_dir: Path, name: str) -> dict:
+    path = data_dir / name
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: it is committed with the docs; regenerate it with "
+            "`python docs/tools/make_figures.py` (see docs/tools/make_figures.py --help)")
+    return json.loads(path.read_text())
+
+
+def _table(header, rows, align=None):
+    align = align or ["---"] + ["--:"] * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _pct(x, digits=1):
+    return f"{100 * x:.{digits}f}"
+
+
+# ---------------------------------------------------------------- digits
+def digits_subs(d: dict) -> dict:
+    from statistics import mean, stdev
+    groups: dict = {}
+    for r in d["runs"]:
+        groups.setdefault((r["norm"], r["batch_size"]), []).append(r)
+    norms = [n for n in d["config"]["norms"] if any(k[0] == n for k in groups)]
+    sizes = sorted({b for (_, b) in groups})
+
+    def stat(norm, b, key):
+        v = [r[key] for r in groups.get((norm, b), [])]
+        if not v:
+            return math.nan, math.nan
+        return mean(v), (stdev(v) if len(v) > 1 else 0.0)
+
+    s = {
+        "digits_epochs": str(d["config"]["epochs"]),
+        "digits_seeds": str(len(d["config"]["seeds"])),
+        "digits_base_lr": f"{d['config']['base_lr']:g}",
+        "digits_backend": f"`{d.get('backend', '?')}`",
+        "digits_batch_sizes": ", ".join(map(str, sizes)),
+        "digits_runs": str(len(d["runs"])),
+        "digits_minutes": f"{sum(r.get('seconds', 0) for r in d['runs']) / 60:.0f}",
+    }
+    rows = []
+    for b in sizes:
+        row = [str(b)]
+        for n in norms:
+            m, sd = stat(n, b, "test_acc_eval")
+            row.append(f"{_pct(m)} ± {_pct(sd)}")
+            s[f"acc_{n}_{b}"] = _pct(m)
+            s[f"accsd_{n}_{b}"] = _pct(sd)
+            s[f"err_{n}_{b}"] = _pct(1 - m)
+            lo = min(r["test_acc_eval"] for r in groups[(n, b)])
+            s[f"accmin_{n}_{b}"] = _pct(lo)
+        rows.append(row)
+    for n in norms:
+        s[f"accsdmax_{n}"] = _pct(max(stat(n, b, "test_acc_eval")[1] for b in sizes))
+    s["digits_acc_table"] = _table(["batch size"] + [NORM_NAMES[n] for n in norms], rows)
+    gap_rows = []
+    for b in sizes:
+        if ("batch", b) not in groups:
+            continue
+        ev, ev_sd = stat("batch", b, "test_acc_eval")
+        tr, tr_sd = stat("batch", b, "test_acc_train_mode")
+        dis, _ = stat("batch", b, "eval_train_disagreement")
+        gap, gap_sd = stat("batch", b, "logit_gap")
+        warns = [r.get("unstable_batch_warnings", 0) for r in groups[("batch", b)]]
+        s[f"gap_{b}"] = f"{gap:.2f}"
+        s[f"disagree_{b}"] = _pct(dis)
+        s[f"acctrain_{b}"] = _pct(tr)
+        s[f"warn_{b}"] = f"{mean(warns):.1f}"
+        gap_rows.append([str(b), f"{_pct(ev)} ± {_pct(ev_sd)}", f"{_pct(tr)} ± {_pct(tr_sd)}",
+                         _pct(dis), f"{gap:.3f} ± {gap_sd:.3f}", f"{mean(warns):.1f}"])
+    s["digits_gap_table"] = _table(
+        ["batch size", "eval-mode accuracy %", "training-mode accuracy %",
+         "predictions that differ %", "relative logit distance", "warnings per run"],
+        gap_rows)
+    return s
+
+
+# ---------------------------------------------------------------- noise
+def noise_subs(d: dict) -> dict:
+    s = {"noise_threshold": f"{d['threshold']:g}",
+         "noise_draws": str(d["draws_per_batch_size"])}
+    for key, panel in d["panels"].items():
+        s[f"noise_{key}_rho"] = f"{panel['rho_median']:.2f}"
+        s[f"noise_{key}_m"] = str(panel["values_per_sample"])
+        rows = []
+        for r in panel["rows"]:
+            b = r["batch_size"]
+            for col in ("naive", "kish_median", "measured_median", "normkit_median"):
+                if col in r:
+                    s[f"noise_{key}_{col.split('_')[0]}_{b}"] = f"{r[col]:.3f}"
+            s[f"noise_{key}_neff_{b}"] = f"{r['n_eff_median']:.0f}"
+            s[f"noise_{key}_ratio_{b}"] = f"{r['measured_median'] / r['naive']:.0f}"
+            rows.append([str(b), str(r["n"]), f"{r['n_eff_median']:.0f}", f"{r['naive']:.3f}",
+                         f"{r['kish_median']:.3f}",
+                         f"{r['normkit_median']:.3f}" if "normkit_median" in r else "n/a",
+                         f"{r['measured_median']:.3f}"])
+        s[f"noise_{key}_table"] = _table(
+            ["batch size N", "n = N·m", "n_eff (median)", "naive", "Kish",
+             "normkit estimate", "measured"], rows)
+    return s
+
+
+# ---------------------------------------------------------------- speed
+SPEED_COLUMNS = ["cython", "numba", "numpy", "torch", "onnxruntime", "copy"]
+
+
+def _fmt_time(sec):
+    if not isinstance(sec, (int, float)) or not math.isfinite(sec):
+        return "n/a"
+    for unit, scale in (("s", 1), ("ms", 1e-3), ("µs", 1e-6), ("ns", 1e-9)):
+        if sec >= scale:
+            return f"{sec / scale:.3g} {unit}"
+    return f"{sec:.2g} s"
+
+
+def _clean_command(cmd: str) -> str:
+    """The bench command as a reader would type it (without the output path)."""
+    words, out, skip = cmd.split(), [], False
+    for w in words:
+        if skip:
+            skip = False
+            continue
+        if w == "--json":
+            skip = True
+            continue
+        if w != "--no-progress":
+            out.append(w)
+    return " ".join(out)
+
+
+def speed_subs(d: dict) -> dict:
+    meta = d["meta"]
+    records = d["records"]
+    present = [c for c in SPEED_COLUMNS
+               if any(r["results"].get(c, {}).get("status") == "ok" for r in records)]
+    backends = [c for c in present if c in meta.get("backends", [])]
+    rows, ratios = [], {"torch": [], "onnxruntime": []}
+    for r in records:
+        res = r["results"]
+        row = [f"`{r['case']}`", f"{r['bytes'] / 1e6:.3g}"]
+        best = min((res[b]["median_s"] for b in backends
+                    if res.get(b, {}).get("status") == "ok"), default=math.nan)
+        for c in present:
+            cell = res.get(c, {})
+            if cell.get("status") != "ok":
+                row.append("n/a")
+                continue
+            text = _fmt_time(cell["median_s"])
+            if c in backends and cell["median_s"] == best:
+                text = f"**{text}**"
+            if cell.get("correct") is False:
+                text += " (!)"
+            row.append(text)
+            if c in ratios and math.isfinite(best):
+                ratios[c].append(cell["median_s"] / best)
+        rows.append(row)
+    s = {
+        "bench_table": _table(["case", "MB"] + present, rows,
+                              ["---"] + ["--:"] * (len(present) + 1)),
+        "bench_date": meta.get("date", "?")[:10],
+        "bench_threads": str(meta.get("threads")),
+        "bench_cpu": f"{meta.get('cpu')} ({meta.get('cpus')} CPUs)",
+        "bench_load": str(meta.get("load_avg_1min")),
+        "bench_command": f"`{_clean_command(meta.get('command', 'python -m normkit bench'))}`",
+        "bench_backends": ", ".join(meta.get("backends", [])),
+        "bench_cases": str(len(records)),
+        "bench_versions": ", ".join(f"{k} {v}" for k, v in meta.get("peers", {}).items()),
+    }
+    for peer, rs in ratios.items():
+        if rs:
+            geo = math.exp(sum(math.log(x) for x in rs) / len(rs))
+            s[f"bench_{peer}_geomean"] = f"{geo:.2f}"
+            s[f"bench_{peer}_faster"] = f"{sum(x > 1 for x in rs)} of {len(rs)}"
+    return s
+
+
+def coldstart_subs(d: dict) -> dict:
+    rows = []
+    s = {"cold_load": f"{d.get('load_avg_1min') or float('nan'):.1f}"}
+    for label, r in d["runs"].items():
+        key = label.split()[0] + ("_cold" if "empty" in label else "")
+        for field in ("import_s", "load_s", "first_call_s", "second_call_s",
+                      "first_bn_train_fb_s"):
+            if field in r:
+                s[f"cold_{key}_{field[:-2]}"] = _fmt_time(r[field])
+        rows.append([label, _fmt_time(r["import_s"]), _fmt_time(r["load_s"]),
+                     _fmt_time(r["first_call_s"]), _fmt_time(r["second_call_s"]),
+                     _fmt_time(r["first_bn_train_fb_s"])])
+    s["cold_table"] = _table(["backend", "`import normkit`", "load backend",
+                              "first `layer_norm`", "second `layer_norm`",
+                              "first BatchNorm fwd+bwd"], rows)
+    return s
+
+
+def substitutions(data_dir: Path) -> dict:
+    data_dir = Path(data_dir)
+    subs = {}
+    subs.update(digits_subs(_load(data_dir, "digits.json")))
+    subs.update(noise_subs(_load(data_dir, "noise.json")))
+    subs.update(speed_subs(_load(data_dir, "bench.json")))
+    subs.update(coldstart_subs(_load(data_dir, "coldstart.json")))
+    return subs

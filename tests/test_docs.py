@@ -1,0 +1,234 @@
+"""The documentation site: it builds, every page exists, images and internal links work.
+
+Which build is checked: by default the test builds the site itself, with the
+documented command's flags (``python -m sphinx -W --keep-going -b html docs <tmpdir>``),
+so a warning fails the test and it works from a fresh clone. A caller that has just
+built the site successfully with that command can skip the second build by pointing
+``NORMKIT_DOCS_HTML`` at the output (e.g. ``NORMKIT_DOCS_HTML=docs/_build/html`` after
+a passing ``python -m sphinx -W --keep-going -b html docs docs/_build/html``): an
+existing directory alone is not trusted, since a failed ``--keep-going`` build still
+writes its pages. Skipped when Sphinx and the theme are not installed
+(``pip install -e ".[docs]"``).
+"""
+from __future__ import annotations
+
+import html.parser
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pytest
+
+pytest.importorskip("sphinx")
+pytest.importorskip("myst_parser")
+pytest.importorskip("pydata_sphinx_theme")
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+
+# Pages this site must have (the optional ones only when their source exists).
+REQUIRED_PAGES = [
+    "index", "getting-started", "norms/index", "norms/batch_norm", "norms/layer_norm",
+    "norms/group_norm", "norms/instance_norm", "norms/rms_norm", "choosing", "backends",
+    "api", "changelog",
+]
+OPTIONAL_PAGES = ["diagnostics", "inference"]
+FIGURES = ["accuracy_vs_batch.png", "speed.png", "stat_noise.png", "train_eval_gap.png"]
+# pages whose ```python blocks are run by test_code_examples_run
+EXAMPLE_PAGES = ["getting-started", "norms/batch_norm", "norms/layer_norm",
+                 "norms/group_norm", "norms/instance_norm", "norms/rms_norm", "backends"]
+
+
+def _sources():
+    return sorted(p for p in DOCS.rglob("*.md") if p.name != "README.md"
+                  and not {"_build", "tools", "_data"} & set(p.relative_to(DOCS).parts))
+
+
+@pytest.fixture(scope="module")
+def html_dir(tmp_path_factory):
+    given = os.environ.get("NORMKIT_DOCS_HTML")
+    if given:
+        path = Path(given)
+        path = path if path.is_absolute() else ROOT / path
+        assert (path / "index.html").is_file(), f"NORMKIT_DOCS_HTML={given}: no index.html"
+        return path
+    out = tmp_path_factory.mktemp("docs_html")
+    proc = subprocess.run(
+        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html",
+         str(DOCS), str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"docs build failed:\n{proc.stdout}\n{proc.stderr}"
+    return out
+
+
+class _Links(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.hrefs, self.imgs, self.ids = [], [], set()
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if a.get("id"):
+            self.ids.add(a["id"])
+        if tag == "a" and a.get("href"):
+            self.hrefs.append(a["href"])
+        if tag == "img" and a.get("src"):
+            self.imgs.append(a["src"])
+
+
+def _parse(path: Path) -> _Links:
+    p = _Links()
+    p.feed(path.read_text(encoding="utf-8"))
+    return p
+
+
+def _pages(html_dir):
+    return sorted(p for p in html_dir.rglob("*.html")
+                  if not {"_sources", "_static", "_modules"} & set(p.relative_to(html_dir).parts))
+
+
+def _is_external(url):
+    parts = urlsplit(url)
+    return bool(parts.scheme or parts.netloc)
+
+
+def test_every_page_built(html_dir):
+    expected = REQUIRED_PAGES + [p for p in OPTIONAL_PAGES if (DOCS / f"{p}.md").is_file()]
+    expected += [str(p.relative_to(DOCS).with_suffix("")) for p in _sources()]
+    missing = [p for p in sorted(set(expected)) if not (html_dir / f"{p}.html").is_file()]
+    assert not missing, f"pages not built: {missing}"
+    for page in REQUIRED_PAGES:
+        assert (DOCS / f"{page}.md").is_file(), f"docs/{page}.md is missing"
+
+
+def test_images_exist_and_are_valid(html_dir):
+    seen = set()
+    for page in _pages(html_dir):
+        for src in _parse(page).imgs:
+            if _is_external(src) or src.startswith("data:"):
+                continue
+            target = (page.parent / unquote(urlsplit(src).path)).resolve()
+            assert target.is_file(), f"{page.relative_to(html_dir)}: image {src} missing"
+            data = target.read_bytes()
+            assert data, f"{src} is empty"
+            if target.suffix.lower() == ".png":
+                assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{src} is not a PNG"
+            elif target.suffix.lower() == ".svg":
+                assert b"<svg" in data[:4096], f"{src} is not an SVG"
+            else:
+                pytest.fail(f"{src}: images must be PNG or SVG")
+            seen.add(target.name)
+    missing = [f for f in FIGURES if f not in seen]
+    assert not missing, f"figures not shown on any page: {missing}"
+
+
+def test_no_broken_internal_links(html_dir):
+    ids_cache = {}
+    broken = []
+    for page in _pages(html_dir):
+        for href in _parse(page).hrefs:
+            if _is_external(href) or href.startswith(("mailto:", "javascript:")):
+                continue
+            parts = urlsplit(href)
+            target = (page.parent / unquote(parts.path)).resolve() if parts.path else page
+            if target.is_dir():
+                target = target / "index.html"
+            if not target.is_file():
+                broken.append(f"{page.relative_to(html_dir)} -> {href}")
+                continue
+            if parts.fragment and target.suffix == ".html":
+                if target not in ids_cache:
+                    ids_cache[target] = _parse(target).ids
+                if unquote(parts.fragment) not in ids_cache[target]:
+                    broken.append(f"{page.relative_to(html_dir)} -> {href} (no such anchor)")
+    assert not broken, "broken internal links:\n" + "\n".join(sorted(set(broken)))
+
+
+def test_substitutions_resolved(html_dir):
+    """Numbers come from docs/_data: nothing may be left unreplaced."""
+    for page in _pages(html_dir):
+        text = page.read_text(encoding="utf-8")
+        assert "{{" not in text.replace("{{ ", "{{"), f"{page}: unreplaced substitution"
+        assert "PLACEHOLDER" not in text, f"{page}: placeholder left"
+
+
+def test_api_reference_documents_every_public_name(html_dir):
+    import importlib
+    import types
+
+    import normkit
+    ids = _parse(html_dir / "api.html").ids
+    documented = {i for i in ids if i.startswith("normkit.")}
+    missing = []
+    for name in normkit.__all__:
+        obj = getattr(normkit, name)
+        if isinstance(obj, types.ModuleType):
+            for sub in getattr(obj, "__all__", []):
+                alias = f"normkit.{sub}"
+                if f"{obj.__name__}.{sub}" not in documented and alias not in documented:
+                    missing.append(f"{obj.__name__}.{sub}")
+            continue
+        if f"normkit.{name}" in documented:
+            continue
+        module = getattr(obj, "__module__", "") or ""
+        if module.startswith("normkit") and f"{module}.{name}" in documented:
+            continue
+        if any(i.endswith("." + name) and importlib.util.find_spec(i.rsplit(".", 1)[0])
+               for i in documented):
+            continue
+        missing.append(f"normkit.{name}")
+    assert not missing, f"public names missing from docs/api.md: {missing}"
+
+
+def _python_blocks(text):
+    return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+
+
+@pytest.mark.parametrize("page", EXAMPLE_PAGES)
+def test_code_examples_run(page):
+    import normkit
+    text = (DOCS / f"{page}.md").read_text(encoding="utf-8")
+    blocks = _python_blocks(text)
+    assert blocks, f"{page} has no python examples"
+    if any("import torch" in b for b in blocks):
+        pytest.importorskip("torch")
+    backend, threads = normkit.get_backend(), normkit.get_num_threads()
+    namespace = {"__name__": f"docs_example_{page.replace('/', '_')}"}
+    cwd = os.getcwd()
+    try:
+        for i, block in enumerate(blocks):
+            try:
+                exec(compile(block, f"docs/{page}.md[python block {i}]", "exec"), namespace)
+            except Exception as exc:  # noqa: BLE001
+                raise AssertionError(f"docs/{page}.md, python block {i} failed: {exc!r}\n"
+                                     f"{block}") from exc
+    finally:
+        os.chdir(cwd)
+        normkit.set_backend(backend)
+        normkit.set_num_threads(threads)
+
+
+def test_figure_script_fast(tmp_path):
+    """``docs/tools/make_figures.py --fast`` runs end to end into a temporary directory."""
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("sklearn")
+    proc = subprocess.run(
+        [sys.executable, str(DOCS / "tools" / "make_figures.py"), "--fast", "--out",
+         str(tmp_path), "--jobs", "1"], cwd=ROOT, capture_output=True, text=True,
+        timeout=900, env=dict(os.environ, OPENBLAS_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in FIGURES:
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n", name
+    for name in ("digits.json", "noise.json", "bench.json", "coldstart.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    # the data files feed the prose: the substitutions must compute from them
+    sys.path.insert(0, str(DOCS / "tools"))
+    try:
+        import docdata
+        subs = docdata.substitutions(tmp_path)
+    finally:
+        sys.path.remove(str(DOCS / "tools"))
+    assert "digits_acc_table" in subs and "bench_table" in subs
