@@ -63,37 +63,11 @@ _MIN_CHUNK = 1 << 11            # never split a row into pieces smaller than thi
 _ITEMS_PER_THREAD = 4
 
 
-def _last_level_cache_bytes(default=32 << 20):
-    """Size of the largest CPU cache (Linux sysfs), else `default`."""
-    best = 0
-    base = "/sys/devices/system/cpu/cpu0/cache"
-    try:
-        for entry in os.listdir(base):
-            if not entry.startswith("index"):
-                continue
-            with open(os.path.join(base, entry, "size")) as fh:
-                text = fh.read().strip().upper()
-            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-            best = max(best, int(text.rstrip("KMG")) * mult)
-    except (OSError, ValueError):
-        pass
-    return best or default
-
-
-# Streaming (non-temporal) stores for outputs whose pass moves more bytes than the
-# last-level cache holds: the output would be evicted before anyone reads it anyway,
-# and skipping the read-for-ownership saves a third of the traffic of out = f(x).
-# Smaller outputs use normal stores so that the next layer finds them in cache.
-_NT_BYTES = _last_level_cache_bytes() if _nk.NT_STORES else 1 << 62
-_NT_MIN_RUN = 1 << 10           # contiguous run (plane / row) below which NT is not used
-
-
 class _State:
     """Process-wide settings (a tiny class so that hot paths read plain attributes)."""
     threads = 1                 # what set_num_threads asked for, clamped
     gen = 0                     # bumped by set_num_threads; threads compare to it
     par_min = _PAR_MIN
-    nt_bytes = _NT_BYTES        # bytes moved by one pass from which outputs are streamed
     layer = None                # the threading layer, once the pool is running
     serial_only = False         # True in a fork child that cannot use the pool
     serial_reason = ""
@@ -263,10 +237,8 @@ def rows_forward(x, weight, bias, eps, rms, out):
     mean = np.empty(R)
     rstd = np.empty(R)
     par = _par(x.size)
-    nch = min(R, _S.threads) if par else 1
-    nt = 2 * x.nbytes >= _S.nt_bytes and x.shape[1] >= _NT_MIN_RUN
     fn = _kernel("rows_forward", x.dtype, par)
-    args = (x, weight, bias, float(eps), bool(rms), out, mean, rstd, nch, nt)
+    args = (x, weight, bias, float(eps), bool(rms), out, mean, rstd)
     if par:
         _run(fn, args)
     else:
@@ -280,9 +252,8 @@ def rows_backward(dy, x, mean, rstd, weight, rms, dx):
     db = np.empty(K)
     par = _par(x.size)
     nch = min(R, _S.threads) if par else 1
-    nt = 3 * x.nbytes >= _S.nt_bytes and K >= _NT_MIN_RUN
     fn = _kernel("rows_backward", x.dtype, par)
-    args = (dy, x, mean, rstd, weight, bool(rms), dx, nch, dw, db, nt)
+    args = (dy, x, mean, rstd, weight, bool(rms), dx, nch, dw, db)
     if par:
         _run(fn, args)
     else:
@@ -295,10 +266,6 @@ def _first_as_last(a):
     return a.reshape(a.shape[0], 1, a.shape[1])
 
 
-def _ew_plan(items, par):
-    return min(items, _S.threads) if par else 1
-
-
 def channels_first_affine(x, shift, scale, offset, out):
     N, C, S = x.shape
     if S == 1 and C > 1:
@@ -306,26 +273,22 @@ def channels_first_affine(x, shift, scale, offset, out):
                                     _first_as_last(out))
     par = _par(x.size)
     nc = _split(S, N * C, _CHUNK_EW, par) if par else 1
-    nt = 2 * x.nbytes >= _S.nt_bytes and S >= _NT_MIN_RUN
     fn = _kernel("channels_first_affine", x.dtype, par)
-    args = (x, shift, scale, offset, out, nc, _ew_plan(N * C * nc, par), nt)
     if par:
-        _run(fn, args)
+        _run(fn, (x, shift, scale, offset, out, nc))
     else:
-        fn(*args)
+        fn(x, shift, scale, offset, out, 1)
 
 
 def channels_last_affine(x, shift, scale, offset, out):
     N, S, C = x.shape
     par = _par(x.size)
     nc = _split_rows(S, C, N, _CHUNK_EW, par) if par else 1
-    nt = 2 * x.nbytes >= _S.nt_bytes
     fn = _kernel("channels_last_affine", x.dtype, par)
-    args = (x, shift, scale, offset, out, nc, _ew_plan(N * nc, par), nt)
     if par:
-        _run(fn, args)
+        _run(fn, (x, shift, scale, offset, out, nc))
     else:
-        fn(*args)
+        fn(x, shift, scale, offset, out, 1)
 
 
 def channels_first_grad_sums(dy, x, shift):
@@ -365,9 +328,8 @@ def channels_first_grad_apply(dy, x, shift, coef_dy, coef_x, coef_1, dx):
                                         coef_dy, coef_x, coef_1, _first_as_last(dx))
     par = _par(x.size)
     nc = _split(S, N * C, _CHUNK_EW, par) if par else 1
-    nt = 3 * x.nbytes >= _S.nt_bytes and S >= _NT_MIN_RUN
     fn = _kernel("channels_first_grad_apply", x.dtype, par)
-    args = (dy, x, shift, coef_dy, coef_x, coef_1, dx, nc, _ew_plan(N * C * nc, par), nt)
+    args = (dy, x, shift, coef_dy, coef_x, coef_1, dx, nc)
     if par:
         _run(fn, args)
     else:
@@ -378,9 +340,8 @@ def channels_last_grad_apply(dy, x, shift, coef_dy, coef_x, coef_1, dx):
     N, S, C = x.shape
     par = _par(x.size)
     nc = _split_rows(S, C, N, _CHUNK_EW, par) if par else 1
-    nt = 3 * x.nbytes >= _S.nt_bytes
     fn = _kernel("channels_last_grad_apply", x.dtype, par)
-    args = (dy, x, shift, coef_dy, coef_x, coef_1, dx, nc, _ew_plan(N * nc, par), nt)
+    args = (dy, x, shift, coef_dy, coef_x, coef_1, dx, nc)
     if par:
         _run(fn, args)
     else:
@@ -403,7 +364,6 @@ def info() -> dict:
         "threads": _S.threads,
         "max_threads": _MAX_THREADS,
         "parallel_threshold_elements": _S.par_min,
-        "streaming_stores_from_bytes": _S.nt_bytes if _nk.NT_STORES else None,
         "parallel_calls_serialized": _S.lock is not None,
         "serial_only": _S.serial_only,
         "serial_reason": _S.serial_reason,

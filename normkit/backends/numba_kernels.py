@@ -26,7 +26,6 @@ from memory once. Backward passes use centered x, ``(x - mean)``.
 """
 from __future__ import annotations
 
-import platform
 import types as _pytypes
 
 import numpy as np
@@ -34,86 +33,6 @@ from numba import njit, prange, types
 
 # Flags that let a float reduction vectorize, and nothing more (no nnan/ninf/nsz).
 _FM = {"reassoc", "contract"}
-
-# Non-temporal (streaming) stores are emitted on x86-64 only; elsewhere _h_nt_store is
-# a plain copy and the "nt" paths are simply the blocked ones.
-NT_STORES = platform.machine().lower() in ("x86_64", "amd64")
-_NT_BLOCK = 4096                 # elements computed into an L1 buffer, then streamed out
-
-
-# ============================================================ non-temporal stores
-# A large output (bigger than the last-level cache, with its input) is written with
-# streaming stores: a normal store first reads the line it writes ("read for
-# ownership"), so out = f(x) moves 3 arrays' worth of bytes instead of 2. The element-wise
-# helpers compute a block into a small buffer with exactly the same code as the normal
-# path (so results are bit-identical), and _h_nt_store streams the buffer to memory with
-# 64-byte vector stores tagged !nontemporal, then an sfence so the data is visible to
-# the other threads once the parallel region ends.
-if NT_STORES:
-    from llvmlite import ir as _ir
-    from numba.core import cgutils as _cgutils
-    from numba.extending import intrinsic as _intrinsic
-
-    @_intrinsic
-    def _nt_vec_copy(typingctx, src, s0, dst, d0, nvec):
-        """dst[d0 + i] = src[s0 + i] for i < nvec * W (W = 64 bytes / itemsize);
-        &dst[d0] must be 64-byte aligned. Vector loads, aligned non-temporal stores."""
-        if not (isinstance(src, types.Array) and isinstance(dst, types.Array)):
-            return None
-        sig = types.void(src, types.intp, dst, types.intp, types.intp)
-
-        def codegen(context, builder, signature, args):
-            s_ary = context.make_array(signature.args[0])(context, builder, args[0])
-            d_ary = context.make_array(signature.args[2])(context, builder, args[2])
-            ft = context.get_value_type(signature.args[0].dtype)
-            width = 64 // context.get_abi_sizeof(ft)
-            vt = _ir.VectorType(ft, width)
-            nt_md = builder.module.add_metadata([_ir.Constant(_ir.IntType(32), 1)])
-            sp = builder.gep(s_ary.data, [args[1]])
-            dp = builder.gep(d_ary.data, [args[3]])
-            with _cgutils.for_range(builder, args[4]) as loop:
-                off = builder.mul(loop.index, _ir.Constant(loop.index.type, width))
-                v = builder.load(builder.bitcast(builder.gep(sp, [off]), vt.as_pointer()),
-                                 align=context.get_abi_sizeof(ft))
-                st = builder.store(v, builder.bitcast(builder.gep(dp, [off]), vt.as_pointer()),
-                                   align=64)
-                st.set_metadata("nontemporal", nt_md)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    @_intrinsic
-    def _sfence(typingctx):
-        def codegen(context, builder, signature, args):
-            fn = _cgutils.get_or_insert_function(
-                builder.module, _ir.FunctionType(_ir.VoidType(), []), "llvm.x86.sse.sfence")
-            builder.call(fn, [])
-            return context.get_dummy_value()
-
-        return types.void(), codegen
-
-    @njit(cache=True)
-    def _h_nt_store(buf, n, o, start):
-        """o[start:start + n] = buf[:n], streaming the 64-byte-aligned middle."""
-        isz = o.itemsize
-        width = 64 // isz
-        addr = o.ctypes.data + start * isz
-        head = ((64 - addr % 64) % 64) // isz
-        if head > n:
-            head = n
-        for i in range(head):
-            o[start + i] = buf[i]
-        nvec = (n - head) // width
-        if nvec > 0:
-            _nt_vec_copy(buf, head, o, start + head, nvec)
-            _sfence()
-        for i in range(head + nvec * width, n):
-            o[start + i] = buf[i]
-else:
-    @njit(cache=True)
-    def _h_nt_store(buf, n, o, start):
-        for i in range(n):
-            o[start + i] = buf[i]
 
 
 # ============================================================ helpers: reductions
@@ -297,74 +216,6 @@ def _h_row_dx(dy, x, w, mu, rs, a, bc, o, pw, pb):
         pb[k] += d
 
 
-# ============================================================ helpers: streamed element-wise
-@njit(cache=True)
-def _h_first_block(o, lo, hi, width):
-    """Length of the first block of o[lo:hi] so that the next blocks start 64B-aligned."""
-    head = ((64 - (o.ctypes.data + lo * o.itemsize) % 64) % 64) // o.itemsize
-    m = _NT_BLOCK - width + head if head > 0 else _NT_BLOCK
-    return min(m, hi - lo)
-
-
-@njit(cache=True)
-def _h_affine_nt(a, o, lo, hi, sh, sc, of, buf):
-    width = 64 // o.itemsize
-    pos = lo
-    m = _h_first_block(o, lo, hi, width)
-    while pos < hi:
-        _h_affine(a[pos:pos + m], buf, 0, m, sh, sc, of)
-        _h_nt_store(buf, m, o, pos)
-        pos += m
-        m = min(_NT_BLOCK, hi - pos)
-
-
-@njit(cache=True)
-def _h_gapply_nt(dy, x, o, lo, hi, sh, cdy, cx, c1, buf):
-    width = 64 // o.itemsize
-    pos = lo
-    m = _h_first_block(o, lo, hi, width)
-    while pos < hi:
-        _h_gapply(dy[pos:pos + m], x[pos:pos + m], buf, 0, m, sh, cdy, cx, c1)
-        _h_nt_store(buf, m, o, pos)
-        pos += m
-        m = min(_NT_BLOCK, hi - pos)
-
-
-@njit(cache=True)
-def _h_rows_block(C):
-    """Rows per streamed block for channels-last: a multiple of 16 rows (64B-aligned)."""
-    rb = (_NT_BLOCK // C) // 16 * 16
-    return max(rb, 16)
-
-
-@njit(cache=True)
-def _h_affine_rows_nt(a, o, lo, hi, sh, sc, of, buf):
-    C = a.shape[1]
-    rb = _h_rows_block(C)
-    oflat = o.reshape(o.shape[0] * C)
-    pos = lo
-    while pos < hi:
-        m = min(rb, hi - pos)
-        tmp = buf[:m * C].reshape((m, C))
-        _h_affine_rows(a[pos:pos + m], tmp, 0, m, sh, sc, of)
-        _h_nt_store(buf, m * C, oflat, pos * C)
-        pos += m
-
-
-@njit(cache=True)
-def _h_gapply_rows_nt(dy, x, o, lo, hi, sh, cdy, cx, c1, buf):
-    C = x.shape[1]
-    rb = _h_rows_block(C)
-    oflat = o.reshape(o.shape[0] * C)
-    pos = lo
-    while pos < hi:
-        m = min(rb, hi - pos)
-        tmp = buf[:m * C].reshape((m, C))
-        _h_gapply_rows(dy[pos:pos + m], x[pos:pos + m], tmp, 0, m, sh, cdy, cx, c1)
-        _h_nt_store(buf, m * C, oflat, pos * C)
-        pos += m
-
-
 # ============================================================ drivers
 # Item i of a row/plane split into nc chunks covers [j*S//nc, (j+1)*S//nc), j = i % nc:
 # never empty while nc <= S (the wrappers guarantee it).
@@ -437,48 +288,38 @@ def _d_channels_last_moments(x, nc, mean, m2):
             na = n_
 
 
-def _d_rows_forward(x, w, b, eps, rms, out, mean, rstd, nch, nt):
+def _d_rows_forward(x, w, b, eps, rms, out, mean, rstd):
     R, K = x.shape
-    for t in prange(nch):
-        buf = np.empty(K if nt else 1, x.dtype)
-        for r in range(t * R // nch, (t + 1) * R // nch):
-            xr = x[r]
-            if rms:
-                mu = 0.0
-                var = _h_sumsq(xr, 0, K) / K
-            else:
-                mu = _h_sum(xr, 0, K) / K
-                var = _h_ssd(xr, 0, K, mu) / K
-            rs = 1.0 / np.sqrt(var + eps)
-            mean[r] = mu
-            rstd[r] = rs
-            dst = buf if nt else out[r]
-            if rms:
-                _h_row_out_rms(xr, w, rs, dst)
-            else:
-                _h_row_out(xr, w, b, mu, rs, dst)
-            if nt:
-                _h_nt_store(buf, K, out[r], 0)
+    for r in prange(R):
+        xr = x[r]
+        if rms:
+            mu = 0.0
+            var = _h_sumsq(xr, 0, K) / K
+        else:
+            mu = _h_sum(xr, 0, K) / K
+            var = _h_ssd(xr, 0, K, mu) / K
+        rs = 1.0 / np.sqrt(var + eps)
+        mean[r] = mu
+        rstd[r] = rs
+        if rms:
+            _h_row_out_rms(xr, w, rs, out[r])
+        else:
+            _h_row_out(xr, w, b, mu, rs, out[r])
 
 
-def _d_rows_backward(dy, x, mean, rstd, w, rms, dx, nch, dw, db, nt):
+def _d_rows_backward(dy, x, mean, rstd, w, rms, dx, nch, dw, db):
     R, K = x.shape
     pw = np.zeros((nch, K))
     pb = np.zeros((nch, K))
     for t in prange(nch):
         pwt = pw[t]
         pbt = pb[t]
-        buf = np.empty(K if nt else 1, x.dtype)
         for r in range(t * R // nch, (t + 1) * R // nch):
             mu = mean[r]
             rs = rstd[r]
             s1, s2 = _h_row_gsums(dy[r], x[r], w, mu, rs)
             a = 0.0 if rms else s1 / K
-            if nt:
-                _h_row_dx(dy[r], x[r], w, mu, rs, a, s2 / K, buf, pwt, pbt)
-                _h_nt_store(buf, K, dx[r], 0)
-            else:
-                _h_row_dx(dy[r], x[r], w, mu, rs, a, s2 / K, dx[r], pwt, pbt)
+            _h_row_dx(dy[r], x[r], w, mu, rs, a, s2 / K, dx[r], pwt, pbt)
     for k in range(K):
         dw[k] = pw[0, k]
         db[k] = pb[0, k]
@@ -488,44 +329,28 @@ def _d_rows_backward(dy, x, mean, rstd, w, rms, dx, nch, dw, db, nt):
             db[k] += pb[t, k]
 
 
-def _d_channels_first_affine(x, shift, scale, offset, out, nc, nch, nt):
+def _d_channels_first_affine(x, shift, scale, offset, out, nc):
     N, C, S = x.shape
     per = shift.shape[0] > 1
-    items = N * C * nc
-    for t in prange(nch):
-        buf = np.empty(_NT_BLOCK if nt else 1, x.dtype)
-        for it in range(t * items // nch, (t + 1) * items // nch):
-            pl = it // nc
-            j = it - pl * nc
-            n = pl // C
-            c = pl - n * C
-            pn = n if per else 0
-            lo = j * S // nc
-            hi = (j + 1) * S // nc
-            if nt:
-                _h_affine_nt(x[n, c], out[n, c], lo, hi, shift[pn, c], scale[pn, c],
-                             offset[pn, c], buf)
-            else:
-                _h_affine(x[n, c], out[n, c], lo, hi, shift[pn, c], scale[pn, c],
-                          offset[pn, c])
+    for it in prange(N * C * nc):
+        pl = it // nc
+        j = it - pl * nc
+        n = pl // C
+        c = pl - n * C
+        pn = n if per else 0
+        _h_affine(x[n, c], out[n, c], j * S // nc, (j + 1) * S // nc,
+                  shift[pn, c], scale[pn, c], offset[pn, c])
 
 
-def _d_channels_last_affine(x, shift, scale, offset, out, nc, nch, nt):
+def _d_channels_last_affine(x, shift, scale, offset, out, nc):
     N, S, C = x.shape
     per = shift.shape[0] > 1
-    items = N * nc
-    for t in prange(nch):
-        buf = np.empty(_h_rows_block(C) * C if nt else 1, x.dtype)
-        for it in range(t * items // nch, (t + 1) * items // nch):
-            n = it // nc
-            j = it - n * nc
-            pn = n if per else 0
-            lo = j * S // nc
-            hi = (j + 1) * S // nc
-            if nt:
-                _h_affine_rows_nt(x[n], out[n], lo, hi, shift[pn], scale[pn], offset[pn], buf)
-            else:
-                _h_affine_rows(x[n], out[n], lo, hi, shift[pn], scale[pn], offset[pn])
+    for it in prange(N * nc):
+        n = it // nc
+        j = it - n * nc
+        pn = n if per else 0
+        _h_affine_rows(x[n], out[n], j * S // nc, (j + 1) * S // nc,
+                       shift[pn], scale[pn], offset[pn])
 
 
 def _d_channels_first_grad_sums(dy, x, shift, nc, sum_dy, sum_dyxc):
@@ -580,46 +405,28 @@ def _d_channels_last_grad_sums(dy, x, shift, nc, sum_dy, sum_dyxc):
                 o2[c] += a2[c]
 
 
-def _d_channels_first_grad_apply(dy, x, shift, coef_dy, coef_x, coef_1, dx, nc, nch, nt):
+def _d_channels_first_grad_apply(dy, x, shift, coef_dy, coef_x, coef_1, dx, nc):
     N, C, S = x.shape
     per = shift.shape[0] > 1
-    items = N * C * nc
-    for t in prange(nch):
-        buf = np.empty(_NT_BLOCK if nt else 1, x.dtype)
-        for it in range(t * items // nch, (t + 1) * items // nch):
-            pl = it // nc
-            j = it - pl * nc
-            n = pl // C
-            c = pl - n * C
-            pn = n if per else 0
-            lo = j * S // nc
-            hi = (j + 1) * S // nc
-            if nt:
-                _h_gapply_nt(dy[n, c], x[n, c], dx[n, c], lo, hi, shift[pn, c],
-                             coef_dy[pn, c], coef_x[pn, c], coef_1[pn, c], buf)
-            else:
-                _h_gapply(dy[n, c], x[n, c], dx[n, c], lo, hi, shift[pn, c],
-                          coef_dy[pn, c], coef_x[pn, c], coef_1[pn, c])
+    for it in prange(N * C * nc):
+        pl = it // nc
+        j = it - pl * nc
+        n = pl // C
+        c = pl - n * C
+        pn = n if per else 0
+        _h_gapply(dy[n, c], x[n, c], dx[n, c], j * S // nc, (j + 1) * S // nc,
+                  shift[pn, c], coef_dy[pn, c], coef_x[pn, c], coef_1[pn, c])
 
 
-def _d_channels_last_grad_apply(dy, x, shift, coef_dy, coef_x, coef_1, dx, nc, nch, nt):
+def _d_channels_last_grad_apply(dy, x, shift, coef_dy, coef_x, coef_1, dx, nc):
     N, S, C = x.shape
     per = shift.shape[0] > 1
-    items = N * nc
-    for t in prange(nch):
-        buf = np.empty(_h_rows_block(C) * C if nt else 1, x.dtype)
-        for it in range(t * items // nch, (t + 1) * items // nch):
-            n = it // nc
-            j = it - n * nc
-            pn = n if per else 0
-            lo = j * S // nc
-            hi = (j + 1) * S // nc
-            if nt:
-                _h_gapply_rows_nt(dy[n], x[n], dx[n], lo, hi, shift[pn], coef_dy[pn],
-                                  coef_x[pn], coef_1[pn], buf)
-            else:
-                _h_gapply_rows(dy[n], x[n], dx[n], lo, hi, shift[pn], coef_dy[pn],
-                               coef_x[pn], coef_1[pn])
+    for it in prange(N * nc):
+        n = it // nc
+        j = it - n * nc
+        pn = n if per else 0
+        _h_gapply_rows(dy[n], x[n], dx[n], j * S // nc, (j + 1) * S // nc,
+                       shift[pn], coef_dy[pn], coef_x[pn], coef_1[pn])
 
 
 # ============================================================ signatures
@@ -631,7 +438,6 @@ def _signature(kernel, T):
     """The one signature of ``kernel`` for compute dtype T (a numba float type)."""
     f8 = types.float64
     i8 = types.int64
-    b1 = types.boolean
     x2, x3 = _A(T, 2, True), _A(T, 3, True)
     p1, p2 = _A(T, 1, True), _A(T, 2, True)
     o2, o3 = _A(T, 2), _A(T, 3)
@@ -639,15 +445,15 @@ def _signature(kernel, T):
     return {
         "plane_moments": (x2, i8, s1, s1),
         "channels_last_moments": (x3, i8, s2, s2),
-        "rows_forward": (x2, p1, p1, f8, b1, o2, s1, s1, i8, b1),
-        "rows_backward": (x2, x2, _A(f8, 1, True), _A(f8, 1, True), p1, b1,
-                          o2, i8, s1, s1, b1),
-        "channels_first_affine": (x3, p2, p2, p2, o3, i8, i8, b1),
-        "channels_last_affine": (x3, p2, p2, p2, o3, i8, i8, b1),
+        "rows_forward": (x2, p1, p1, f8, types.boolean, o2, s1, s1),
+        "rows_backward": (x2, x2, _A(f8, 1, True), _A(f8, 1, True), p1, types.boolean,
+                          o2, i8, s1, s1),
+        "channels_first_affine": (x3, p2, p2, p2, o3, i8),
+        "channels_last_affine": (x3, p2, p2, p2, o3, i8),
         "channels_first_grad_sums": (x3, x3, p2, i8, s2, s2),
         "channels_last_grad_sums": (x3, x3, p2, i8, s2, s2),
-        "channels_first_grad_apply": (x3, x3, p2, p2, p2, p2, o3, i8, i8, b1),
-        "channels_last_grad_apply": (x3, x3, p2, p2, p2, p2, o3, i8, i8, b1),
+        "channels_first_grad_apply": (x3, x3, p2, p2, p2, p2, o3, i8),
+        "channels_last_grad_apply": (x3, x3, p2, p2, p2, p2, o3, i8),
     }[kernel]
 
 
