@@ -408,3 +408,22 @@ def test_cold_then_warm_cache(tmp_path):
     assert all(hit == 1 and miss == 0 for hit, miss in warm["stats"].values()), warm
     assert warm["seconds"] < cold["seconds"]
     assert any(tmp_path.rglob("*.nbi"))
+
+
+def test_row_statistics_do_not_depend_on_thread_count():
+    """Short rows are pipelined per thread block; each row's sum still takes one code path."""
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((3000, 384)) * 2 + 1e3).astype(np.float32)
+    w = rng.standard_normal(384).astype(np.float32)
+    old = nb._S.threads
+    results = []
+    try:
+        for n in (1, nb._MAX_THREADS):
+            nb.set_num_threads(n)
+            out = np.empty_like(x)
+            results.append(list(nb.rows_forward(x, w, w, 1e-5, False, out)) + [out]
+                           + list(nb.plane_moments(x)))
+    finally:
+        nb.set_num_threads(old)
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
