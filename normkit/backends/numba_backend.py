@@ -207,12 +207,11 @@ def plane_moments(x):
     m2 = np.empty(P)
     par = _par(x.size)
     nc = _split(S, P, _CHUNK, par)
-    nch = min(P, _S.threads) if par else 1
     fn = _kernel("plane_moments", x.dtype, par)
     if par:
-        _run(fn, (x, nc, nch, mean, m2))
+        _run(fn, (x, nc, mean, m2))
     else:
-        fn(x, nc, nch, mean, m2)
+        fn(x, nc, mean, m2)
     return mean, m2
 
 
@@ -238,9 +237,8 @@ def rows_forward(x, weight, bias, eps, rms, out):
     mean = np.empty(R)
     rstd = np.empty(R)
     par = _par(x.size)
-    nch = min(R, _S.threads) if par else 1
     fn = _kernel("rows_forward", x.dtype, par)
-    args = (x, weight, bias, float(eps), bool(rms), out, mean, rstd, nch)
+    args = (x, weight, bias, float(eps), bool(rms), out, mean, rstd)
     if par:
         _run(fn, args)
     else:

@@ -34,12 +34,6 @@ from numba import njit, prange, types
 # Flags that let a float reduction vectorize, and nothing more (no nnan/ninf/nsz).
 _FM = {"reassoc", "contract"}
 
-# Rows up to this many bytes are pipelined (two of them must sit in L1 together);
-# longer rows run the plain per-row two-pass loop. Measured on 25 KiB planes (GroupNorm
-# (32, 64, 56, 56), 32 groups): pipelining them was ~30% slower, on 3-12 KiB rows equal
-# or faster.
-_PIPE_BYTES = 12 * 1024
-
 
 # ============================================================ helpers: reductions
 @njit(fastmath=_FM, cache=True)
@@ -60,25 +54,6 @@ def _h_ssd(a, lo, hi, m):
         d = v[i] - m
         q += d * d
     return q
-
-
-@njit(fastmath=_FM, cache=True)
-def _h_ssd_sum(a, m, b):
-    """(sum (a - m)^2, sum b) in one loop; a and b have the same length.
-
-    Software pipelining for two-pass moments over consecutive rows: while row r is
-    reread from L1 for its squared deviations, row r + 1 streams in from memory for its
-    sum, so the memory stream never waits for the second pass. Every row's sum goes
-    through this loop (the first row of a chunk with a dummy a), so the rounding of a
-    mean does not depend on where the chunk boundaries (the thread count) fall.
-    """
-    q = 0.0
-    s = 0.0
-    for i in range(b.shape[0]):
-        d = a[i] - m
-        q += d * d
-        s += b[i]
-    return q, s
 
 
 @njit(fastmath=_FM, cache=True)
@@ -245,29 +220,14 @@ def _h_row_dx(dy, x, w, mu, rs, a, bc, o, pw, pb):
 # Item i of a row/plane split into nc chunks covers [j*S//nc, (j+1)*S//nc), j = i % nc:
 # never empty while nc <= S (the wrappers guarantee it).
 
-def _d_plane_moments(x, nc, nch, mean, m2):
+def _d_plane_moments(x, nc, mean, m2):
     P, S = x.shape
-    if nc == 1 and S * x.itemsize > _PIPE_BYTES:
+    if nc == 1:
         for p in prange(P):
             row = x[p]
             mu = _h_sum(row, 0, S) / S
             mean[p] = mu
             m2[p] = _h_ssd(row, 0, S, mu)
-    elif nc == 1:
-        # nch contiguous blocks of rows; each block pipelines its rows (see _h_ssd_sum)
-        for t in prange(nch):
-            r0 = t * P // nch
-            r1 = (t + 1) * P // nch
-            if r0 < r1:
-                _, s = _h_ssd_sum(x[r0], 0.0, x[r0])
-                for p in range(r0, r1):
-                    mu = s / S
-                    if p + 1 < r1:
-                        q, s = _h_ssd_sum(x[p], mu, x[p + 1])
-                    else:
-                        q, _ = _h_ssd_sum(x[p], mu, x[p])
-                    mean[p] = mu
-                    m2[p] = q
     else:
         cm = np.empty(P * nc)
         cq = np.empty(P * nc)
@@ -328,39 +288,23 @@ def _d_channels_last_moments(x, nc, mean, m2):
             na = n_
 
 
-def _d_rows_forward(x, w, b, eps, rms, out, mean, rstd, nch):
+def _d_rows_forward(x, w, b, eps, rms, out, mean, rstd):
     R, K = x.shape
-    for t in prange(nch):
-        r0 = t * R // nch
-        r1 = (t + 1) * R // nch
-        if r0 >= r1:
-            continue
-        pipe = K * x.itemsize <= _PIPE_BYTES
-        s = 0.0
-        if not rms and pipe:
-            _, s = _h_ssd_sum(x[r0], 0.0, x[r0])
-        for r in range(r0, r1):
-            xr = x[r]
-            if rms:
-                mu = 0.0
-                var = _h_sumsq(xr, 0, K) / K
-            elif pipe:
-                mu = s / K
-                if r + 1 < r1:
-                    q, s = _h_ssd_sum(xr, mu, x[r + 1])   # pipelined (see _h_ssd_sum)
-                else:
-                    q, _ = _h_ssd_sum(xr, mu, xr)
-                var = q / K
-            else:
-                mu = _h_sum(xr, 0, K) / K
-                var = _h_ssd(xr, 0, K, mu) / K
-            rs = 1.0 / np.sqrt(var + eps)
-            mean[r] = mu
-            rstd[r] = rs
-            if rms:
-                _h_row_out_rms(xr, w, rs, out[r])
-            else:
-                _h_row_out(xr, w, b, mu, rs, out[r])
+    for r in prange(R):
+        xr = x[r]
+        if rms:
+            mu = 0.0
+            var = _h_sumsq(xr, 0, K) / K
+        else:
+            mu = _h_sum(xr, 0, K) / K
+            var = _h_ssd(xr, 0, K, mu) / K
+        rs = 1.0 / np.sqrt(var + eps)
+        mean[r] = mu
+        rstd[r] = rs
+        if rms:
+            _h_row_out_rms(xr, w, rs, out[r])
+        else:
+            _h_row_out(xr, w, b, mu, rs, out[r])
 
 
 def _d_rows_backward(dy, x, mean, rstd, w, rms, dx, nch, dw, db):
@@ -499,9 +443,9 @@ def _signature(kernel, T):
     o2, o3 = _A(T, 2), _A(T, 3)
     s1, s2 = _A(f8, 1), _A(f8, 2)
     return {
-        "plane_moments": (x2, i8, i8, s1, s1),
+        "plane_moments": (x2, i8, s1, s1),
         "channels_last_moments": (x3, i8, s2, s2),
-        "rows_forward": (x2, p1, p1, f8, types.boolean, o2, s1, s1, i8),
+        "rows_forward": (x2, p1, p1, f8, types.boolean, o2, s1, s1),
         "rows_backward": (x2, x2, _A(f8, 1, True), _A(f8, 1, True), p1, types.boolean,
                           o2, i8, s1, s1),
         "channels_first_affine": (x3, p2, p2, p2, o3, i8),
