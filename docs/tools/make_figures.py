@@ -123,6 +123,7 @@ def run_digits(cfg, out_dir, jobs):
         "train_size": 1437, "test_size": 360,
         "normkit_version": normkit.__version__,
         "backend": normkit.backends.resolve().NAME,
+        **_code_version(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus, python "
                    f"{platform.python_version()}",
         "runs": runs,
@@ -130,6 +131,20 @@ def run_digits(cfg, out_dir, jobs):
     (out_dir / "digits.json").write_text(json.dumps(result, indent=1) + "\n")
     partial.unlink(missing_ok=True)
     return result
+
+
+def _code_version():
+    """The git commit normkit was imported from ('-dirty': with local changes), if known."""
+    import subprocess
+
+    import normkit
+    root = Path(normkit.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+    except Exception:  # noqa: BLE001 - not a git checkout
+        commit = None
+    return {"normkit_commit": commit}
 
 
 def summarize_digits(result):
@@ -302,6 +317,7 @@ def run_noise(fast, out_dir):
         "draws_per_batch_size": draws, "report_batches_per_size": report_draws,
         "threshold": threshold, "threshold_source": threshold_source,
         "normkit_estimate": report_fn is not None,
+        **_code_version(),
         "panels": {"digits": digits, "synthetic": synthetic},
     }
     (out_dir / "noise.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -315,8 +331,7 @@ def run_speed(fast, out_dir):
     target = out_dir / "bench.json"
     cmd = [sys.executable, "-m", "normkit", "bench", "--json", str(target), "--no-progress"]
     if fast:
-        cmd += ["--cases", "tiny_bn_eval_nchw_1x16x4x4,tiny_ln_1x1x768", "--min-time",
-                "0.02", "--peers", "torch"]
+        cmd += ["--cases", "tiny", "--min-time", "0.01", "--peers", "torch"]
     print("speed:", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return json.loads(target.read_text())
