@@ -427,3 +427,26 @@ def test_row_statistics_do_not_depend_on_thread_count():
         nb.set_num_threads(old)
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
+
+
+def test_workqueue_layer_fork_child_stays_parallel():
+    """workqueue is fork-safe: a child forked after the parent used it keeps its pool."""
+    out = _run_py("""
+        import json, os, numpy as np
+        from normkit.backends import numba_backend as nb
+        nb._S.par_min = 1 << 12
+        x = np.random.default_rng(0).standard_normal((64, 4000)).astype(np.float32)
+        want = nb.plane_moments(x)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            got = nb.plane_moments(x)
+            ok = bool(np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]))
+            os.write(w, json.dumps({"ok": ok, "serial_only": nb.info()["serial_only"]}).encode())
+            os._exit(0)
+        os.close(w)
+        data = os.read(r, 4096)
+        os.waitpid(pid, 0)
+        print(data.decode())
+    """, env={"NUMBA_THREADING_LAYER": "workqueue"})
+    assert out == {"ok": True, "serial_only": False}
