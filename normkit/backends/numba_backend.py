@@ -49,8 +49,12 @@ from . import numba_kernels as _nk
 
 NAME = "numba"
 
-# Below this many elements a call runs the serial twin: the launch (a few us with omp)
-# would cost more than the second core gains. Measured in benchmarks/numba_kernel_bench.py.
+# Below this many elements a call runs the serial twin: the launch would cost more than
+# the second core gains. Measured on the 2-core development VM (rows_forward,
+# channels_last_moments, channels_first_affine, float32, serial vs parallel): an omp
+# launch costs ~2 us on an idle machine but 10-20 us when other processes compete for
+# the cores; the parallel twin won from ~32K elements idle and from ~128K under load,
+# so 64K splits the difference. workqueue launches cost ~110 us here.
 _PAR_MIN = 1 << 16
 _PAR_MIN_WORKQUEUE = 1 << 19
 # Moments are two-pass inside a chunk; a chunk of this many elements (256 KiB in
