@@ -22,8 +22,8 @@ Design, in short
 * Variances are centered: two passes over blocks of CHUNK elements (the second pass
   reads L1), the first summing deviations from the block's first value, block
   results merged with Chan's formula. So memory is read once, |mean| >> std keeps
-  its digits, and long rows stay accurate. (float32 with AVX2: one pass of shifted
-  sums per block, see _moments.) Channels-last columns take one pass per
+  its digits, and long rows stay accurate. (float32: one pass of shifted sums per
+  block, written with explicit vectors; see _moments.) Channels-last columns take one pass per
   block of rows (the loop runs along C, so both sums vectorize) of deviations d from
   the block's first row: m2 = sum(d**2) - sum(d)**2 / n cancels at most a factor n
   (the shift is one of the values), n <= a few hundred rows.
@@ -86,12 +86,49 @@ cdef extern from *:
     #else
     #  define NK_ACC 8
     #endif
-    /* float32 block moments in one pass (see _moments): 15-20% faster with AVX2;
-       slower with SSE2 and for float64, which keep the two passes. */
-    #ifdef __AVX2__
-    #  define NK_ONEPASS_F32 1
+    /* float32 moments in one pass with explicit vectors (GCC/clang vector extensions):
+       s1 = sum(p - k), s2 = sum((p - k)^2) in double, 4 accumulators of NK_VW lanes
+       each, i.e. the NK_ACC scheme written out. gcc's own vectorizer turns the same
+       loop into a mix of scalar and vector code. Other compilers: two passes. */
+    #if !defined(NK_NO_VEC) && ((defined(__GNUC__) && __GNUC__ >= 9) || defined(__clang__))
+    #  define NK_HAVE_VEC 1
+    #  ifdef __AVX2__
+    #    define NK_VW 4
+    #  else
+    #    define NK_VW 2
+    #  endif
+    typedef double nk_vd __attribute__((vector_size(NK_VW * 8)));
+    typedef float nk_vf __attribute__((vector_size(NK_VW * 4)));
+    static inline nk_vd nk_ldf(const float *p) {
+        nk_vf v;
+        memcpy(&v, p, sizeof v);
+        return __builtin_convertvector(v, nk_vd);
+    }
+    static void nk_shifted_f32(const float *p, Py_ssize_t n, double k,
+                               double *s1, double *s2) {
+        const nk_vd kv = (nk_vd){0} + k;
+        nk_vd a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        nk_vd b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+        Py_ssize_t i = 0;
+        for (; i + 4 * NK_VW <= n; i += 4 * NK_VW) {
+            nk_vd d0 = nk_ldf(p + i) - kv;
+            nk_vd d1 = nk_ldf(p + i + NK_VW) - kv;
+            nk_vd d2 = nk_ldf(p + i + 2 * NK_VW) - kv;
+            nk_vd d3 = nk_ldf(p + i + 3 * NK_VW) - kv;
+            a0 += d0; a1 += d1; a2 += d2; a3 += d3;
+            b0 += d0 * d0; b1 += d1 * d1; b2 += d2 * d2; b3 += d3 * d3;
+        }
+        nk_vd a = (a0 + a1) + (a2 + a3), b = (b0 + b1) + (b2 + b3);
+        double u = 0.0, v = 0.0;
+        for (int l = 0; l < NK_VW; l++) { u += a[l]; v += b[l]; }
+        for (; i < n; i++) { double d = (double)p[i] - k; u += d; v += d * d; }
+        *s1 = u;
+        *s2 = v;
+    }
     #else
-    #  define NK_ONEPASS_F32 0
+    #  define NK_HAVE_VEC 0
+    static void nk_shifted_f32(const float *p, Py_ssize_t n, double k,
+                               double *s1, double *s2) { (void)p; (void)n; (void)k; *s1 = *s2 = 0.0; }
     #endif
     /* Whether this CPU (and OS) can run the AVX2 build. */
     static int nk_cpu_has_avx2(void) {
@@ -120,7 +157,8 @@ cdef extern from *:
     int NK_OPENMP_VERSION
     const char* NK_SIMD
     enum: NK_ACC
-    enum: NK_ONEPASS_F32
+    enum: NK_HAVE_VEC
+    void nk_shifted_f32(const float* p, Py_ssize_t n, double k, double* s1, double* s2) nogil
     int nk_cpu_has_avx2()
     int nk_omp_max_threads() nogil
 
@@ -340,8 +378,9 @@ cdef double* _workspace(Py_ssize_t n) except? NULL:
 # Reductions keep NK_ACC independent double accumulators: gcc vectorizes them without
 # reassociating anything (so no -ffast-math, and NaN/Inf propagate), where a single
 # accumulator runs at the add latency (~5x slower). One reduction per loop: gcc does
-# not vectorize two reductions in one loop (measured 2x slower) unless they share one
-# accumulator array (_shifted).
+# not vectorize two reductions in one loop (they stay scalar, ~2x slower); where one
+# pass with two sums matters (float32 moments) it is written with explicit vectors
+# (nk_shifted_f32 above).
 
 cdef inline double _fold(double* a) noexcept nogil:
     """Sum the NK_ACC accumulators pairwise."""
@@ -469,43 +508,14 @@ cdef inline void _chan(double* mean, double* m2, double na,
     m2[0] += m2b + delta * delta * (na * (nb / n))
 
 
-cdef inline void _shifted(const real* p, Py_ssize_t n, double k,
-                          double* s1, double* s2) noexcept nogil:
-    """s1 = sum(p - k), s2 = sum((p - k)**2) over p[:n], in double. Both sums go
-    through one accumulator array (2 * NK_ACC), which gcc vectorizes; two arrays, one
-    per sum, it does not."""
-    cdef double a[2 * NK_ACC]
-    cdef double t[2 * NK_ACC]
-    cdef double d, u, v
-    cdef Py_ssize_t i = 0, j
-    for j in range(2 * NK_ACC):
-        a[j] = 0.0
-    while i + NK_ACC <= n:
-        for j in range(NK_ACC):
-            t[j] = p[i + j] - k
-        for j in range(NK_ACC):
-            t[NK_ACC + j] = t[j] * t[j]
-        for j in range(2 * NK_ACC):
-            a[j] += t[j]
-        i += NK_ACC
-    u = _fold(a)
-    v = _fold(a + NK_ACC)
-    while i < n:
-        d = p[i] - k
-        u += d
-        v += d * d
-        i += 1
-    s1[0] = u
-    s2[0] = v
-
-
 cdef void _moments(const real* p, Py_ssize_t n, double* mean, double* m2) noexcept nogil:
     """Mean and M2 of p[:n], by blocks of CHUNK values merged with Chan's formula.
 
     A block takes two passes (the second reads L1, so memory is read once): the sum of
     deviations from the block's first value k (rounding error relative to the spread,
-    not to |mean|), then the squared deviations from the block mean. float32 with AVX2
-    takes one pass instead, s1 = sum(p - k), s2 = sum((p - k)**2), m2 = s2 - s1**2/n:
+    not to |mean|), then the squared deviations from the block mean. float32 takes
+    one pass instead (nk_shifted_f32), s1 = sum(p - k), s2 = sum((p - k)**2),
+    m2 = s2 - s1**2/n:
     since k is one of the values, (k - mean)**2 <= m2 and the subtraction cancels at
     most a factor n <= CHUNK (~1e-13 relative in double)."""
     cdef Py_ssize_t done = 0, ln
@@ -515,8 +525,8 @@ cdef void _moments(const real* p, Py_ssize_t n, double* mean, double* m2) noexce
         if ln > CHUNK:
             ln = CHUNK
         k = p[done]
-        if real is float and NK_ONEPASS_F32:
-            _shifted(p + done, ln, k, &cm, &cm2)
+        if real is float and NK_HAVE_VEC:
+            nk_shifted_f32(p + done, ln, k, &cm, &cm2)
             cm2 = cm2 - cm * (cm / ln)
             if cm2 < 0.0:
                 cm2 = 0.0
@@ -1198,8 +1208,8 @@ def channels_last_grad_apply(cnp.ndarray dy not None, cnp.ndarray x not None,
 # ---------------------------------------------------------------------- grad_sums
 cdef void _gs_plane(const real* dy, const real* x, double m, Py_ssize_t n,
                     double* sdy, double* sdyx) noexcept nogil:
-    """sum(dy) and sum(dy * (x - m)) over n values: one loop per sum (each vectorizes),
-    over L1-sized blocks."""
+    """sum(dy) and sum(dy * (x - m)) over n values: one loop per sum (each
+    vectorizes), over L1-sized blocks."""
     cdef Py_ssize_t done = 0, ln
     cdef double s = 0.0, t = 0.0
     while done < n:
