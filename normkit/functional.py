@@ -224,7 +224,7 @@ def _empty_result(x, out, stats_shape, dtype, return_stats, with_mean=True):
 # ====================================================================== BatchNorm
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
                training=False, momentum=0.1, eps=1e-5, *, axis=1, out=None, backend=None,
-               return_stats=False):
+               return_stats=False, activation=None, residual=None):
     """Batch normalization over every axis but the channel axis.
 
     Parameters
@@ -250,12 +250,19 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
         Backend for this call (default: the current default).
     return_stats : bool
         Also return ``(mean, rstd)`` of shape (C,) (the running statistics in eval).
+    activation : {None, 'relu'}
+        Apply ReLU to the result in the same pass (inference pipelines: conv-BN-ReLU).
+    residual : ndarray, optional
+        An array of x's shape added before the activation, in the same pass
+        (``relu(bn(x) + residual)``, a ResNet block's tail). Not differentiated by
+        :func:`batch_norm_backward`, which covers the normalization only.
 
     Returns
     -------
     y or (y, mean, rstd)
     """
-    if not training and out is None and not return_stats:
+    if not training and out is None and not return_stats and activation is None \
+            and residual is None:
         y = _fast_batch_norm_eval(x, running_mean, running_var, weight, bias, eps, axis,
                                   backend)
         if y is not None:
@@ -270,6 +277,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     b = V.as_param(bias, shape, "bias")
     eps = V.check_eps(eps, "batch_norm")
     out = V.check_out(out, x)
+    relu, residual = _check_activation(activation, residual, x)
     dt = V.compute_dtype(x)
     count = x.size // c if c else 0
     if training:
@@ -301,16 +309,37 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     shift, resid = _split_shift(mean, dt)
     offset = _offset(b, resid, scale)
     res = view.empty(out)
-    view.call(be, "affine", view.data, *_coefs(dt, 1, shift, scale, offset), res)
+    _affine(be, view, _coefs(dt, 1, shift, scale, offset), res, residual, relu)
     y = view.to_user(res, out, x.dtype)
     if return_stats:
         return y, _stat_out(mean, dt), _stat_out(rstd, dt)
     return y
 
 
+def _check_activation(activation, residual, x):
+    """(relu: bool, residual or None) for the fused eval-time epilogue."""
+    if activation not in (None, "relu"):
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    if residual is not None:
+        residual = V.as_input(residual, "residual")
+        if residual.shape != x.shape:
+            raise ValueError(f"residual: expected shape {x.shape}, got shape "
+                             f"{residual.shape}")
+    return activation == "relu", residual
+
+
+def _affine(be, view, coefs, res, residual, relu):
+    """res = (x - shift) * scale + offset [+ residual] [then ReLU], one pass over x."""
+    if residual is None and not relu:
+        view.call(be, "affine", view.data, *coefs, res)
+    else:
+        r = None if residual is None else view.like(residual, view.data.dtype)
+        view.call(be, "affine_act", view.data, *coefs, r, relu, res)
+
+
 # ====================================================================== Group / Instance
 def _per_sample_forward(x, ax, groups, w, b, eps, out, be, dt, return_stats,
-                        fixed_stats=None):
+                        fixed_stats=None, residual=None, relu=False):
     """GroupNorm (groups < C) and InstanceNorm (groups == C) forward.
 
     ``fixed_stats=(mean, var)`` of shape (C,) normalizes with given statistics
@@ -319,6 +348,15 @@ def _per_sample_forward(x, ax, groups, w, b, eps, out, be, dt, return_stats,
     """
     n, c = x.shape[0], x.shape[ax]
     view = sample_view(x, ax, dt)
+    fused = getattr(be, "channels_first_group_forward", None)  # TRANSITION: all backends
+    if (fixed_stats is None and view.layout == "first" and residual is None and not relu
+            and fused is not None):
+        # one kernel: each (sample, group) block is normalized while still in cache
+        res = view.empty(out)
+        mean, rstd = fused(view.data, groups, np.ones(c, dt) if w is None else w.astype(dt),
+                           np.zeros(c, dt) if b is None else b.astype(dt), eps, res)
+        m2 = (1.0 / (rstd * rstd) - eps) * ((c // groups) * view.s)   # for running_var
+        return view.to_user(res, out, x.dtype), mean, rstd, m2
     if fixed_stats is None:
         mean, m2 = _group_moments(be, view, groups)
         var = m2 / ((c // groups) * view.s)
@@ -334,12 +372,12 @@ def _per_sample_forward(x, ax, groups, w, b, eps, out, be, dt, return_stats,
     shift, resid = _split_shift(mean_c, dt)
     offset = _offset(b, resid, scale)
     res = view.empty(out)
-    view.call(be, "affine", view.data, *_coefs(dt, n, shift, scale, offset), res)
+    _affine(be, view, _coefs(dt, n, shift, scale, offset), res, residual, relu)
     return view.to_user(res, out, x.dtype), mean, rstd, m2
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=None,
-               backend=None, return_stats=False):
+               backend=None, return_stats=False, activation=None, residual=None):
     """Group normalization: statistics per sample over each group of channels.
 
     Parameters
@@ -354,7 +392,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=N
         Added to the variance inside the square root.
     axis : int, keyword-only
         The channel axis (not 0, the batch axis).
-    out, backend, return_stats
+    out, backend, return_stats, activation, residual
         As in :func:`batch_norm`; statistics have shape (N, num_groups).
     """
     x = V.as_input(x, min_ndim=2)
@@ -365,12 +403,13 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=N
     b = V.as_param(bias, (c,), "bias")
     eps = V.check_eps(eps, "group_norm")
     out = V.check_out(out, x)
+    relu, residual = _check_activation(activation, residual, x)
     dt = V.compute_dtype(x)
     be = resolve(backend)
     if x.size == 0:
         return _empty_result(x, out, (x.shape[0], groups), dt, return_stats)
     y, mean, rstd, _ = _per_sample_forward(x, ax, groups, w, b, eps, out, be, dt,
-                                           return_stats)
+                                           return_stats, residual=residual, relu=relu)
     if return_stats:
         return y, _stat_out(mean, dt), _stat_out(rstd, dt)
     return y

@@ -63,6 +63,21 @@ channels_last_grad_apply(dy, x: (N, S, C), shift, coef_dy, coef_x, coef_1: (N', 
                          dx: (N, S, C))
     dx = coef_dy * dy + coef_x * (x - shift) + coef_1, broadcast per (n, c).
 
+channels_first_group_forward(x: (N, C, S), groups: int, weight: [C], bias: [C],
+                             eps: float, out: (N, C, S)) -> (mean: f64[N, G], rstd: f64[N, G])
+    GroupNorm (and InstanceNorm, groups == C) on channels-first data in one kernel:
+    the statistics of each (sample, group) -- a contiguous block of C/G * S values --
+    then out = (x - mean) * rstd * weight[c] + bias[c] while the block is in cache.
+    Saves a full read of x against plane_moments + channels_first_affine.
+
+channels_first_affine_act(x: (N, C, S), shift, scale, offset: (N', C),
+                          residual: (N, C, S) or None, relu: bool, out: (N, C, S))
+channels_last_affine_act(x: (N, S, C), shift, scale, offset: (N', C),
+                         residual: (N, S, C) or None, relu: bool, out: (N, S, C))
+    out = (x - shift) * scale + offset [+ residual], then max(out, 0) when relu --
+    with NaN kept as NaN (as torch.relu) -- in the same single pass. ``residual`` has
+    x's dtype and is C-contiguous; it may be ``out`` itself (in-place residual add).
+
 Module-level members besides the kernels
 ----------------------------------------
 NAME: str
@@ -81,6 +96,9 @@ KERNELS = (
     "channels_last_grad_sums",
     "channels_first_grad_apply",
     "channels_last_grad_apply",
+    "channels_first_group_forward",
+    "channels_first_affine_act",
+    "channels_last_affine_act",
 )
 
-MEMBERS = KERNELS + ("NAME", "set_num_threads", "info")
+MEMBERS = KERNELS[:10] + ("NAME", "set_num_threads", "info")  # TRANSITION: all KERNELS

@@ -101,6 +101,35 @@ def channels_last_affine(x, shift, scale, offset, out):
 
 
 @_quiet
+def channels_first_group_forward(x, groups, weight, bias, eps, out):
+    n, c, s = x.shape
+    mean, m2 = plane_moments(x.reshape(n * groups, (c // groups) * s))
+    rstd = 1.0 / np.sqrt(m2 / ((c // groups) * s) + eps)
+    per_channel = lambda a: np.repeat(a.reshape(n, groups), c // groups, axis=1)  # noqa: E731
+    out[...] = ((_f64(x) - per_channel(mean)[:, :, None]) * per_channel(rstd)[:, :, None]
+                * _f64(weight)[None, :, None] + _f64(bias)[None, :, None])
+    return mean.reshape(n, groups), rstd.reshape(n, groups)
+
+
+def _act(y, residual, relu):
+    if residual is not None:
+        y = y + _f64(residual)
+    if relu:
+        y = np.where(y < 0, 0.0, y)     # NaN stays NaN, as torch.relu
+    return y
+
+
+@_quiet
+def channels_first_affine_act(x, shift, scale, offset, residual, relu, out):
+    out[...] = _act((_f64(x) - _first(shift)) * _first(scale) + _first(offset), residual, relu)
+
+
+@_quiet
+def channels_last_affine_act(x, shift, scale, offset, residual, relu, out):
+    out[...] = _act((_f64(x) - _last(shift)) * _last(scale) + _last(offset), residual, relu)
+
+
+@_quiet
 def channels_first_grad_sums(dy, x, shift):
     dy64 = _f64(dy)
     return dy64.sum(axis=2), (dy64 * (_f64(x) - _first(shift))).sum(axis=2)
