@@ -12,9 +12,10 @@ Metadata lives in pyproject.toml; this file only adds the extension.
   ``-march=native`` (the binary then only runs on CPUs like the build machine).
   Never -ffast-math: NaN/Inf must propagate; reductions vectorize through explicit
   independent accumulators instead.
-* On x86 (not Windows) the same .pyx is also built with -mavx2 as
-  ``_cython_kernels_avx2``; cython_backend.py loads it when the CPU has AVX2
-  (``NORMKIT_NO_AVX2=1`` skips that build, ``NORMKIT_NATIVE=1`` makes it moot).
+* On x86 (not Windows) the same .pyx is also built with AVX2 and with AVX-512 flags
+  (``_cython_kernels_avx2``, ``_cython_kernels_avx512``); cython_backend.py loads the
+  best one the CPU runs, so the install stays portable. ``NORMKIT_NO_SIMD_VARIANTS=1``
+  skips them; ``NORMKIT_NATIVE=1`` makes them moot and skips them too.
 * What was built (OpenMP or not and why, flags, compiler) is written to a generated
   header, normkit_build_config.h, that the extension compiles in and reports through
   ``normkit.backends.cython_backend.info()``.
@@ -32,6 +33,12 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 EXT_NAME = "normkit.backends._cython_kernels"
+# extra builds of the same .pyx, loaded only on CPUs that have these instructions
+# (nk_cpu_level() in the .pyx checks exactly these features)
+SIMD_VARIANTS = {
+    "avx2": ["-mavx2"],
+    "avx512": ["-mavx512f", "-mavx512cd", "-mavx512vl", "-mavx512dq", "-mavx512bw"],
+}
 PYX = os.path.join("normkit", "backends", "_cython_kernels.pyx")
 
 OPENMP_TEST = textwrap.dedent("""\
@@ -96,17 +103,17 @@ def _x86():
 class BuildExt(build_ext):
     """build_ext that cythonizes, detects OpenMP and records the build configuration.
 
-    On x86 the kernels are also built a second time with -mavx2 (module
-    _cython_kernels_avx2, from a build-time copy of the .pyx); cython_backend.py
-    imports it when the CPU has AVX2. The float32 statistics are accumulated in
-    double, so they are compute-bound at SSE2's two doubles per instruction; AVX2
-    doubles that without giving up a portable binary. No FMA is enabled, so both
-    builds round identically and give bitwise equal results.
+    On x86 the kernels are also built with AVX2 and with AVX-512 flags (modules
+    _cython_kernels_avx2 / _avx512, from build-time copies of the .pyx);
+    cython_backend.py imports the best one the CPU runs. The float32 statistics are
+    accumulated in double, so they are compute-bound at SSE2's two doubles per
+    instruction: one thread, 4096 x 768 LayerNorm took 1.80 ms (SSE2), 1.43 (AVX2),
+    1.0 (AVX-512); plane_moments 2.5 / 1.4 / 0.9 ms.
     """
 
     def finalize_options(self):
         super().finalize_options()
-        if not self.parallel:          # the two builds compile side by side
+        if not self.parallel:          # the builds compile side by side
             self.parallel = min(2, os.cpu_count() or 1)
 
     def run(self):
@@ -168,7 +175,7 @@ class BuildExt(build_ext):
         keep = []
         for ext in self.extensions:
             variant = getattr(ext, "normkit_variant", None)
-            cflags = base + (["-mavx2"] if variant == "avx2" else []) + omp_cflags
+            cflags = base + SIMD_VARIANTS.get(variant, []) + omp_cflags
             if variant and not self._compiles_with(cflags):
                 print(f"normkit: skipping the {variant} build: the compiler rejects {cflags}")
                 continue
@@ -201,10 +208,11 @@ class BuildExt(build_ext):
 def _extensions():
     exts = [Extension(EXT_NAME, [PYX])]
     if (_x86() and sys.platform != "win32" and not _env_flag("NORMKIT_NATIVE")
-            and not _env_flag("NORMKIT_NO_AVX2")):
-        avx2 = Extension(EXT_NAME + "_avx2", [PYX])
-        avx2.normkit_variant = "avx2"
-        exts.append(avx2)
+            and not _env_flag("NORMKIT_NO_SIMD_VARIANTS")):
+        for variant in SIMD_VARIANTS:
+            ext = Extension(f"{EXT_NAME}_{variant}", [PYX])
+            ext.normkit_variant = variant
+            exts.append(ext)
     return exts
 
 

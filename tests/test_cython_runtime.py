@@ -335,26 +335,42 @@ def test_inputs_not_modified_and_in_place():
     np.testing.assert_array_equal(x, y)
 
 
-# ---------------------------------------------------------------- the other SIMD build
-@needs_cython
-def test_baseline_build_matches_reference():
-    """Both builds (portable and AVX2) pass the same numbers, whichever one is active."""
+# ---------------------------------------------------------------- the SIMD builds
+def _simd_builds():
+    """Every build of the kernels this machine has and can run."""
     import importlib
     mods = []
-    for name in ("normkit.backends._cython_kernels", "normkit.backends._cython_kernels_avx2"):
+    for level, suffix in enumerate(("", "_avx2", "_avx512")):
         try:
-            mods.append(importlib.import_module(name))
+            mod = importlib.import_module("normkit.backends._cython_kernels" + suffix)
         except ImportError:
             continue
-    for dtype in (np.float32, np.float64):
-        d = _inputs(dtype, seed=3)
-        want = _run_all(ref, d)
-        tol = dict(rtol=2e-4, atol=2e-4) if dtype == np.float32 else dict(rtol=1e-9, atol=1e-9)
-        for mod in mods:
-            if "avx2" in mod.__name__ and not mod._cpu_has_avx2():
-                continue
-            for g, w in zip(_run_all(mod, d), want):
-                np.testing.assert_allclose(g, w, **tol)
+        if mod._cpu_simd_level() >= level:
+            mods.append(mod)
+    return mods
+
+
+@needs_cython
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_simd_build_matches_reference(dtype):
+    """All builds (portable, AVX2, AVX-512) give the reference numbers, whichever one
+    the backend picked; tests/test_kernels.py covers the picked one in depth."""
+    d = _inputs(dtype, seed=3)
+    want = _run_all(ref, d)
+    tol = dict(rtol=2e-4, atol=2e-4) if dtype == np.float32 else dict(rtol=1e-9, atol=1e-9)
+    mods = _simd_builds()
+    assert mods and mods[0].__name__ == "normkit.backends._cython_kernels"
+    for mod in mods:
+        for g, w in zip(_run_all(mod, d), want):
+            np.testing.assert_allclose(g, w, **tol, err_msg=mod.__name__)
+
+
+@needs_cython
+def test_picks_the_best_build():
+    if os.environ.get("NORMKIT_CYTHON_SIMD", "auto") != "auto":
+        pytest.skip("NORMKIT_CYTHON_SIMD caps the choice")
+    mods = _simd_builds()
+    assert cy.info()["module"] == mods[-1].__name__
 
 
 # ---------------------------------------------------------------- extension missing

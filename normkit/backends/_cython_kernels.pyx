@@ -28,8 +28,8 @@ Design, in short
   the block's first row: m2 = sum(d**2) - sum(d)**2 / n cancels at most a factor n
   (the shift is one of the values), n <= a few hundred rows.
 * float32 statistics are compute-bound at SSE2 width (two doubles per instruction),
-  so setup.py also builds this file with -mavx2 (module _cython_kernels_avx2), which
-  cython_backend.py picks on CPUs that have AVX2.
+  so setup.py also builds this file with AVX2 and with AVX-512 flags (modules
+  _cython_kernels_avx2 / _avx512); cython_backend.py picks the best one the CPU runs.
 * How work is split depends only on the shapes, never on the number of threads, so
   results are bitwise identical for any ``set_num_threads`` value (and any number of
   concurrent Python threads). Cross-row reductions write per-unit partials (unit = a
@@ -79,9 +79,11 @@ cdef extern from *:
     #  define NK_SIMD "scalar"
     #endif
     /* Independent accumulators per reduction: enough vector registers' worth to
-       hide the add latency (8 = 4 SSE2 registers; 16 = 4 AVX2 registers). More
-       spill with SSE2 and ran slower; fewer leave AVX2 latency-bound. */
-    #ifdef __AVX2__
+       hide the add latency (4 registers of 2, 4 or 8 doubles). More spill with SSE2
+       and ran slower; fewer leave AVX2 latency-bound. */
+    #if defined(__AVX512F__)
+    #  define NK_ACC 32
+    #elif defined(__AVX2__)
     #  define NK_ACC 16
     #else
     #  define NK_ACC 8
@@ -92,7 +94,9 @@ cdef extern from *:
        loop into a mix of scalar and vector code. Other compilers: two passes. */
     #if !defined(NK_NO_VEC) && ((defined(__GNUC__) && __GNUC__ >= 9) || defined(__clang__))
     #  define NK_HAVE_VEC 1
-    #  ifdef __AVX2__
+    #  if defined(__AVX512F__)
+    #    define NK_VW 8
+    #  elif defined(__AVX2__)
     #    define NK_VW 4
     #  else
     #    define NK_VW 2
@@ -130,10 +134,15 @@ cdef extern from *:
     static void nk_shifted_f32(const float *p, Py_ssize_t n, double k,
                                double *s1, double *s2) { (void)p; (void)n; (void)k; *s1 = *s2 = 0.0; }
     #endif
-    /* Whether this CPU (and OS) can run the AVX2 build. */
-    static int nk_cpu_has_avx2(void) {
+    /* Which of setup.py's builds this CPU (and OS) can run: 0 baseline, 1 AVX2,
+       2 AVX-512 (F, CD, VL, DQ, BW: the flags that build is compiled with). */
+    static int nk_cpu_level(void) {
     #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
         __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512cd")
+                && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")
+                && __builtin_cpu_supports("avx512bw"))
+            return 2;
         return __builtin_cpu_supports("avx2") ? 1 : 0;
     #else
         return 0;
@@ -159,7 +168,7 @@ cdef extern from *:
     enum: NK_ACC
     enum: NK_HAVE_VEC
     void nk_shifted_f32(const float* p, Py_ssize_t n, double k, double* s1, double* s2) nogil
-    int nk_cpu_has_avx2()
+    int nk_cpu_level()
     int nk_omp_max_threads() nogil
 
 NAME = "cython"
@@ -230,9 +239,9 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _cpu_has_avx2():
-    """True if this CPU can run the AVX2 build of these kernels."""
-    return bool(nk_cpu_has_avx2())
+def _cpu_simd_level():
+    """Which build this CPU can run: 0 baseline, 1 AVX2, 2 AVX-512."""
+    return nk_cpu_level()
 
 
 def _split_flags(const char* s):

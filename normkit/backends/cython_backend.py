@@ -2,15 +2,15 @@
 
 This module only picks a compiled module and re-exports its functions, so a call from
 the registry goes straight into the extension. setup.py builds the kernels portably
-(``_cython_kernels``) and, on x86, once more with AVX2 (``_cython_kernels_avx2``,
-same source, bitwise identical results, about 1.5x faster where the float32
-statistics are compute-bound); the AVX2 build is used when the CPU has AVX2, unless
-``NORMKIT_CYTHON_SIMD=baseline``.
+(``_cython_kernels``) and, on x86, also with AVX2 and with AVX-512 flags
+(``_cython_kernels_avx2`` / ``_avx512``); the best build this CPU runs is used.
+``NORMKIT_CYTHON_SIMD=baseline|avx2|avx512`` caps the choice.
 
 If the extension was not built, importing this module raises ImportError saying how
 to build it; the registry then reports ``cython`` as unavailable and the other
 backends keep working.
 """
+import importlib
 import os
 
 try:
@@ -21,13 +21,16 @@ except ImportError as exc:
         "from a source checkout with a C compiler: `pip install -e .`."
     ) from exc
 
-_variants = ["baseline"]
-if os.environ.get("NORMKIT_CYTHON_SIMD", "auto").lower() != "baseline" and _ext._cpu_has_avx2():
-    try:
-        from . import _cython_kernels_avx2 as _ext
-        _variants.append("avx2")
-    except ImportError:       # not built (non-x86 build host, NORMKIT_NATIVE=1, ...)
-        pass
+_LEVELS = {"baseline": 0, "avx2": 1, "avx512": 2}
+_cap = _LEVELS.get(os.environ.get("NORMKIT_CYTHON_SIMD", "auto").strip().lower(), 2)
+_level = min(_ext._cpu_simd_level(), _cap)
+for _name in ("avx512", "avx2"):
+    if _LEVELS[_name] <= _level:
+        try:
+            _ext = importlib.import_module(f"{__package__}._cython_kernels_{_name}")
+            break
+        except ImportError:   # not built (non-x86 build host, NORMKIT_NATIVE=1, ...)
+            continue
 
 NAME = "cython"
 plane_moments = _ext.plane_moments
@@ -47,5 +50,5 @@ get_num_threads = _ext.get_num_threads
 def info() -> dict:
     """What was built and how calls run (for ``python -m normkit info``)."""
     d = _ext.info()
-    d["simd_builds_loaded"] = _variants
+    d["cpu_simd_level"] = ["baseline", "avx2", "avx512"][_ext._cpu_simd_level()]
     return d
