@@ -7,12 +7,14 @@ of the same number of bytes (the memory-bound floor), and the peers that are ins
 each result against the normkit ``numpy`` backend, then times them.
 
 Timing: one warm-up call (JIT compilation, first-touch page faults), a calibration
-call that picks how many calls make one sample (so a sample lasts a few ms), then
-rounds in which every implementation takes one sample in turn (the order rotates every
-round). Interleaving makes a burst of load from other processes hit every column alike,
-so the *ratios* stay meaningful on a busy machine even when the absolute times do not.
-The reported time is the median per-call time over the rounds (``time.perf_counter``,
-garbage collector off while a sample runs). Calls shorter than 10 ms get one untimed
+call that picks how many calls make one sample (calls of 0.5 ms or more are timed one
+by one, shorter ones in a loop lasting ~0.5 ms), then rounds in which every
+implementation takes one sample in turn (the order rotates every round), for a time
+budget per case. Interleaving makes a burst of load from other processes hit every
+column alike, so the *ratios* stay meaningful on a busy machine even when the absolute
+times do not; short samples and the median let occasional scheduler stalls spoil single
+samples rather than the result. The reported time is the median per-call time over the
+rounds (``time.perf_counter``, garbage collector off while a sample runs). Calls shorter than 10 ms get one untimed
 call right before each sample, so threads another library left spinning (OpenMP, ORT)
 and cold caches do not land on the next column.
 
@@ -41,12 +43,17 @@ from . import _bench_cases as C
 
 __all__ = ["add_arguments", "run", "main", "TIERS"]
 
-#: (seconds of rounds per case, minimum rounds, target seconds per sample)
+#: (seconds of rounds per case, minimum rounds, target seconds per sample). Samples are
+#: short (calls >= 0.5 ms are timed one by one) so that the median over many samples
+#: shrugs off the scheduler stalls of a shared machine: a 2-thread call whose second
+#: thread is descheduled waits a whole tick (4 ms), and one such stall must spoil one
+#: sample, not a long loop of calls.
 TIERS = {
-    "quick": (0.25, 3, 0.002),
-    "default": (0.6, 5, 0.004),
-    "full": (2.0, 9, 0.010),
+    "quick": (0.25, 3, 0.0005),
+    "default": (0.6, 5, 0.0005),
+    "full": (2.0, 9, 0.0005),
 }
+_MAX_ROUNDS = 2000
 PEERS = ("numpy", "torch", "onnxruntime")
 PEER_LABEL = {"numpy": "plain-numpy", "torch": "torch", "onnxruntime": "onnxruntime"}
 _PRECALL_BELOW = 0.010
@@ -339,7 +346,7 @@ def measure_case(case, impls, tier="default", check=True, progress=None, budget=
                 del samples[impl.id]
         rounds += 1
         elapsed = time.perf_counter() - t_start
-        if rounds >= 200 or (rounds >= min_rounds and elapsed >= seconds) \
+        if rounds >= _MAX_ROUNDS or (rounds >= min_rounds and elapsed >= seconds) \
                 or (rounds >= 3 and elapsed >= 3 * seconds):
             break
     for impl, fn, t, number in ready:
@@ -531,10 +538,12 @@ def legend(meta):
 
 def header_line(meta):
     peers = ", ".join(f"{k} {v}" for k, v in meta["peers"].items()) or "none"
+    load = meta.get("load_avg_1min")
     return (f"normkit {meta['normkit']} bench, {meta['date']}: {meta['threads']} threads; "
             f"backends: {', '.join(meta['backends'])}; peers: {peers}; "
             f"{meta['cpu']} ({meta['cpus']} CPUs), Python {meta['python']}, "
-            f"NumPy {meta['numpy']}")
+            f"NumPy {meta['numpy']}" + (f"; load average at start {load}" if load is not None
+                                        else ""))
 
 
 # ====================================================================== CLI
@@ -657,6 +666,10 @@ def _run(args) -> int:
         progress.close()
     meta["seconds"] = round(time.perf_counter() - t0, 1)
     meta["interrupted"] = interrupted
+    try:
+        meta["load_avg_1min_end"] = round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        meta["load_avg_1min_end"] = None
 
     header, rows = table_rows(records, impls)
     out = sys.stdout
@@ -676,11 +689,13 @@ def _run(args) -> int:
         print(file=out)
         for line in legend(meta) + notes + summary_lines(records, impls):
             print(line, file=out)
+    end_load = meta["load_avg_1min_end"]
+    end = f", load average at the end {end_load}" if end_load is not None else ""
     if interrupted:
         print(f"\ninterrupted: {len(records)} of {len(cases)} cases measured "
-              f"({meta['seconds']} s)", file=out)
+              f"({meta['seconds']} s{end})", file=out)
     else:
-        print(f"\n{len(records)} cases in {meta['seconds']} s", file=out)
+        print(f"\n{len(records)} cases in {meta['seconds']} s{end}", file=out)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(_finite({"meta": meta, "notes": notes, "records": records}), f,
