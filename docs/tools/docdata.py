@@ -180,6 +180,13 @@ def speed_subs(d: dict) -> dict:
                               ["---"] + ["--:"] * (len(present) + 1)),
         "bench_date": meta.get("date", "?")[:10],
         "bench_threads": str(meta.get("threads")),
+        "bench_threads_note": (
+            "It ran single-threaded (`--threads 1`, for normkit, PyTorch and ONNX Runtime "
+            "alike): the machine was shared with other work, and a multi-threaded call "
+            "waits for its slowest, possibly descheduled, thread, which made two-thread "
+            "timings there mostly a measure of the other load. What more threads add on an "
+            "idle machine is not measured here: run `python -m normkit bench` on yours."
+            if meta.get("threads") == 1 else ""),
         "bench_cpu": f"{meta.get('cpu')} ({meta.get('cpus')} CPUs)",
         "bench_load": str(meta.get("load_avg_1min")),
         "bench_command": f"`{_clean_command(meta.get('command', 'python -m normkit bench'))}`",
@@ -187,6 +194,20 @@ def speed_subs(d: dict) -> dict:
         "bench_cases": str(len(records)),
         "bench_versions": ", ".join(f"{k} {v}" for k, v in meta.get("peers", {}).items()),
     }
+    behind = []
+    for r in records:
+        res = r["results"]
+        best = min((res[b]["median_s"] for b in backends
+                    if res.get(b, {}).get("status") == "ok"), default=math.nan)
+        peers = [(res[p]["median_s"], p) for p in ("torch", "onnxruntime")
+                 if res.get(p, {}).get("status") == "ok"]
+        if peers and math.isfinite(best):
+            t, p = min(peers)
+            if best > 1.25 * t:
+                behind.append((best / t, f"`{r['case']}` ({best / t:.1f}x slower than {p})"))
+    behind.sort(reverse=True)
+    s["bench_behind"] = ("; ".join(text for _, text in behind) if behind
+                         else "none (no case more than 1.25x slower than the fastest peer)")
     for peer, rs in ratios.items():
         if rs:
             geo = math.exp(sum(math.log(x) for x in rs) / len(rs))
