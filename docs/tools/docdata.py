@@ -180,6 +180,8 @@ def speed_subs(d: dict) -> dict:
                               ["---"] + ["--:"] * (len(present) + 1)),
         "bench_date": meta.get("date", "?")[:10],
         "bench_threads": str(meta.get("threads")),
+        "bench_threads_text": f"{meta.get('threads')} thread"
+                              + ("" if meta.get("threads") == 1 else "s"),
         "bench_threads_note": (
             "It ran single-threaded (`--threads 1`, for normkit, PyTorch and ONNX Runtime "
             "alike): the machine was shared with other work, and a multi-threaded call "
