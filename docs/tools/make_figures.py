@@ -4,7 +4,7 @@ One command does it all, from the repository root::
 
     python docs/tools/make_figures.py              # full runs (~30 min on 2 cores)
     python docs/tools/make_figures.py --plot-only  # re-plot from the committed data
-    python docs/tools/make_figures.py --fast --out /tmp/figs   # reduced variant, seconds
+    python docs/tools/make_figures.py --fast --out /tmp/figs   # reduced variant, < 1 min
 
 Outputs: data in ``docs/_data/`` (JSON) and figures in ``docs/figures/`` (PNG), both
 committed, so the documentation build only reads them and never retrains. ``--out DIR``
@@ -15,8 +15,9 @@ Figures:
 1. ``accuracy_vs_batch.png``: test accuracy (eval mode) of a tiny conv net trained on
    scikit-learn's digits with plain SGD, for BatchNorm, GroupNorm, LayerNorm and no
    normalization at batch sizes 2..64, several seeds (``tools/digits_net.py``).
-2. ``speed.png``: time per call per norm, backend and layout next to PyTorch and ONNX
-   Runtime (from ``python -m normkit bench --json`` when available, else timed here).
+2. ``speed.png``: throughput per norm, backend and layout next to PyTorch and ONNX
+   Runtime, from the benchmark suite (``python -m normkit bench --json``); the same
+   part also measures import time and first-call latency (``coldstart.json``).
 3. ``stat_noise.png``: relative standard error of the batch variance vs batch size,
    naive (n = N*H*W), effective sample size (Kish), and measured over random batches.
 4. ``train_eval_gap.png``: how far BatchNorm's eval-mode outputs drift from its
