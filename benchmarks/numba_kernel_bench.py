@@ -1,6 +1,7 @@
 """Scratch benchmark: the Numba kernels composed into each norm, against torch, in one process.
 
     python benchmarks/numba_kernel_bench.py [--threads 2] [--rounds 15] [--only SUBSTR]
+    python benchmarks/numba_kernel_bench.py --fused [--rounds 41]   # fused kernels only
 
 Every case is timed by alternating torch and normkit samples (each sample a loop long
 enough to be >= ~2 ms) so that machine noise hits both alike; medians are reported.
@@ -114,6 +115,27 @@ def group_norm(x4, G, w, b, eps=1e-5):
     return out.reshape(x4.shape)
 
 
+def group_norm_fused(x4, G, w, b, eps=1e-5):
+    """GroupNorm/InstanceNorm through the one fused kernel (x read from memory once)."""
+    N, C = x4.shape[:2]
+    x = x4.reshape(N, C, -1)
+    out = np.empty_like(x)
+    nb.channels_first_group_forward(x, G, w, b, eps, out)
+    return out.reshape(x4.shape)
+
+
+def bn_eval_nchw_act(x4, rm, rv, w, b, residual=None, relu=True, eps=1e-5):
+    """relu(bn(x) [+ residual]) in one pass (channels_first_affine_act)."""
+    N, C = x4.shape[:2]
+    x = x4.reshape(N, C, -1)
+    rstd = 1.0 / np.sqrt(rv + eps)
+    scale = (w * rstd).astype(x.dtype)[None]
+    out = np.empty_like(x)
+    r = None if residual is None else residual.reshape(x.shape)
+    nb.channels_first_affine_act(x, rm.astype(x.dtype)[None], scale, b[None], r, relu, out)
+    return out.reshape(x4.shape)
+
+
 # ------------------------------------------------------------ timing
 def _loop(fn, reps):
     t = time.perf_counter()
@@ -172,8 +194,89 @@ def startup(runs):
             print(f"{label:10s} " + "  ".join(f"{v:>7s}" for v in out), flush=True)
 
 
+def fused_cases(args, dt, tdt, rng):
+    """The fused kernels against the unfused path they replace and against torch.
+
+    Every implementation of a case is sampled in turn (interleaved rounds), outputs
+    allocated inside the call on every side. GB/s is the least traffic of the *task*
+    (the same for every implementation: GN and BN+ReLU read x and write y, the residual
+    case also reads r), so it compares like with like.
+    """
+    table = []
+
+    def run(title, nbytes, entries, check=None):
+        if args.only and args.only not in title:
+            return
+        ts = compare([fn for _, fn in entries], args.rounds)
+        t_torch = ts[0][0]
+        for (label, _), (med, mn) in zip(entries, ts):
+            table.append((title, label, med, mn, nbytes / med / 1e9, med / t_torch))
+            print(f"{title:34s} {label:34s} {med * 1e3:8.3f} ms (min {mn * 1e3:.3f})  "
+                  f"{nbytes / med / 1e9:6.1f} GB/s  /torch {med / t_torch:5.2f}", flush=True)
+        if check is not None:
+            check()
+
+    def arr(*shape):
+        return rng.standard_normal(shape).astype(dt)
+
+    def close(a, b, tol=None):
+        tol = tol or (2e-4 if dt == np.float32 else 1e-9)
+        b = b.detach().numpy() if hasattr(b, "detach") else b
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+
+    for shape, G in [((32, 64, 56, 56), 32), ((8, 256, 28, 28), 32), ((8, 64, 56, 56), 64)]:
+        C = shape[1]
+        x = arr(*shape)
+        w, b = arr(C), arr(C)
+        tx, tw, tb = map(torch.from_numpy, (x, w, b))
+        kind = "IN" if G == C else f"GN{G}"
+        run(f"{kind} {shape}", 2 * x.nbytes, [
+            ("torch F.group_norm", lambda: F.group_norm(tx, G, tw, tb)),
+            ("fused channels_first_group_forward", lambda: group_norm_fused(x, G, w, b)),
+            ("plane_moments + channels_first_affine", lambda: group_norm(x, G, w, b)),
+        ], lambda: (close(group_norm_fused(x, G, w, b), F.group_norm(tx, G, tw, tb)),
+                    close(group_norm(x, G, w, b), F.group_norm(tx, G, tw, tb))))
+
+    shape = (32, 64, 56, 56)
+    C = shape[1]
+    x, r = arr(*shape), arr(*shape)
+    w, b, rm = arr(C), arr(C), arr(C)
+    rv = (np.abs(arr(C)) + 0.5).astype(dt)
+    tx, tr, tw, tb, trm, trv = map(torch.from_numpy, (x, r, w, b, rm, rv))
+
+    def t_bn():
+        return F.batch_norm(tx, trm, trv, tw, tb, False)
+
+    run(f"BN eval NCHW {shape}", 2 * x.nbytes, [
+        ("torch batch_norm", t_bn),
+        ("channels_first_affine", lambda: bn_eval_nchw(x, rm, rv, w, b)),
+        ("affine_act(None, relu=False)", lambda: bn_eval_nchw_act(x, rm, rv, w, b, None, False)),
+    ], lambda: close(bn_eval_nchw_act(x, rm, rv, w, b, None, False), t_bn()))
+    run(f"BN eval + ReLU NCHW {shape}", 2 * x.nbytes, [
+        ("torch relu(batch_norm) (2 ops)", lambda: F.relu(t_bn())),
+        ("affine_act(relu)", lambda: bn_eval_nchw_act(x, rm, rv, w, b, None, True)),
+        ("channels_first_affine", lambda: bn_eval_nchw(x, rm, rv, w, b)),
+    ], lambda: close(bn_eval_nchw_act(x, rm, rv, w, b, None, True), F.relu(t_bn())))
+    run(f"BN eval + res + ReLU NCHW {shape}", 3 * x.nbytes, [
+        ("torch relu(bn(x) + r) (3 ops)", lambda: F.relu(t_bn() + tr)),
+        ("torch bn(x).add_(r).relu_()", lambda: t_bn().add_(tr).relu_()),
+        ("affine_act(residual, relu)", lambda: bn_eval_nchw_act(x, rm, rv, w, b, r, True)),
+        ("channels_first_affine", lambda: bn_eval_nchw(x, rm, rv, w, b)),
+    ], lambda: close(bn_eval_nchw_act(x, rm, rv, w, b, r, True), F.relu(t_bn() + tr)))
+
+    print()
+    print(f"threads={args.threads}, {args.dtype}, layer={nb.info()['threading_layer']}, "
+          f"medians of {args.rounds} interleaved samples (min in brackets)")
+    print("| case | implementation | ms | GB/s | time / torch |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for title, label, med, mn, gbs, ratio in table:
+        print(f"| {title} | {label} | {med * 1e3:.3f} [{mn * 1e3:.3f}] | {gbs:.1f} | {ratio:.2f} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--fused", action="store_true",
+                    help="only the fused kernels (GroupNorm forward, affine + residual + ReLU)")
     ap.add_argument("--startup", type=int, default=0,
                     help="only time import and first calls in N warm fresh processes")
     ap.add_argument("--threads", type=int, default=2)
@@ -188,6 +291,8 @@ def main():
     dt = np.dtype(args.dtype)
     tdt = getattr(torch, args.dtype)
     rng = np.random.default_rng(0)
+    if args.fused:
+        return fused_cases(args, dt, tdt, rng)
 
     rows = []
 

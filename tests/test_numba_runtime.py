@@ -450,3 +450,27 @@ def test_workqueue_layer_fork_child_stays_parallel():
         print(data.decode())
     """, env={"NUMBA_THREADING_LAYER": "workqueue"})
     assert out == {"ok": True, "serial_only": False}
+
+
+def test_group_forward_does_not_depend_on_thread_count():
+    """The fused GroupNorm forward: one item per block gives bit-identical results on
+    1 and on all threads; a single huge block (split across threads, partials merged
+    with Chan's formula) agrees to rounding."""
+    rng = np.random.default_rng(6)
+    old = nb._S.threads
+    try:
+        for shape, g, exact in (((8, 64, 3136), 32, True), ((1, 2, 300000), 1, False)):
+            x = (rng.standard_normal(shape) * 2 + 1e3).astype(np.float32)
+            w = rng.standard_normal(shape[1]).astype(np.float32)
+            res = []
+            for n in (1, nb._MAX_THREADS):
+                nb.set_num_threads(n)
+                out = np.empty_like(x)
+                res.append(list(nb.channels_first_group_forward(x, g, w, w, 1e-5, out)) + [out])
+            for a, b in zip(*res):
+                if exact:
+                    np.testing.assert_array_equal(a, b)
+                else:
+                    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    finally:
+        nb.set_num_threads(old)

@@ -65,6 +65,10 @@ _CHUNK = 1 << 16
 _CHUNK_EW = 1 << 16
 _MIN_CHUNK = 1 << 11            # never split a row into pieces smaller than this
 _ITEMS_PER_THREAD = 4
+# GroupNorm fused forward: split a (sample, group) block across threads only when there
+# are fewer blocks than threads and a block is larger than this (one item per block is
+# then too coarse); otherwise each block is one item, read from memory once.
+_GROUP_SPLIT = 1 << 18
 
 
 class _State:
@@ -346,6 +350,60 @@ def channels_last_grad_apply(dy, x, shift, coef_dy, coef_x, coef_1, dx):
     nc = _split_rows(S, C, N, _CHUNK_EW, par) if par else 1
     fn = _kernel("channels_last_grad_apply", x.dtype, par)
     args = (dy, x, shift, coef_dy, coef_x, coef_1, dx, nc)
+    if par:
+        _run(fn, args)
+    else:
+        fn(*args)
+
+
+def channels_first_group_forward(x, groups, weight, bias, eps, out):
+    N, C, S = x.shape
+    G = int(groups)
+    NG = N * G
+    L = (C // G) * S
+    mean = np.empty(NG)
+    rstd = np.empty(NG)
+    par = _par(x.size)
+    nc = 1
+    if par and NG < _S.threads and L > _GROUP_SPLIT:
+        nc = _split(L, NG, _CHUNK, par)
+    fn = _kernel("channels_first_group_forward", x.dtype, par)
+    args = (x, G, weight, bias, float(eps), out, nc, mean, rstd)
+    if par:
+        _run(fn, args)
+    else:
+        fn(*args)
+    return mean.reshape(N, G), rstd.reshape(N, G)
+
+
+def channels_first_affine_act(x, shift, scale, offset, residual, relu, out):
+    N, C, S = x.shape
+    if S == 1 and C > 1:
+        return channels_last_affine_act(
+            _first_as_last(x), shift, scale, offset,
+            None if residual is None else _first_as_last(residual), relu,
+            _first_as_last(out))
+    has_res = residual is not None
+    # No residual: x stands in for it and the kernel takes its residual-free loop.
+    res = residual if has_res else x
+    par = _par(x.size)
+    nc = _split(S, N * C, _CHUNK_EW, par) if par else 1
+    fn = _kernel("channels_first_affine_act", x.dtype, par)
+    args = (x, shift, scale, offset, res, has_res, bool(relu), out, nc)
+    if par:
+        _run(fn, args)
+    else:
+        fn(*args)
+
+
+def channels_last_affine_act(x, shift, scale, offset, residual, relu, out):
+    N, S, C = x.shape
+    has_res = residual is not None
+    res = residual if has_res else x
+    par = _par(x.size)
+    nc = _split_rows(S, C, N, _CHUNK_EW, par) if par else 1
+    fn = _kernel("channels_last_affine_act", x.dtype, par)
+    args = (x, shift, scale, offset, res, has_res, bool(relu), out, nc)
     if par:
         _run(fn, args)
     else:

@@ -13,6 +13,11 @@ Layout of this file
   ``parallel=True`` and a serial twin (``prange`` is then a plain ``range``), under two
   qualnames so that their ``cache=True`` entries never collide (Numba's cache index is
   keyed by qualname and signature, not by the ``parallel`` flag).
+* Fused kernels: ``channels_first_group_forward`` takes one (sample, group) block per
+  item (statistics, then the normalized output while the block is in L1/L2: x is read
+  from memory once), or splits a few huge blocks into chunks; ``*_affine_act`` add an
+  optional residual and ReLU to the affine, each combination (and each aliasing of
+  x / residual / out) a separate constant-folded loop, so the plain case costs nothing.
 * Reductions never ``+=`` into a shared array inside ``prange``: every item writes its
   own partial (a slot, or a row of a partial buffer), and a second loop merges them.
 
@@ -33,6 +38,9 @@ from numba import njit, prange, types
 
 # Flags that let a float reduction vectorize, and nothing more (no nnan/ninf/nsz).
 _FM = {"reassoc", "contract"}
+# The longest piece of a row that one two-pass moment pass covers (``_h_block_moments``):
+# 256 KiB in float32 / 512 KiB in float64, so the second pass rereads it from L2.
+_BLOCK = 1 << 16
 
 
 # ============================================================ helpers: reductions
@@ -143,6 +151,164 @@ def _h_affine(a, o, lo, hi, sh, sc, of):
     else:
         for i in range(av.shape[0]):
             ov[i] = (av[i] - sh) * sc + of
+
+
+@njit(cache=True)
+def _l_act(a, r, o, sh, sc, of, res, relu):
+    """o = (a - sh) * sc + of [+ r] [then ReLU] over whole (equal-length) vectors.
+
+    Called from ``_h_affine_act`` with literal ``res``/``relu`` and with the *same*
+    array object for operands that alias (in place): once LLVM inlines it the flags
+    fold away and aliased operands are one pointer, so every variant vectorizes
+    without a runtime overlap check (that check fails on exact aliasing and would run
+    the scalar loop). ``z if v < z else v`` keeps NaN (as torch.relu).
+    """
+    z = o.dtype.type(0)
+    for i in range(o.shape[0]):
+        v = (a[i] - sh) * sc + of
+        if res:
+            v = v + r[i]
+        if relu:
+            v = z if v < z else v
+        o[i] = v
+
+
+@njit(cache=True)
+def _h_affine_act(a, r, o, lo, hi, sh, sc, of, res, relu):
+    av = a[lo:hi]
+    ov = o[lo:hi]
+    xo = av.ctypes.data == ov.ctypes.data
+    if res:
+        rv = r[lo:hi]
+        ro = rv.ctypes.data == ov.ctypes.data
+        if relu:
+            if xo and ro:
+                _l_act(ov, ov, ov, sh, sc, of, True, True)
+            elif xo:
+                _l_act(ov, rv, ov, sh, sc, of, True, True)
+            elif ro:
+                _l_act(av, ov, ov, sh, sc, of, True, True)
+            else:
+                _l_act(av, rv, ov, sh, sc, of, True, True)
+        else:
+            if xo and ro:
+                _l_act(ov, ov, ov, sh, sc, of, True, False)
+            elif xo:
+                _l_act(ov, rv, ov, sh, sc, of, True, False)
+            elif ro:
+                _l_act(av, ov, ov, sh, sc, of, True, False)
+            else:
+                _l_act(av, rv, ov, sh, sc, of, True, False)
+    elif relu:
+        if xo:
+            _l_act(ov, ov, ov, sh, sc, of, False, True)
+        else:
+            _l_act(av, av, ov, sh, sc, of, False, True)
+    else:
+        if xo:
+            _l_act(ov, ov, ov, sh, sc, of, False, False)
+        else:
+            _l_act(av, av, ov, sh, sc, of, False, False)
+
+
+@njit(cache=True)
+def _l_act_row(a, r, o, sh, sc, of, res, relu):
+    """``_l_act`` for one channels-last row: per-channel parameter vectors."""
+    z = o.dtype.type(0)
+    for c in range(o.shape[0]):
+        v = (a[c] - sh[c]) * sc[c] + of[c]
+        if res:
+            v = v + r[c]
+        if relu:
+            v = z if v < z else v
+        o[c] = v
+
+
+@njit(cache=True)
+def _h_affine_act_rows(a, r, o, lo, hi, sh, sc, of, res, relu):
+    xo = a.ctypes.data == o.ctypes.data
+    ro = res and r.ctypes.data == o.ctypes.data
+    for s in range(lo, hi):
+        ov = o[s]
+        if res:
+            if relu:
+                if xo and ro:
+                    _l_act_row(ov, ov, ov, sh, sc, of, True, True)
+                elif xo:
+                    _l_act_row(ov, r[s], ov, sh, sc, of, True, True)
+                elif ro:
+                    _l_act_row(a[s], ov, ov, sh, sc, of, True, True)
+                else:
+                    _l_act_row(a[s], r[s], ov, sh, sc, of, True, True)
+            else:
+                if xo and ro:
+                    _l_act_row(ov, ov, ov, sh, sc, of, True, False)
+                elif xo:
+                    _l_act_row(ov, r[s], ov, sh, sc, of, True, False)
+                elif ro:
+                    _l_act_row(a[s], ov, ov, sh, sc, of, True, False)
+                else:
+                    _l_act_row(a[s], r[s], ov, sh, sc, of, True, False)
+        elif relu:
+            if xo:
+                _l_act_row(ov, ov, ov, sh, sc, of, False, True)
+            else:
+                _l_act_row(a[s], a[s], ov, sh, sc, of, False, True)
+        else:
+            if xo:
+                _l_act_row(ov, ov, ov, sh, sc, of, False, False)
+            else:
+                _l_act_row(a[s], a[s], ov, sh, sc, of, False, False)
+
+
+@njit(cache=True)
+def _h_block_moments(a, lo, hi):
+    """Mean and M2 of a[lo:hi], float64: two-pass per piece of <= _BLOCK values (each
+    piece reread from L1/L2, not memory), pieces merged in order with Chan's formula."""
+    n = hi - lo
+    npc = (n + _BLOCK - 1) // _BLOCK
+    if npc <= 1:
+        mu = _h_sum(a, lo, hi) / n
+        return mu, _h_ssd(a, lo, hi, mu)
+    na = 0.0
+    ma = 0.0
+    qa = 0.0
+    for j in range(npc):
+        l = lo + j * n // npc
+        h = lo + (j + 1) * n // npc
+        nb = float(h - l)
+        mb = _h_sum(a, l, h) / nb
+        qb = _h_ssd(a, l, h, mb)
+        if j == 0:
+            na = nb
+            ma = mb
+            qa = qb
+        else:
+            m = na + nb
+            delta = mb - ma
+            qa = qa + qb + delta * delta * (na * nb / m)
+            ma = (na * ma + nb * mb) / m
+            na = m
+    return ma, qa
+
+
+@njit(cache=True)
+def _h_group_out(xr, o, lo, hi, S, c0, w, b, mu, rs):
+    """Normalize values [lo, hi) of one (sample, group) block: value k is in channel
+    c0 + k // S. out = (x - sh) * a + (b - (mu - sh) * a) with sh = mu rounded to the
+    data's dtype and a = rs * w[c]: (x - sh) is exact near the mean and the part of the
+    mean that the rounding lost is folded into the offset in float64 (as the unfused
+    path does), so float32 output stays accurate when |mean| >> std."""
+    t = xr.dtype.type
+    sh = t(mu)
+    ml = mu - np.float64(sh)
+    k = lo
+    while k < hi:
+        c = k // S
+        e = min(hi, (c + 1) * S)
+        a = rs * w[c0 + c]
+        _h_affine(xr, o, k, e, sh, t(a), t(b[c0 + c] - ml * a))
+        k = e
 
 
 @njit(cache=True)
@@ -429,6 +595,79 @@ def _d_channels_last_grad_apply(dy, x, shift, coef_dy, coef_x, coef_1, dx, nc):
                        shift[pn], coef_dy[pn], coef_x[pn], coef_1[pn])
 
 
+def _d_channels_first_group_forward(x, groups, w, b, eps, out, nc, mean, rstd):
+    N, C, S = x.shape
+    Cg = C // groups
+    L = Cg * S
+    NG = N * groups
+    xb = x.reshape((NG, L))
+    ob = out.reshape((NG, L))
+    if nc == 1:
+        # One item per (sample, group) block: statistics, then normalize it while it
+        # is still in L1/L2 -- x is read from memory once.
+        for p in prange(NG):
+            row = xb[p]
+            mu, q = _h_block_moments(row, 0, L)
+            rs = 1.0 / np.sqrt(q / L + eps)
+            mean[p] = mu
+            rstd[p] = rs
+            _h_group_out(row, ob[p], 0, L, S, (p % groups) * Cg, w, b, mu, rs)
+    else:
+        # Few huge blocks: split each into nc chunks for the statistics (partials merged
+        # with Chan's formula), then normalize the chunks in parallel.
+        cm = np.empty(NG * nc)
+        cq = np.empty(NG * nc)
+        for it in prange(NG * nc):
+            p = it // nc
+            j = it - p * nc
+            mu, q = _h_block_moments(xb[p], j * L // nc, (j + 1) * L // nc)
+            cm[it] = mu
+            cq[it] = q
+        for p in range(NG):
+            na = float(L // nc)
+            ma = cm[p * nc]
+            qa = cq[p * nc]
+            for j in range(1, nc):
+                nb = float((j + 1) * L // nc - j * L // nc)
+                mb = cm[p * nc + j]
+                n = na + nb
+                delta = mb - ma
+                qa = qa + cq[p * nc + j] + delta * delta * (na * nb / n)
+                ma = (na * ma + nb * mb) / n
+                na = n
+            mean[p] = ma
+            rstd[p] = 1.0 / np.sqrt(qa / L + eps)
+        for it in prange(NG * nc):
+            p = it // nc
+            j = it - p * nc
+            _h_group_out(xb[p], ob[p], j * L // nc, (j + 1) * L // nc, S,
+                         (p % groups) * Cg, w, b, mean[p], rstd[p])
+
+
+def _d_channels_first_affine_act(x, shift, scale, offset, res, has_res, relu, out, nc):
+    N, C, S = x.shape
+    per = shift.shape[0] > 1
+    for it in prange(N * C * nc):
+        pl = it // nc
+        j = it - pl * nc
+        n = pl // C
+        c = pl - n * C
+        pn = n if per else 0
+        _h_affine_act(x[n, c], res[n, c], out[n, c], j * S // nc, (j + 1) * S // nc,
+                      shift[pn, c], scale[pn, c], offset[pn, c], has_res, relu)
+
+
+def _d_channels_last_affine_act(x, shift, scale, offset, res, has_res, relu, out, nc):
+    N, S, C = x.shape
+    per = shift.shape[0] > 1
+    for it in prange(N * nc):
+        n = it // nc
+        j = it - n * nc
+        pn = n if per else 0
+        _h_affine_act_rows(x[n], res[n], out[n], j * S // nc, (j + 1) * S // nc,
+                           shift[pn], scale[pn], offset[pn], has_res, relu)
+
+
 # ============================================================ signatures
 def _A(dt, nd, ro=False):
     return types.Array(dt, nd, "C", readonly=ro)
@@ -442,6 +681,7 @@ def _signature(kernel, T):
     p1, p2 = _A(T, 1, True), _A(T, 2, True)
     o2, o3 = _A(T, 2), _A(T, 3)
     s1, s2 = _A(f8, 1), _A(f8, 2)
+    b1 = types.boolean
     return {
         "plane_moments": (x2, i8, s1, s1),
         "channels_last_moments": (x3, i8, s2, s2),
@@ -454,6 +694,9 @@ def _signature(kernel, T):
         "channels_last_grad_sums": (x3, x3, p2, i8, s2, s2),
         "channels_first_grad_apply": (x3, x3, p2, p2, p2, p2, o3, i8),
         "channels_last_grad_apply": (x3, x3, p2, p2, p2, p2, o3, i8),
+        "channels_first_group_forward": (x3, i8, p1, p1, f8, o3, i8, s1, s1),
+        "channels_first_affine_act": (x3, p2, p2, p2, x3, b1, b1, o3, i8),
+        "channels_last_affine_act": (x3, p2, p2, p2, x3, b1, b1, o3, i8),
     }[kernel]
 
 
@@ -468,6 +711,9 @@ DRIVERS = {
     "channels_last_grad_sums": _d_channels_last_grad_sums,
     "channels_first_grad_apply": _d_channels_first_grad_apply,
     "channels_last_grad_apply": _d_channels_last_grad_apply,
+    "channels_first_group_forward": _d_channels_first_group_forward,
+    "channels_first_affine_act": _d_channels_first_affine_act,
+    "channels_last_affine_act": _d_channels_last_affine_act,
 }
 
 _NUMBA_DTYPES = {np.dtype(np.float32): types.float32, np.dtype(np.float64): types.float64}

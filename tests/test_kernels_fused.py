@@ -1,0 +1,249 @@
+"""The fused kernels of normkit/backends/_spec.py against the NumPy reference.
+
+channels_first_group_forward (GroupNorm/InstanceNorm statistics + normalization in one
+pass) and channels_{first,last}_affine_act (affine + optional residual + optional ReLU
+in one pass), for every available backend: odd shapes, float32/float64, read-only
+inputs, in-place output (out is x, residual is out), N' = 1 and N' = N parameters,
+NaN/Inf propagation, and hard data (mean 1e4, std 1 in float32) where the fused
+kernel must be no less accurate than the two-kernel path it replaces.
+
+A backend that does not implement a kernel yet is skipped for that kernel (with the
+reason); once it adds the kernel these tests apply to it unchanged.
+"""
+import numpy as np
+import pytest
+
+import normkit
+from normkit.backends import numpy_ref as ref
+from normkit.backends import resolve
+
+BACKENDS = normkit.available_backends()
+DTYPES = [np.float32, np.float64]
+EPS = 1e-5
+
+
+def _kernel(be, name):
+    fn = getattr(be, name, None)
+    if fn is None:
+        pytest.skip(f"backend {be.NAME!r} does not implement {name} yet")
+    return fn
+
+
+@pytest.fixture(params=BACKENDS)
+def be(request):
+    return resolve(request.param)
+
+
+def _data(shape, dtype, seed, kind="normal"):
+    rng = np.random.default_rng(seed)
+    if kind == "normal":
+        a = rng.standard_normal(shape) * 2.0 + 0.5
+    elif kind == "offset":            # mean 1e4, std 1
+        a = rng.standard_normal(shape) + 1e4
+    elif kind == "constant":
+        a = np.full(shape, 1234.0)
+    a = a.astype(dtype)
+    a.setflags(write=False)           # kernels must accept read-only inputs
+    return a
+
+
+def _ro(a):
+    a = np.ascontiguousarray(a)
+    a.setflags(write=False)
+    return a
+
+
+# ====================================================================== group forward
+# (N, C, S, groups): odd sizes, a single value per block, InstanceNorm (groups == C),
+# LayerNorm-like (groups == 1), blocks large enough for the parallel path, and single
+# huge blocks (fewer blocks than threads: the block itself is split).
+GROUP_CASES = [
+    (1, 1, 1, 1), (1, 3, 17, 1), (1, 3, 17, 3), (3, 17, 5, 17), (2, 6, 1023, 3),
+    (17, 1, 3, 1), (4, 1023, 3, 1023), (2, 4, 1, 2), (5, 6, 7, 2), (1, 64, 130, 32),
+    (3, 32, 4096, 8), (2, 64, 3136, 32), (1, 2, 300000, 1), (1, 3, 150001, 1),
+    (2, 3, 70001, 3),
+]
+
+
+def _group_ref(x, groups, w, b):
+    out = np.empty(x.shape)
+    mean, rstd = ref.channels_first_group_forward(x, groups, w, b, EPS, out)
+    return mean, rstd, out
+
+
+def _group_params(c, dtype, seed):
+    rng = np.random.default_rng(seed)
+    return _ro(rng.standard_normal(c).astype(dtype)), _ro(rng.standard_normal(c).astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["normal", "offset", "constant"])
+@pytest.mark.parametrize("case", GROUP_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_group_forward(be, dtype, kind, case):
+    fn = _kernel(be, "channels_first_group_forward")
+    n, c, s, g = case
+    x = _data((n, c, s), dtype, 20, kind)
+    w, b = _group_params(c, dtype, 21)
+    out = np.empty_like(x)
+    mean, rstd = fn(x, g, w, b, EPS, out)
+    rmean, rrstd, rout = _group_ref(x, g, w, b)
+    assert mean.dtype == np.float64 and rstd.dtype == np.float64
+    assert mean.shape == (n, g) and rstd.shape == (n, g)
+    np.testing.assert_allclose(mean, rmean, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(rstd, rrstd, rtol=1e-7)
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(out, rout, rtol=tol, atol=tol)
+    # in place: out is x
+    y = x.copy()
+    mean2, rstd2 = fn(y, g, w, b, EPS, y)
+    np.testing.assert_array_equal(y, out)
+    np.testing.assert_array_equal(mean2, mean)
+    np.testing.assert_array_equal(rstd2, rstd)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(4, 6, 50), (4, 64, 3136), (1, 2, 300000)])
+def test_group_forward_nan_inf(be, dtype, shape):
+    fn = _kernel(be, "channels_first_group_forward")
+    n, c, s = shape
+    g = 2
+    x = np.random.default_rng(22).standard_normal(shape).astype(dtype)
+    x[0, 0, s // 2] = np.nan                  # block (0, 0)
+    x[-1, c - 1, s - 1] = np.inf              # block (N-1, 1)
+    w, b = _group_params(c, dtype, 23)
+    out = np.empty_like(x)
+    mean, rstd = fn(_ro(x), g, w, b, EPS, out)
+    rmean, rrstd, rout = _group_ref(x, g, w, b)
+    np.testing.assert_array_equal(np.isnan(mean), np.isnan(rmean))
+    np.testing.assert_array_equal(np.isnan(rstd), np.isnan(rrstd))
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(rout))
+    np.testing.assert_array_equal(np.isfinite(out), np.isfinite(rout))
+    half = c // g
+    assert np.isnan(out[0, :half]).all() and np.isnan(mean[0, 0])
+    assert not np.isfinite(out[-1, half:]).any() and not np.isfinite(mean[-1, 1])
+    if n > 1:
+        assert np.isfinite(out[0, half:]).all() and np.isfinite(out[-1, :half]).all()
+
+
+@pytest.mark.parametrize("shape, g", [((4, 8, 5000), 2), ((8, 64, 784), 64),
+                                      ((1, 2, 300000), 1)])
+def test_group_forward_hard_data_no_worse_than_unfused(be, shape, g):
+    """float32, mean 1e4, std 1: the fused kernel against the exact result, compared
+    with the two-kernel path it replaces (plane_moments, then channels_first_affine
+    with the mean split into a float32 shift and a float64 residual folded into the
+    offset, as normkit.functional does)."""
+    fn = _kernel(be, "channels_first_group_forward")
+    n, c, s = shape
+    x = _data(shape, np.float32, 24, "offset")
+    w, b = _group_params(c, np.float32, 25)
+    _, _, exact = _group_ref(x, g, w, b)
+    out = np.empty_like(x)
+    fn(x, g, w, b, EPS, out)
+    fused_err = np.abs(out - exact).max()
+
+    mean, m2 = be.plane_moments(x.reshape(n * g, -1))
+    rstd = 1.0 / np.sqrt(m2 / ((c // g) * s) + EPS)
+    mean_c = np.repeat(mean.reshape(n, g), c // g, axis=1)
+    scale = np.repeat(rstd.reshape(n, g), c // g, axis=1) * w
+    shift = mean_c.astype(np.float32)
+    offset = b - (mean_c - shift) * scale
+    two = np.empty_like(x)
+    be.channels_first_affine(x, shift, scale.astype(np.float32), offset.astype(np.float32), two)
+    unfused_err = np.abs(two - exact).max()
+    assert fused_err <= unfused_err * 1.01 + 1e-7, (fused_err, unfused_err)
+    assert fused_err < 2e-5 * np.abs(exact).max()
+
+
+# ====================================================================== affine + act
+SHAPES3 = [(1, 1, 1), (1, 3, 17), (2, 3, 1), (3, 17, 5), (2, 5, 1023), (17, 1, 3),
+           (1, 64, 130), (4, 1023, 3), (2, 7, 40000)]
+
+
+def _layout(shape, last):
+    n, c, s = shape
+    return (n, s, c) if last else (n, c, s)
+
+
+def _act_setup(shape, last, per_sample, dtype, seed):
+    kshape = _layout(shape, last)
+    x = _data(kshape, dtype, seed, "offset")
+    rng = np.random.default_rng(seed + 1)
+    np_ = shape[0] if per_sample else 1
+    shift = _ro(rng.standard_normal((np_, shape[1])) + 1e4).astype(dtype)
+    scale, offset = (_ro(rng.standard_normal((np_, shape[1])).astype(dtype)) for _ in range(2))
+    residual = _data(kshape, dtype, seed + 2)
+    return kshape, x, (shift, scale, offset), residual
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("relu", [False, True], ids=["id", "relu"])
+@pytest.mark.parametrize("with_res", [False, True], ids=["nores", "res"])
+@pytest.mark.parametrize("last", [False, True], ids=["first", "last"])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["N'=1", "N'=N"])
+@pytest.mark.parametrize("shape", SHAPES3, ids=lambda s: "x".join(map(str, s)))
+def test_affine_act(be, dtype, relu, with_res, last, per_sample, shape):
+    name = "channels_last_affine_act" if last else "channels_first_affine_act"
+    fn = _kernel(be, name)
+    kshape, x, params, residual = _act_setup(shape, last, per_sample, dtype, 30)
+    res = residual if with_res else None
+    out = np.empty_like(x)
+    fn(x, *params, res, relu, out)
+    rout = np.empty(kshape)
+    getattr(ref, name)(x, *params, res, relu, rout)
+    np.testing.assert_allclose(out, rout, rtol=1e-4 if dtype == np.float32 else 1e-12,
+                               atol=1e-3 if dtype == np.float32 else 1e-9)
+    if relu:
+        assert (out >= 0).all()
+    if not with_res and not relu:     # the plain affine is the same computation
+        plain = np.empty_like(x)
+        getattr(be, name.replace("_act", ""))(x, *params, plain)
+        np.testing.assert_array_equal(out, plain)
+    # in place: out is x
+    y = x.copy()
+    fn(y, *params, res, relu, y)
+    np.testing.assert_array_equal(y, out)
+    if with_res:
+        # the residual is out itself (in-place residual add)
+        o = residual.copy()
+        fn(x, *params, o, relu, o)
+        np.testing.assert_array_equal(o, out)
+        # out is x and the residual is out too: relu(affine(x) + x)
+        want = np.empty_like(x)
+        fn(x, *params, x, relu, want)
+        y = x.copy()
+        fn(y, *params, y, relu, y)
+        np.testing.assert_array_equal(y, want)
+        rwant = np.empty(kshape)
+        getattr(ref, name)(x, *params, x, relu, rwant)
+        np.testing.assert_allclose(want, rwant, rtol=1e-4 if dtype == np.float32 else 1e-12,
+                                   atol=2e-2 if dtype == np.float32 else 1e-9)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("last", [False, True], ids=["first", "last"])
+@pytest.mark.parametrize("shape", [(2, 3, 50), (4, 8, 40000)])
+def test_affine_act_nan_inf(be, dtype, last, shape):
+    """ReLU keeps NaN (as torch.relu), maps -Inf to 0; NaN/Inf in x or in the residual
+    propagate exactly like the reference."""
+    name = "channels_last_affine_act" if last else "channels_first_affine_act"
+    fn = _kernel(be, name)
+    kshape = _layout(shape, last)
+    rng = np.random.default_rng(40)
+    x = rng.standard_normal(kshape).astype(dtype)
+    r = rng.standard_normal(kshape).astype(dtype)
+    x.reshape(-1)[[3, 10, 17]] = [np.nan, np.inf, -np.inf]
+    r.reshape(-1)[[5, 10, 20]] = [np.nan, -np.inf, np.inf]
+    p = [np.ones((1, shape[1]), dtype), np.full((1, shape[1]), 2, dtype),
+         np.zeros((1, shape[1]), dtype)]
+    for res in (None, r):
+        for relu in (False, True):
+            out = np.empty_like(x)
+            fn(_ro(x), *p, None if res is None else _ro(res), relu, out)
+            rout = np.empty(kshape)
+            getattr(ref, name)(x, *p, res, relu, rout)
+            np.testing.assert_array_equal(np.isnan(out), np.isnan(rout))
+            np.testing.assert_allclose(out, rout, rtol=1e-6, atol=1e-6)   # NaN == NaN
+            flat = out.reshape(-1)
+            assert np.isnan(flat[3])
+            if relu:
+                assert flat[17] == 0 and (res is None or flat[20] == np.inf)
