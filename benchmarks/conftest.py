@@ -50,7 +50,7 @@ class BenchEnv:
         if key != self._data_key:
             self._data = None                     # free the previous case first
             units = C.make_data(case, smoke=self.smoke)
-            ref = C.to_arrays(C.normkit_runner(case, units, "numpy")())
+            ref = C.to_arrays(C.run_for_check(C.normkit_runner(case, units, "numpy")))
             self._data, self._data_key = (units, C.case_bytes(case, units), ref), key
         return self._data
 
@@ -107,9 +107,10 @@ def run_case(benchmark, bench_env):
         benchmark.extra_info.update({"case": case.name, "impl": impl_id, "bytes": nbytes,
                                      "threads": bench_env.threads,
                                      "mode": "smoke" if bench_env.smoke else "measure"})
-        if not bench_env.smoke:
-            fn()                                   # warm-up: JIT compilation, page faults
-        result = benchmark(fn)
+        # warm-up (JIT compilation, page faults) and the result to check: every unit's
+        # output (a timed call of a real-model case keeps only the last one)
+        result = C.run_for_check(fn)
+        benchmark(fn)
         if benchmark.stats is not None:
             median = benchmark.stats.stats.median
             benchmark.extra_info["GB/s"] = round(nbytes / median / 1e9, 3) if median else None

@@ -50,7 +50,7 @@ __all__ = [
     "Case", "Op", "NotApplicable", "OnnxNode", "CASES", "CASE_BY_NAME", "TAGS", "CATEGORIES",
     "RESNET50_BN_LAYERS", "BERT_BASE_LAYERNORMS", "select_cases", "make_data", "case_bytes",
     "normkit_runner", "plain_runner", "torch_runner", "onnx_units", "copy_runner",
-    "to_arrays", "max_rel_error",
+    "to_arrays", "max_rel_error", "run_for_check",
 ]
 
 
@@ -760,16 +760,38 @@ def case_bytes(case, units):
     return sum(case.op.traffic * u["x"].nbytes for u in units)
 
 
-def _sequence(fns):
-    if len(fns) == 1:
-        return fns[0]
+class _Sequence:
+    """Run the units back to back, as an eager framework runs layers: each output is
+    dropped as soon as the next unit has run (so the allocator reuses its memory, as it
+    would for activations consumed by the next layer). ``collect()`` keeps them all,
+    for the correctness check."""
 
-    def run():
-        return [f() for f in fns]
-    return run
+    __slots__ = ("fns",)
+
+    def __init__(self, fns):
+        self.fns = fns
+
+    def __call__(self):
+        out = None
+        for f in self.fns:
+            out = f()
+        return out
+
+    def collect(self):
+        return [f() for f in self.fns]
+
+
+def _sequence(fns):
+    return fns[0] if len(fns) == 1 else _Sequence(fns)
+
+
+def run_for_check(fn):
+    """Call ``fn`` once and return what its ``fetch`` expects (all units' outputs)."""
+    return fn.collect() if isinstance(fn, _Sequence) else fn()
 
 
 def normkit_runner(case, units, backend):
+    """The normkit call(s) of a case; ``run_for_check(fn)`` gives every unit's output."""
     return _sequence([case.op.normkit(u, backend) for u in units])
 
 
