@@ -40,6 +40,8 @@ class BenchEnv:
                           and not config.getoption("benchmark_enable"))
         self.threads = config.getoption("bench_threads") or normkit.get_num_threads()
         normkit.set_num_threads(self.threads)
+        # measure mode: keep freed memory in the process, as `normkit bench` does
+        self.malloc = None if self.smoke else _bench.tune_malloc()
         self._impls = {}
         self._data_key = None
         self._data = None
@@ -106,6 +108,7 @@ def run_case(benchmark, bench_env):
         benchmark.group = case.name
         benchmark.extra_info.update({"case": case.name, "impl": impl_id, "bytes": nbytes,
                                      "threads": bench_env.threads,
+                                     "malloc": bench_env.malloc,
                                      "mode": "smoke" if bench_env.smoke else "measure"})
         # warm-up (JIT compilation, page faults) and the result to check: every unit's
         # output (a timed call of a real-model case keeps only the last one)

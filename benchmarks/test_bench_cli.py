@@ -17,7 +17,7 @@ TINY = "tiny_ln_1x1x768"
 
 
 def _run(capsys, *argv):
-    rc = _bench.main(["--no-progress", "--min-time", "0.01", *argv])
+    rc = _bench.main(["--no-progress", "--min-time", "0.01", "--default-malloc", *argv])
     out, err = capsys.readouterr()
     return rc, out, err
 

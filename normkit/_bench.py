@@ -59,6 +59,32 @@ PEER_LABEL = {"numpy": "plain-numpy", "torch": "torch", "onnxruntime": "onnxrunt
 _PRECALL_BELOW = 0.010
 
 
+# ====================================================================== allocator
+def tune_malloc():
+    """Keep freed memory in the process (glibc only); returns a description or None.
+
+    Every column allocates its output per call, as users call it. With glibc's default,
+    adaptive settings a freed multi-MB output may go back to the system (heap trimming,
+    or an mmap'ed chunk), and the next call then page-faults its output in again: on the
+    BERT case that cost one library 1500 and another 7000 page faults per run, depending
+    on allocation history, and moved the result 2-5x between runs. Fixing the mmap
+    threshold at its maximum (32 MiB) and trimming at 1 GiB makes every column reuse
+    freed memory, as a long-running process with a warm heap (or jemalloc/tcmalloc)
+    does. Outputs above 32 MiB are still mmap'ed, page faults included, for everyone.
+    """
+    import ctypes
+    import ctypes.util
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 30)
+    except (OSError, AttributeError):
+        return None
+    return "glibc M_MMAP_THRESHOLD=32 MiB, M_TRIM_THRESHOLD=1 GiB" if ok else None
+
+
 # ====================================================================== implementations
 class Impl:
     """One column: ``prepare(case, units)`` returns ``(fn, fetch)`` or raises NotApplicable."""
@@ -546,12 +572,15 @@ def machine_info(impls, threads):
 
 
 def legend(meta):
+    malloc = (f"allocator: {meta['malloc']} (freed outputs are reused, not page-faulted "
+              "in again)" if meta.get("malloc") else "allocator: default settings")
     return [
         "time: median per call; GB/s: bytes that must move / median (2x|x| for inference, "
         "3x BN train fwd, 8x BN train fwd+bwd, 5x other fwd+bwd);",
         "copy: np.copyto of the same bytes (the memory-bound floor); ratio: peer median / "
         "fastest normkit backend (> 1: normkit faster); '!': result differs from the "
         "normkit numpy backend beyond the case tolerance.",
+        malloc + ".",
     ]
 
 
@@ -595,6 +624,10 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="skip the correctness check against the numpy backend")
     p.add_argument("--list", action="store_true", help="list the selected cases and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress output on stderr")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's adaptive malloc settings alone (by default the run "
+                        "keeps freed memory in the process so that no column pays page "
+                        "faults for re-allocating its output; see tune_malloc)")
     p.set_defaults(tier="default")
 
 
@@ -651,6 +684,7 @@ def _run(args) -> int:
     progress.message(f"normkit bench: loading backends and peers ({threads} threads) ...")
     impls, notes = discover(backends, peers, threads)
     meta = machine_info(impls, threads)
+    meta["malloc"] = None if args.default_malloc else tune_malloc()
     meta["command"] = "python -m normkit bench " + " ".join(getattr(args, "argv", []) or [])
     meta["tier"] = tier
     ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
