@@ -88,6 +88,18 @@ def _run_all(be, d):
             dx = np.empty_like(x)
             getattr(be, fn + "grad_apply")(dy, x, *params, dx)
             out.append(dx)
+            for res, relu in ((None, True), (dy, False), (dy, True)):
+                y = np.empty_like(x)
+                getattr(be, fn + "affine_act")(x, params[0], params[1], params[2], res, relu, y)
+                out.append(y)
+    # GroupNorm: many small blocks (one task each), and two long blocks (split into
+    # units with merged statistics when several threads run): same numbers either way
+    w, b = d["w"][:5], d["b"][:5]
+    for x, groups in ((d["x3"], 5), (d["x3"], 1), (d["long"].reshape(2, 1, 70000), 1)):
+        c = x.shape[1]
+        y = np.empty_like(x)
+        out += be.channels_first_group_forward(x, groups, w[:c], b[:c], 1e-5, y)
+        out.append(y)
     return out
 
 

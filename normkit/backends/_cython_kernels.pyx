@@ -979,13 +979,35 @@ def rows_backward(cnp.ndarray dy not None, cnp.ndarray x not None, cnp.ndarray m
 # p % C (N' = 1). Channels-last (N, S, C): row r = n*S + s; parameter row r // S or 0.
 # Elementwise passes split the flat element (or row) range evenly between threads.
 
+cdef inline void _affine_run(const real* p, real* q, const real* r, Py_ssize_t n,
+                             real m, real a, real b, bint relu) noexcept nogil:
+    """q = (p - m) * a + b [+ r] [then ReLU] over n values. The four loops keep the
+    plain affine exactly the plain expression. r may be q (in-place residual add):
+    each element is read before it is written. ReLU: y < 0 ? 0 : y keeps NaN."""
+    cdef Py_ssize_t k
+    cdef real y
+    if r == NULL:
+        if not relu:
+            for k in range(n):
+                q[k] = (p[k] - m) * a + b
+        else:
+            for k in range(n):
+                y = (p[k] - m) * a + b
+                q[k] = 0 if y < 0 else y
+    elif not relu:
+        for k in range(n):
+            q[k] = (p[k] - m) * a + b + r[k]
+    else:
+        for k in range(n):
+            y = (p[k] - m) * a + b + r[k]
+            q[k] = 0 if y < 0 else y
+
+
 cdef void _cf_affine_range(const real* x, real* out, const real* sh, const real* sc,
-                           const real* of, Py_ssize_t C, Py_ssize_t S, bint per_sample,
+                           const real* of, const real* res, bint relu,
+                           Py_ssize_t C, Py_ssize_t S, bint per_sample,
                            Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
-    cdef Py_ssize_t plane, s0, e, k, pi
-    cdef real m, a, b
-    cdef const real* p
-    cdef real* q
+    cdef Py_ssize_t plane, s0, e, pi, o
     if lo >= hi:
         return
     plane = lo // S
@@ -993,57 +1015,77 @@ cdef void _cf_affine_range(const real* x, real* out, const real* sh, const real*
     while lo < hi:
         e = S if hi - lo >= S - s0 else s0 + (hi - lo)
         pi = plane if per_sample else plane % C
-        m = sh[pi]
-        a = sc[pi]
-        b = of[pi]
-        p = x + plane * S
-        q = out + plane * S
-        for k in range(s0, e):
-            q[k] = (p[k] - m) * a + b
+        o = plane * S + s0
+        _affine_run(x + o, out + o, res + o if res != NULL else NULL, e - s0,
+                    sh[pi], sc[pi], of[pi], relu)
         lo += e - s0
         plane += 1
         s0 = 0
 
 
 cdef void _cl_affine_range(const real* x, real* out, const real* sh, const real* sc,
-                           const real* of, Py_ssize_t S, Py_ssize_t C, bint per_sample,
+                           const real* of, const real* res, bint relu,
+                           Py_ssize_t S, Py_ssize_t C, bint per_sample,
                            Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
-    cdef Py_ssize_t r, c, pi
+    cdef Py_ssize_t r, c, pi, o
     cdef const real* p
+    cdef const real* rr
     cdef real* q
+    cdef real y
     for r in range(lo, hi):
         pi = (r // S) * C if per_sample else 0
-        p = x + r * C
-        q = out + r * C
-        for c in range(C):
-            q[c] = (p[c] - sh[pi + c]) * sc[pi + c] + of[pi + c]
+        o = r * C
+        p = x + o
+        q = out + o
+        if res == NULL:
+            if not relu:
+                for c in range(C):
+                    q[c] = (p[c] - sh[pi + c]) * sc[pi + c] + of[pi + c]
+            else:
+                for c in range(C):
+                    y = (p[c] - sh[pi + c]) * sc[pi + c] + of[pi + c]
+                    q[c] = 0 if y < 0 else y
+        else:
+            rr = res + o
+            if not relu:
+                for c in range(C):
+                    q[c] = (p[c] - sh[pi + c]) * sc[pi + c] + of[pi + c] + rr[c]
+            else:
+                for c in range(C):
+                    y = (p[c] - sh[pi + c]) * sc[pi + c] + of[pi + c] + rr[c]
+                    q[c] = 0 if y < 0 else y
 
 
 cdef void _affine(const real* x, real* out, const real* sh, const real* sc, const real* of,
-                  Py_ssize_t N, Py_ssize_t A, Py_ssize_t B, bint per_sample, bint last,
-                  int nt) noexcept nogil:
+                  const real* res, bint relu, Py_ssize_t N, Py_ssize_t A, Py_ssize_t B,
+                  bint per_sample, bint last, int nt) noexcept nogil:
     """channels-first: (N, A=C, B=S); channels-last: (N, A=S, B=C)."""
     cdef Py_ssize_t t, total = N * A * B if not last else N * A
     if nt > 1:
         for t in prange(nt, schedule='static', num_threads=nt):
             if last:
-                _cl_affine_range(x, out, sh, sc, of, A, B, per_sample,
+                _cl_affine_range(x, out, sh, sc, of, res, relu, A, B, per_sample,
                                  _cut(total, nt, t), _cut(total, nt, t + 1))
             else:
-                _cf_affine_range(x, out, sh, sc, of, A, B, per_sample,
+                _cf_affine_range(x, out, sh, sc, of, res, relu, A, B, per_sample,
                                  _cut(total, nt, t), _cut(total, nt, t + 1))
     elif last:
-        _cl_affine_range(x, out, sh, sc, of, A, B, per_sample, 0, total)
+        _cl_affine_range(x, out, sh, sc, of, res, relu, A, B, per_sample, 0, total)
     else:
-        _cf_affine_range(x, out, sh, sc, of, A, B, per_sample, 0, total)
+        _cf_affine_range(x, out, sh, sc, of, res, relu, A, B, per_sample, 0, total)
 
 
 cdef _affine_call(cnp.ndarray x, cnp.ndarray shift, cnp.ndarray scale, cnp.ndarray offset,
-                  cnp.ndarray out, bint last):
+                  object residual, bint relu, cnp.ndarray out, bint last):
     cdef int tn = _dtype(x)
     _in(x, tn, 3, "x")
     _out(out, tn, 3, "out")
     _same(x, out, "out")
+    cdef char* pr = NULL
+    if residual is not None:
+        _in(<cnp.ndarray?>residual, tn, 3, "residual")
+        _same(x, residual, "residual")
+        pr = _p(residual)
     cdef Py_ssize_t N = cnp.PyArray_DIM(x, 0), A = cnp.PyArray_DIM(x, 1)
     cdef Py_ssize_t B = cnp.PyArray_DIM(x, 2)
     cdef Py_ssize_t C = B if last else A
@@ -1059,7 +1101,7 @@ cdef _affine_call(cnp.ndarray x, cnp.ndarray shift, cnp.ndarray scale, cnp.ndarr
         return
     cdef Py_ssize_t work = N * A * B
     # one read + one write per element is cheap: half weight against _par_min
-    cdef int nt = _team(work // 2, work // 8192 + 1)
+    cdef int nt = _team(work // 2 if pr == NULL else work, work // 8192 + 1)
     cdef char* px = _p(x)
     cdef char* po = _p(out)
     cdef char* p1 = _p(shift)
@@ -1069,30 +1111,191 @@ cdef _affine_call(cnp.ndarray x, cnp.ndarray shift, cnp.ndarray scale, cnp.ndarr
         with nogil:
             if tn == cnp.NPY_FLOAT:
                 _affine(<const float*>px, <float*>po, <const float*>p1, <const float*>p2,
-                        <const float*>p3, N, A, B, per, last, nt)
+                        <const float*>p3, <const float*>pr, relu, N, A, B, per, last, nt)
             else:
                 _affine(<const double*>px, <double*>po, <const double*>p1, <const double*>p2,
-                        <const double*>p3, N, A, B, per, last, nt)
+                        <const double*>p3, <const double*>pr, relu, N, A, B, per, last, nt)
     elif tn == cnp.NPY_FLOAT:
         _affine(<const float*>px, <float*>po, <const float*>p1, <const float*>p2,
-                <const float*>p3, N, A, B, per, last, nt)
+                <const float*>p3, <const float*>pr, relu, N, A, B, per, last, nt)
     else:
         _affine(<const double*>px, <double*>po, <const double*>p1, <const double*>p2,
-                <const double*>p3, N, A, B, per, last, nt)
+                <const double*>p3, <const double*>pr, relu, N, A, B, per, last, nt)
 
 
 def channels_first_affine(cnp.ndarray x not None, cnp.ndarray shift not None,
                           cnp.ndarray scale not None, cnp.ndarray offset not None,
                           cnp.ndarray out not None):
     """out = (x - shift) * scale + offset on (N, C, S), parameters (N', C)."""
-    _affine_call(x, shift, scale, offset, out, False)
+    _affine_call(x, shift, scale, offset, None, False, out, False)
 
 
 def channels_last_affine(cnp.ndarray x not None, cnp.ndarray shift not None,
                          cnp.ndarray scale not None, cnp.ndarray offset not None,
                          cnp.ndarray out not None):
     """out = (x - shift) * scale + offset on (N, S, C), parameters (N', C)."""
-    _affine_call(x, shift, scale, offset, out, True)
+    _affine_call(x, shift, scale, offset, None, False, out, True)
+
+
+def channels_first_affine_act(cnp.ndarray x not None, cnp.ndarray shift not None,
+                              cnp.ndarray scale not None, cnp.ndarray offset not None,
+                              residual, bint relu, cnp.ndarray out not None):
+    """out = (x - shift) * scale + offset [+ residual], then ReLU (NaN kept) if relu;
+    (N, C, S), parameters (N', C); residual may be out."""
+    _affine_call(x, shift, scale, offset, residual, relu, out, False)
+
+
+def channels_last_affine_act(cnp.ndarray x not None, cnp.ndarray shift not None,
+                             cnp.ndarray scale not None, cnp.ndarray offset not None,
+                             residual, bint relu, cnp.ndarray out not None):
+    """out = (x - shift) * scale + offset [+ residual], then ReLU (NaN kept) if relu;
+    (N, S, C), parameters (N', C); residual may be out."""
+    _affine_call(x, shift, scale, offset, residual, relu, out, True)
+
+
+# ---------------------------------------------------------------------- group_forward
+cdef void _block_moments(const real* p, Py_ssize_t n, double* mean, double* m2) noexcept nogil:
+    """_moments over segments of SEG values merged in order: exactly what
+    _plane_moments computes for a row, whichever path (and thread count) runs."""
+    cdef Py_ssize_t j, ln, nseg = (n + SEG - 1) // SEG
+    cdef double cm, cm2, na
+    if nseg == 1:
+        _moments(p, n, mean, m2)
+        return
+    _moments(p, SEG, mean, m2)
+    na = SEG
+    for j in range(1, nseg):
+        ln = n - j * SEG
+        if ln > SEG:
+            ln = SEG
+        _moments(p + j * SEG, ln, &cm, &cm2)
+        _chan(mean, m2, na, cm, cm2, <double>ln)
+        na += ln
+
+
+cdef inline void _group_coefs(double mean, double m2, Py_ssize_t L, double eps, real w,
+                              real b, real* shift, real* scale, real* offset,
+                              double* rstd_out) noexcept nogil:
+    """out = (x - shift) * scale + offset for one channel of a group: the mean split
+    into a float shift and its remainder folded into the offset (in double), the
+    same numbers as plane_moments followed by channels_first_affine."""
+    cdef double rstd = 1.0 / sqrt(m2 / L + eps)
+    cdef double sc = rstd * w
+    cdef real mh = <real>mean
+    rstd_out[0] = rstd
+    shift[0] = mh
+    scale[0] = <real>sc
+    offset[0] = <real>(b - (mean - <double>mh) * sc)
+
+
+cdef void _group_block(const real* x, real* out, Py_ssize_t Cg, Py_ssize_t S,
+                       const real* w, const real* b, double eps,
+                       double* mean, double* rstd) noexcept nogil:
+    """One (sample, group) block of Cg * S contiguous values: statistics, then the
+    normalization while the block is still in cache."""
+    cdef Py_ssize_t c
+    cdef double m2
+    cdef real m, a, o
+    _block_moments(x, Cg * S, mean, &m2)
+    for c in range(Cg):
+        _group_coefs(mean[0], m2, Cg * S, eps, w[c], b[c], &m, &a, &o, rstd)
+        _affine_run(x + c * S, out + c * S, <const real*>NULL, S, m, a, o, False)
+
+
+cdef void _group_forward(const real* x, real* out, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                         Py_ssize_t G, const real* w, const real* b, double eps,
+                         double* mean, double* rstd, real* coef, double* part,
+                         int nt) noexcept nogil:
+    cdef Py_ssize_t Cg = C // G, L = Cg * S, nb = N * G, nseg = (L + SEG - 1) // SEG
+    cdef Py_ssize_t u, blk, c, j, ln
+    cdef double m2, na
+    if coef == NULL:         # one block per task: statistics and output in one visit
+        if nt > 1:
+            for blk in prange(nb, schedule='static', num_threads=nt):
+                _group_block(x + blk * L, out + blk * L, Cg, S, w + (blk % G) * Cg,
+                             b + (blk % G) * Cg, eps, mean + blk, rstd + blk)
+        else:
+            for blk in range(nb):
+                _group_block(x + blk * L, out + blk * L, Cg, S, w + (blk % G) * Cg,
+                             b + (blk % G) * Cg, eps, mean + blk, rstd + blk)
+        return
+    # few long blocks: split the statistics (units of SEG values, merged in order as in
+    # _block_moments), then one elementwise pass with per-(sample, channel) coefficients
+    for u in prange(nb * nseg, schedule='static', num_threads=nt):
+        j = u % nseg
+        ln = L - j * SEG
+        if ln > SEG:
+            ln = SEG
+        _moments(x + (u // nseg) * L + j * SEG, ln, part + 2 * u, part + 2 * u + 1)
+    for blk in range(nb):
+        u = blk * nseg
+        mean[blk] = part[2 * u]
+        m2 = part[2 * u + 1]
+        na = SEG
+        for j in range(1, nseg):
+            ln = L - j * SEG
+            if ln > SEG:
+                ln = SEG
+            _chan(mean + blk, &m2, na, part[2 * (u + j)], part[2 * (u + j) + 1], <double>ln)
+            na += ln
+        for c in range(Cg):
+            j = blk * Cg + c          # (sample, channel) index
+            _group_coefs(mean[blk], m2, L, eps, w[(blk % G) * Cg + c], b[(blk % G) * Cg + c],
+                         coef + j, coef + N * C + j, coef + 2 * N * C + j, rstd + blk)
+    _affine(x, out, coef, coef + N * C, coef + 2 * N * C, <const real*>NULL, False,
+            N, C, S, True, False, nt)
+
+
+def channels_first_group_forward(cnp.ndarray x not None, groups, cnp.ndarray weight not None,
+                                 cnp.ndarray bias not None, double eps,
+                                 cnp.ndarray out not None):
+    """GroupNorm forward on (N, C, S): per (sample, group) statistics, then
+    out = (x - mean) * rstd * weight[c] + bias[c]; returns (mean, rstd) f64[N, G]."""
+    cdef int tn = _dtype(x)
+    _in(x, tn, 3, "x")
+    _nonempty(x)
+    _out(out, tn, 3, "out")
+    _same(x, out, "out")
+    cdef Py_ssize_t N = cnp.PyArray_DIM(x, 0), C = cnp.PyArray_DIM(x, 1)
+    cdef Py_ssize_t S = cnp.PyArray_DIM(x, 2)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or C % groups:
+        raise ValueError(f"groups must be a positive int dividing C={C}, got {groups!r}")
+    cdef Py_ssize_t G = groups
+    _vec(weight, tn, C, "weight")
+    _vec(bias, tn, C, "bias")
+    mean = _empty(2, N, G)
+    rstd = _empty(2, N, G)
+    cdef Py_ssize_t L = (C // G) * S, nb = N * G, nseg = (L + SEG - 1) // SEG
+    cdef int nt = _team(N * C * S, nb * nseg)
+    cdef double* part = NULL
+    cdef double* coef = NULL
+    # one task per block unless that leaves threads idle: then split long blocks
+    if nt > 1 and nseg > 1 and nb < 4 * nt:
+        part = _workspace(2 * nb * nseg)
+        coef = _workspace(3 * N * C)      # shift, scale, offset as `real` (<= double)
+    cdef char* px = _p(x)
+    cdef char* po = _p(out)
+    cdef char* pw = _p(weight)
+    cdef char* pb = _p(bias)
+    cdef double* pm = _dp(mean)
+    cdef double* ps = _dp(rstd)
+    if N * C * S >= NOGIL_MIN:
+        with nogil:
+            if tn == cnp.NPY_FLOAT:
+                _group_forward(<const float*>px, <float*>po, N, C, S, G, <const float*>pw,
+                               <const float*>pb, eps, pm, ps, <float*>coef, part, nt)
+            else:
+                _group_forward(<const double*>px, <double*>po, N, C, S, G, <const double*>pw,
+                               <const double*>pb, eps, pm, ps, <double*>coef, part, nt)
+    elif tn == cnp.NPY_FLOAT:
+        _group_forward(<const float*>px, <float*>po, N, C, S, G, <const float*>pw,
+                       <const float*>pb, eps, pm, ps, <float*>coef, part, nt)
+    else:
+        _group_forward(<const double*>px, <double*>po, N, C, S, G, <const double*>pw,
+                       <const double*>pb, eps, pm, ps, <double*>coef, part, nt)
+    free(part)
+    free(coef)
+    return mean, rstd
 
 
 # ---------------------------------------------------------------------- grad_apply

@@ -43,6 +43,9 @@ channels_first_grad_sums = _ext.channels_first_grad_sums
 channels_last_grad_sums = _ext.channels_last_grad_sums
 channels_first_grad_apply = _ext.channels_first_grad_apply
 channels_last_grad_apply = _ext.channels_last_grad_apply
+channels_first_group_forward = _ext.channels_first_group_forward
+channels_first_affine_act = _ext.channels_first_affine_act
+channels_last_affine_act = _ext.channels_last_affine_act
 set_num_threads = _ext.set_num_threads
 get_num_threads = _ext.get_num_threads
 
