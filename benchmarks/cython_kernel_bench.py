@@ -9,7 +9,9 @@ bytes model of normkit/_bench_cases.py (BN eval and LN/GN/RMS forward 2n, BN tra
 forward 3n, BN training fwd+bwd 8n; n = bytes of x).
 
 The compositions are the minimum a public call needs: the kernels plus the O(C) NumPy
-glue (per-channel scale/offset, merging per-plane moments into per-channel ones).
+glue (per-channel scale/offset, merging per-plane moments into per-channel ones);
+GroupNorm is the fused channels_first_group_forward (the two-kernel version is shown
+under it).
 Medians are what the comparison is about; the minimum of the same samples is printed
 after "||" because on a loaded machine a 2-thread OpenMP region (torch's or ours)
 waits whole scheduler slices for its second thread, which the medians then show.
@@ -263,12 +265,20 @@ def main():
         c = shape[1]
         w, b = randn(c), randn(c)
         tx, tw, tb = map(torch.from_numpy, (x, w, b))
-        run = make_group_norm(be, x, 32, w, b)
+        two = make_group_norm(be, x, 32, w, b)
+        x3 = x.reshape(shape[0], c, -1)
+        out = np.empty_like(x3)
+
+        def fused():
+            return be.channels_first_group_forward(x3, 32, w, b, 1e-5, out)
 
         def theirs():
             with torch.inference_mode():
                 F.group_norm(tx, 32, tw, tb, 1e-5)
-        report(name, 2 * x.nbytes, measure({"torch": theirs, "cython": run}, args.rounds))
+        times = measure({"torch": theirs, "cython": fused, "two": two}, args.rounds)
+        report(name, 2 * x.nbytes, times)
+        print(f"{'':38s} (plane_moments + channels_first_affine instead: "
+              f"{times['two'] * 1e3:.4f} ms, ratio {times['two'] / times['torch']:.2f})")
 
     # ---- per-call overhead of the bare kernels
     if want("overhead"):
