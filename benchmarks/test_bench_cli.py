@@ -164,3 +164,23 @@ def test_cli_entry_point():
     out = subprocess.run([sys.executable, "-m", "normkit", "bench", "--list", "--quick"],
                          capture_output=True, text=True, check=True).stdout
     assert TINY in out
+
+
+def test_disturbed_rows_are_marked_and_measured_again(capsys, monkeypatch):
+    monkeypatch.setattr(_bench.CpuMeter, "value", lambda self: 0.9)
+    waited = []
+    monkeypatch.setattr(_bench, "wait_for_quiet", lambda *a, **k: waited.append(1))
+    rc, out, err = _run(capsys, "--cases", TINY, "--peers", "none", "--retry", "2")
+    assert rc == 0 and len(waited) == 2
+    assert "0.90~" in out and "disturbed by other processes" in out
+    assert "measuring 1 disturbed row(s) again" in err
+
+
+def test_cpu_meter_reads_proc_stat():
+    m = _bench.CpuMeter()
+    sum(range(200_000))
+    import time
+    time.sleep(0.06)
+    v = m.value()
+    if sys.platform.startswith("linux"):
+        assert v is not None and v >= 0
