@@ -348,13 +348,12 @@ def _per_sample_forward(x, ax, groups, w, b, eps, out, be, dt, return_stats,
     """
     n, c = x.shape[0], x.shape[ax]
     view = sample_view(x, ax, dt)
-    fused = getattr(be, "channels_first_group_forward", None)  # TRANSITION: all backends
-    if (fixed_stats is None and view.layout == "first" and residual is None and not relu
-            and fused is not None):
+    if fixed_stats is None and view.layout == "first" and residual is None and not relu:
         # one kernel: each (sample, group) block is normalized while still in cache
         res = view.empty(out)
-        mean, rstd = fused(view.data, groups, np.ones(c, dt) if w is None else w.astype(dt),
-                           np.zeros(c, dt) if b is None else b.astype(dt), eps, res)
+        mean, rstd = be.channels_first_group_forward(
+            view.data, groups, np.ones(c, dt) if w is None else w.astype(dt),
+            np.zeros(c, dt) if b is None else b.astype(dt), eps, res)
         m2 = (1.0 / (rstd * rstd) - eps) * ((c // groups) * view.s)   # for running_var
         return view.to_user(res, out, x.dtype), mean, rstd, m2
     if fixed_stats is None:

@@ -3,10 +3,8 @@ import numpy as np
 import pytest
 
 import normkit as nk
-from normkit.backends import resolve
 
-BACKENDS = [b for b in nk.available_backends()
-            if hasattr(resolve(b), "channels_first_affine_act")]   # TRANSITION: all
+BACKENDS = nk.available_backends()
 
 
 def _relu(a):

@@ -101,4 +101,4 @@ KERNELS = (
     "channels_last_affine_act",
 )
 
-MEMBERS = KERNELS[:10] + ("NAME", "set_num_threads", "info")  # TRANSITION: all KERNELS
+MEMBERS = KERNELS + ("NAME", "set_num_threads", "info")
