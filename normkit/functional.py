@@ -84,11 +84,12 @@ def _fast_batch_norm_eval(x, running_mean, running_var, weight, bias, eps, axis,
         return None
     be = resolve(backend)
     # float64 for the coefficients, then one cast: as accurate as the general path
-    scale = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
-    if weight is not None:
-        scale *= weight
+    # (written as few ufunc calls as possible: each costs ~0.3 us at this size)
+    denom = np.add(running_var, eps, dtype=np.float64)
+    np.sqrt(denom, out=denom)
+    scale = np.divide(1.0 if weight is None else weight, denom, out=denom).astype(dt)
     out = np.empty_like(x)
-    scale = scale.astype(dt).reshape(1, c)
+    scale = scale.reshape(1, c)
     offset = _zeros(c, dt) if bias is None else bias
     if axis == 1 and x.ndim > 2:
         view = (shape[0], c, x.size // (shape[0] * c))
