@@ -1,6 +1,7 @@
 """Scratch benchmark: the Cython backend's kernels, composed into whole norms, vs torch.
 
     python benchmarks/cython_kernel_bench.py [--threads 2] [--rounds 5] [--only SUBSTR]
+    python benchmarks/cython_kernel_bench.py --threads 1 --kernels normkit.backends._cython_kernels
 
 Everything runs in one process; torch and normkit use the same thread count. Each
 case alternates rounds of torch / cython / np.copyto calls (so that load from other
@@ -123,6 +124,48 @@ def make_group_norm(be, x, groups, w, b, eps=1e-5):
     return run
 
 
+# ---------------------------------------------------------------- per-build kernel table
+def kernel_table(module_name, threads):
+    """Bare kernels of one compiled build (e.g. normkit.backends._cython_kernels_avx2),
+    minimum of 25 calls each: what the SIMD builds / -march=native buy."""
+    import importlib
+    mod = importlib.import_module(module_name)
+    mod.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+
+    def f32(*shape):
+        return (rng.standard_normal(shape) + 0.5).astype(np.float32)
+    x, dy = f32(32, 64, 3136), f32(32, 64, 3136)
+    out = np.empty_like(x)
+    p = [f32(1, 64) for _ in range(4)]
+    xl, dyl = f32(1, 32 * 3136, 64), f32(1, 32 * 3136, 64)
+    outl = np.empty_like(xl)
+    r, dr, w, b = f32(4096, 768), f32(4096, 768), f32(768), f32(768)
+    o2 = np.empty_like(r)
+    mean, rstd = mod.rows_forward(r, w, b, 1e-5, False, o2)
+    cases = {
+        "plane_moments (2048,3136)": (lambda: mod.plane_moments(x.reshape(2048, 3136)), x.nbytes),
+        "cf_affine (32,64,3136)": (lambda: mod.channels_first_affine(x, *p[:3], out), 2 * x.nbytes),
+        "cf_grad_sums (32,64,3136)": (lambda: mod.channels_first_grad_sums(dy, x, p[0]), 2 * x.nbytes),
+        "cf_grad_apply (32,64,3136)": (lambda: mod.channels_first_grad_apply(dy, x, *p, out),
+                                       3 * x.nbytes),
+        "cl_moments (1,100352,64)": (lambda: mod.channels_last_moments(xl), xl.nbytes),
+        "cl_affine (1,100352,64)": (lambda: mod.channels_last_affine(xl, *p[:3], outl), 2 * xl.nbytes),
+        "cl_grad_sums (1,100352,64)": (lambda: mod.channels_last_grad_sums(dyl, xl, p[0]),
+                                       2 * xl.nbytes),
+        "rows_forward LN (4096,768)": (lambda: mod.rows_forward(r, w, b, 1e-5, False, o2), 2 * r.nbytes),
+        "rows_forward RMS (4096,768)": (lambda: mod.rows_forward(r, w, b, 1e-5, True, o2), 2 * r.nbytes),
+        "rows_backward LN (4096,768)": (lambda: mod.rows_backward(dr, r, mean, rstd, w, False, o2),
+                                        3 * r.nbytes),
+    }
+    print(f"# {module_name}: simd {mod.info()['simd']}, cflags {mod.info()['cflags']}, "
+          f"threads {threads}")
+    for name, (fn, nbytes) in cases.items():
+        fn()
+        t = min(timeit(fn, 25))
+        print(f"{name:30s} {t * 1e3:8.3f} ms {nbytes / t / 1e9:6.1f} GB/s")
+
+
 # ---------------------------------------------------------------- cases
 def main():
     ap = argparse.ArgumentParser()
@@ -130,7 +173,12 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--only", default="")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--kernels", metavar="MODULE",
+                    help="only the bare-kernel table of one build, e.g. "
+                         "normkit.backends._cython_kernels (the portable one)")
     args = ap.parse_args()
+    if args.kernels:
+        return kernel_table(args.kernels, args.threads)
 
     import torch
     import torch.nn.functional as F
