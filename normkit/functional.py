@@ -105,27 +105,24 @@ def _fast_batch_norm_eval(x, running_mean, running_var, weight, bias, eps, axis,
 _constants: dict = {}
 
 
-def _ones(k, dtype):
-    """A read-only cached vector of ones (kernels never write their parameters)."""
-    key = ("ones", k, dtype)
+def _constant(value, k, dtype):
+    """A read-only cached vector of ``value`` (kernels never write their parameters)."""
+    key = (value, k, dtype)
     a = _constants.get(key)
     if a is None:
-        a = np.ones(k, dtype)
+        a = np.full(k, value, dtype)
         a.setflags(write=False)
         if len(_constants) < 256:
             _constants[key] = a
     return a
+
+
+def _ones(k, dtype):
+    return _constant(1.0, k, dtype)
 
 
 def _zeros(k, dtype):
-    key = ("zeros", k, dtype)
-    a = _constants.get(key)
-    if a is None:
-        a = np.zeros(k, dtype)
-        a.setflags(write=False)
-        if len(_constants) < 256:
-            _constants[key] = a
-    return a
+    return _constant(0.0, k, dtype)
 
 
 def _stat_out(a, dtype, shape=None):
