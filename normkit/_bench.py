@@ -653,7 +653,8 @@ def legend(meta):
     return [
         "time: median per call; GB/s: bytes that must move / median (2x|x| for inference, "
         "3x BN train fwd, 8x BN train fwd+bwd, 5x other fwd+bwd);",
-        "copy: np.copyto of the same bytes (the memory-bound floor); ratio: peer median / "
+        "copy: np.copyto of the same bytes, one thread (the memory-bound reference); "
+        "ratio: peer median / "
         "fastest normkit backend (> 1: normkit faster); '!': result differs from the "
         "normkit numpy backend beyond the case tolerance; others: CPUs used by other "
         f"processes while the row was measured ('~': >= {_DISTURBED}, the multi-threaded "
