@@ -241,3 +241,27 @@ def test_out_in_place(backend, norm, dtype):
     big = np.zeros((3, C, 34), dtype)
     assert call(x, out=big[..., ::2], backend=backend).base is big
     np.testing.assert_array_equal(big[..., ::2], expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("axis", [1, -1])
+def test_fast_path_equals_general_path(backend, dtype, axis):
+    """The short-validation fast path (plain call) and the general path (taken with
+    return_stats=True) must give bit-identical results."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((4, C, 9) if axis == 1 else (4, 9, C)).astype(dtype)
+    rm, rv, w, b = (rng.standard_normal(C).astype(dtype), (rng.random(C) + .5).astype(dtype),
+                    rng.standard_normal(C).astype(dtype), rng.standard_normal(C).astype(dtype))
+    np.testing.assert_array_equal(
+        nk.batch_norm(x, rm, rv, w, b, axis=axis, backend=backend),
+        nk.batch_norm(x, rm, rv, w, b, axis=axis, backend=backend, return_stats=True)[0])
+    k = x.shape[-1]
+    np.testing.assert_array_equal(
+        nk.layer_norm(x, k, w if axis == -1 else None, b if axis == -1 else None,
+                      backend=backend),
+        nk.layer_norm(x, k, w if axis == -1 else None, b if axis == -1 else None,
+                      backend=backend, return_stats=True)[0])
+    np.testing.assert_array_equal(
+        nk.rms_norm(x, k, backend=backend),
+        nk.rms_norm(x, k, backend=backend, return_stats=True)[0])
