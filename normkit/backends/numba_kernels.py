@@ -262,6 +262,24 @@ def _h_affine_act_rows(a, r, o, lo, hi, sh, sc, of, res, relu):
 
 
 @njit(cache=True)
+def _h_merge_chunks(cm, cq, base, nc, L):
+    """Chan et al. merge, in order, of the nc chunk moments cm/cq[base:base + nc] of
+    one row of L values split at j * L // nc."""
+    na = float(L // nc)
+    ma = cm[base]
+    qa = cq[base]
+    for j in range(1, nc):
+        nb = float((j + 1) * L // nc - j * L // nc)
+        mb = cm[base + j]
+        n = na + nb
+        delta = mb - ma
+        qa = qa + cq[base + j] + delta * delta * (na * nb / n)
+        ma = (na * ma + nb * mb) / n
+        na = n
+    return ma, qa
+
+
+@njit(cache=True)
 def _h_block_moments(a, lo, hi):
     """Mean and M2 of a[lo:hi], float64: two-pass per piece of <= _BLOCK values (each
     piece reread from L1/L2, not memory), pieces merged in order with Chan's formula."""
@@ -407,20 +425,7 @@ def _d_plane_moments(x, nc, mean, m2):
             cm[it] = mu
             cq[it] = _h_ssd(row, lo, hi, mu)
         for p in prange(P):
-            # Chan et al. merge of the chunks of row p, in order.
-            na = float(S // nc)
-            ma = cm[p * nc]
-            qa = cq[p * nc]
-            for j in range(1, nc):
-                nb = float((j + 1) * S // nc - j * S // nc)
-                mb = cm[p * nc + j]
-                n = na + nb
-                delta = mb - ma
-                qa = qa + cq[p * nc + j] + delta * delta * (na * nb / n)
-                ma = (na * ma + nb * mb) / n
-                na = n
-            mean[p] = ma
-            m2[p] = qa
+            mean[p], m2[p] = _h_merge_chunks(cm, cq, p * nc, nc, S)
 
 
 def _d_channels_last_moments(x, nc, mean, m2):
@@ -624,17 +629,7 @@ def _d_channels_first_group_forward(x, groups, w, b, eps, out, nc, mean, rstd):
             cm[it] = mu
             cq[it] = q
         for p in range(NG):
-            na = float(L // nc)
-            ma = cm[p * nc]
-            qa = cq[p * nc]
-            for j in range(1, nc):
-                nb = float((j + 1) * L // nc - j * L // nc)
-                mb = cm[p * nc + j]
-                n = na + nb
-                delta = mb - ma
-                qa = qa + cq[p * nc + j] + delta * delta * (na * nb / n)
-                ma = (na * ma + nb * mb) / n
-                na = n
+            ma, qa = _h_merge_chunks(cm, cq, p * nc, nc, L)
             mean[p] = ma
             rstd[p] = 1.0 / np.sqrt(qa / L + eps)
         for it in prange(NG * nc):
