@@ -1,0 +1,152 @@
+"""The portable Cython build runs on an old x86-64 CPU (issue 11).
+
+Compiling with portable flags is not proof: a stray AVX instruction (from a header, an
+intrinsic, the compiler's own choice) would only show on a CPU without it. So these
+tests run Python under ``qemu-x86_64 -cpu Nehalem`` (an x86-64 from 2008: SSE4.2, no
+AVX, no AVX2, no F16C, no FMA), import normkit there and call every kernel of the
+contract (``_spec.KERNELS``) against the NumPy reference backend. They also check that
+the backend picks the baseline build there by itself, and that the AVX2/AVX-512 builds
+really die by SIGILL under the emulator -- without that, a passing run would not show
+that the emulator enforces the old instruction set.
+
+Needs Debian's ``qemu-user`` (``apt-get install -y qemu-user``); skipped without it.
+Arrays are small: qemu runs the child ~10-50x slower than the host.
+"""
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+QEMU = shutil.which("qemu-x86_64")
+OLD_CPU = "Nehalem"
+
+pytestmark = [
+    pytest.mark.skipif(QEMU is None, reason="qemu-x86_64 is not installed (Debian: "
+                       "apt-get install -y qemu-user); the old-CPU emulation is skipped"),
+    pytest.mark.skipif(importlib.util.find_spec("normkit.backends._cython_kernels") is None,
+                       reason="the Cython extension is not built"),
+]
+
+# Runs under the emulator: every kernel of the contract, float32 and float64, serial
+# and through the OpenMP path, compared with the float64 NumPy reference.
+CHILD_ALL_KERNELS = textwrap.dedent("""
+    import numpy as np
+    from normkit.backends import _spec
+    from normkit.backends import cython_backend as cy
+    from normkit.backends import numpy_ref as ref
+
+    assert cy.info()["module"] == "normkit.backends._cython_kernels", cy.info()["module"]
+
+    def cases(dtype):
+        rng = np.random.default_rng(0)
+        def a(*shape, loc=0.5):
+            return (rng.standard_normal(shape) + loc).astype(dtype)
+        x2, dy2, w, b = a(5, 37), a(5, 37), a(37), a(37)
+        x3, dy3, x3l, dy3l = a(2, 4, 29, loc=3.0), a(2, 4, 29), a(2, 29, 4, loc=3.0), a(2, 29, 4)
+        p = [a(1, 4) for _ in range(4)]
+        pn = [a(2, 4) for _ in range(4)]
+        mean, rstd = ref.rows_forward(x2, w, b, 1e-5, False, np.empty(x2.shape))
+        e = np.empty_like
+        yield "plane_moments", (x2,)
+        yield "channels_last_moments", (x3l,)
+        for rms in (False, True):
+            yield "rows_forward", (x2, w, b, 1e-5, rms, e(x2))
+            yield "rows_backward", (dy2, x2, mean, rstd, w, rms, e(x2))
+        for params in (p, pn):
+            for lay, x, dy in (("channels_first_", x3, dy3), ("channels_last_", x3l, dy3l)):
+                yield lay + "affine", (x, *params[:3], e(x))
+                yield lay + "grad_sums", (dy, x, params[0])
+                yield lay + "grad_apply", (dy, x, *params, e(x))
+                for res, relu in ((None, True), (dy, False), (dy, True)):
+                    yield lay + "affine_act", (x, *params[:3], res, relu, e(x))
+        for groups in (1, 2, 4):
+            yield "channels_first_group_forward", (x3, groups, w[:4], b[:4], 1e-5, e(x3))
+
+    # kernels that only return; every other one also writes its last argument
+    RETURN_ONLY = {"plane_moments", "channels_last_moments",
+                   "channels_first_grad_sums", "channels_last_grad_sums"}
+
+    def outputs(name, ret, args):
+        return list(ret or ()) + ([] if name in RETURN_ONLY else [args[-1]])
+
+    called = set()
+    for parallel_min in (1 << 30, 0):          # serial, then forced through OpenMP
+        cy._ext._set_parallel_min(parallel_min)
+        cy.set_num_threads(2)
+        for dtype in (np.float32, np.float64):
+            # Every output is a few (<= 8) roundings of eps/2 away from the float64
+            # truth, relative to the size of the terms it is made of; for this data
+            # (O(1) values, |x - shift| * |scale| <= ~10 * |output scale|) 64 eps of
+            # the largest output value bounds it with margin, with or without FMA.
+            # Statistics are accumulated in double: their error is far below that.
+            eps = np.finfo(dtype).eps
+            for name, args in cases(dtype):
+                called.add(name)
+                ref_args = [np.array(v) if isinstance(v, np.ndarray) else v for v in args]
+                got = outputs(name, getattr(cy, name)(*args), args)
+                want = outputs(name, getattr(ref, name)(*ref_args), ref_args)
+                assert len(got) == len(want) > 0, name
+                for g, w_ in zip(got, want):
+                    tol = 64 * eps * max(1.0, float(np.abs(w_).max()))
+                    np.testing.assert_allclose(g, w_, rtol=64 * eps, atol=tol,
+                                               err_msg=f"{name} {dtype.__name__}")
+    missing = set(_spec.KERNELS) - called
+    assert not missing, f"kernels not exercised: {sorted(missing)}"
+    print("all kernels ok", cy._ext._cpu_simd_level(), cy.info()["simd"])
+""")
+
+CHILD_AUTO = textwrap.dedent("""
+    from normkit.backends import _cython_kernels as base
+    from normkit.backends import cython_backend as cy
+    print(base._cpu_simd_level(), cy.info()["module"])
+""")
+
+CHILD_FORCED = textwrap.dedent("""
+    import sys
+    import importlib
+    import numpy as np
+    mod = importlib.import_module("normkit.backends._cython_kernels_" + sys.argv[1])
+    print("imported", flush=True)
+    mod.plane_moments(np.ones((4, 5000), np.float32))
+    print("called", flush=True)
+""")
+
+
+def _emulated(code, *args, simd=None, timeout=120):
+    """Run `code` in Python under qemu-x86_64 -cpu Nehalem."""
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1", OMP_NUM_THREADS="2")
+    env.pop("NORMKIT_CYTHON_SIMD", None)
+    if simd is not None:
+        env["NORMKIT_CYTHON_SIMD"] = simd
+    return subprocess.run([QEMU, "-cpu", OLD_CPU, sys.executable, "-c", code, *args],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_every_kernel_of_the_baseline_build_on_an_old_cpu():
+    proc = _emulated(CHILD_ALL_KERNELS, simd="baseline", timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "all kernels ok 0" in proc.stdout, proc.stdout
+
+
+def test_backend_picks_the_baseline_build_on_an_old_cpu():
+    proc = _emulated(CHILD_AUTO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # the CPU check sees no AVX2, so no cap is needed to stay on the portable build
+    assert proc.stdout.split() == ["0", "normkit.backends._cython_kernels"], proc.stdout
+
+
+@pytest.mark.parametrize("level", ["avx2", "avx512"])
+def test_simd_builds_die_on_an_old_cpu(level):
+    """Forcing an ISA build under the emulator kills the child with SIGILL: the
+    emulated CPU really lacks those instructions, so the tests above mean something."""
+    if importlib.util.find_spec(f"normkit.backends._cython_kernels_{level}") is None:
+        pytest.skip(f"the {level} build was not compiled on this host")
+    proc = _emulated(CHILD_FORCED, level)
+    assert "called" not in proc.stdout, proc.stdout
+    assert proc.returncode in (-signal.SIGILL, 128 + signal.SIGILL), (
+        proc.returncode, proc.stdout, proc.stderr[-2000:])
