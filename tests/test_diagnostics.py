@@ -127,7 +127,7 @@ def test_layer_pools_structure_over_steps_at_batch_2():
     rho = bn._diag_state.pooled_rho()
     assert abs(np.median(rho) - 0.5) < 0.1
     true_neff = 2 * 784 / (1 + 783 * 0.5)                      # 3.99
-    n_eff, mse, vse, _ = D._expected_noise(rho, 784, 2, *(bn._diag_state.pool[k] for k in
+    n_eff, mse, vse, _ = D._noise_model.expected_noise(rho, 784, 2, *(bn._diag_state.pool[k] for k in
                                                           ("beta_w", "het", "beta_b")))
     assert abs(np.median(n_eff) / true_neff - 1) < 0.25
 
@@ -376,8 +376,14 @@ def test_eval_check_uses_structure_pooled_in_training():
     assert r.z_threshold == pytest.approx(9.2189, rel=1e-3)        # t(3) at Phi(3)
 
 
-def test_student_t_quantiles():
-    assert D._t_quantile(0.975, 1) == pytest.approx(12.7062, rel=1e-4)
-    assert D._t_quantile(0.975, 2) == pytest.approx(4.3027, rel=1e-4)
-    assert D._t_quantile(0.975, 10) == pytest.approx(2.2281, rel=1e-4)
-    assert D._t_quantile(0.975, 0) == math.inf
+def test_drift_threshold_is_the_student_t_quantile():
+    """The eval check's z threshold on df degrees of freedom: the t quantile at the
+    normal level Phi(drift_z) (SciPy), inf without a degree of freedom."""
+    from normkit.diagnostics._running_stats import drift_threshold
+    # t quantiles from tables, at the levels of z = 1.959964 (0.975) and z = 3 (0.99865)
+    assert drift_threshold(1.959964, 1) == pytest.approx(12.7062, rel=1e-4)
+    assert drift_threshold(1.959964, 2) == pytest.approx(4.3027, rel=1e-4)
+    assert drift_threshold(1.959964, 10) == pytest.approx(2.2281, rel=1e-4)
+    assert drift_threshold(3.0, 1) == pytest.approx(235.80, rel=1e-4)      # docs: 236 at N = 2
+    assert drift_threshold(3.0, 10**9) == pytest.approx(3.0, rel=1e-6)     # -> normal
+    assert drift_threshold(3.0, 0) == math.inf
