@@ -64,6 +64,16 @@ def as_data(x, name="x"):
     return x
 
 
+def _shown(value):
+    """A value as a message shows it: NumPy scalars as their Python value (1.0, not
+    np.float64(1.0)), with the type where that is not obvious."""
+    if isinstance(value, np.generic):
+        return f"{value.item()!r} ({type(value).__name__})"
+    if isinstance(value, (int, float, str, type(None))):
+        return repr(value)
+    return f"{value!r} ({type(value).__name__})"
+
+
 def as_int(value, name, expected="an int"):
     """An integral value (``operator.index``: int, np.int64, ...; not bool or float)."""
     if isinstance(value, (bool, np.bool_)):
@@ -71,8 +81,7 @@ def as_int(value, name, expected="an int"):
     try:
         return operator.index(value)
     except TypeError:
-        raise TypeError(f"{name}: expected {expected}, got {value!r} "
-                        f"({type(value).__name__})") from None
+        raise TypeError(f"{name}: expected {expected}, got {_shown(value)}") from None
 
 
 def as_axis(axis, shape, name="axis"):
@@ -105,11 +114,10 @@ def as_num_groups(num_groups, channels):
 def as_eps(eps, name="eps"):
     """A finite real number >= 0, as float (0 is allowed: nothing is divided by it)."""
     if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, (numbers.Real, np.floating)):
-        raise TypeError(f"{name}: expected a real number >= 0, got {eps!r} "
-                        f"({type(eps).__name__})")
+        raise TypeError(f"{name}: expected a real number >= 0, got {_shown(eps)}")
     value = float(eps)
     if not (math.isfinite(value) and value >= 0.0):
-        raise ValueError(f"{name}: expected a finite real number >= 0, got {eps!r}")
+        raise ValueError(f"{name}: expected a finite real number >= 0, got {value!r}")
     return value
 
 
