@@ -58,7 +58,7 @@ def start(layer, x):
     shape = _shape_of(x)
     full = (step <= thr.warmup_checks or (step - thr.warmup_checks) % thr.check_every == 0
             or shape is None or shape != state.last_shape)
-    state.full, state.x = full, x
+    state.full, state.x, state.shape = full, x, shape
     if full and state.capture:
         cap = _capture_hook()
         cap.on, cap.value = True, None
@@ -125,13 +125,13 @@ class LayerState:
         self.warned = {}              # cause -> step of the last warning
         self.pool = None              # pooled per-channel structure arrays
         self.last_vse = None          # per-channel var_rel_se of the last full check
-        self.gate = (None, None)      # (eps, rstd^2 sum gate)
-        self.full, self.x = False, None
+        self.gate = (None, None, False)   # ((eps, dtype, size), rstd^2 sum gate, fast ok)
+        self.full, self.x, self.shape = False, None, None   # the step in progress
 
     def resolve(self, setting):
         self.src, self.cfg = setting, get_config()
         self.thr = resolve(setting)
-        self.gate = (None, None)
+        self.gate = (None, None, False)
         return self.thr
 
     @property
@@ -162,21 +162,32 @@ class LayerState:
     def check(self, mean, rstd):
         """After the forward: cheap checks every step, the full analysis on check steps."""
         x, self.x = self.x, None
-        with np.errstate(all="ignore"):   # NaN, Inf and eps = 0 are reported in words
-            self._check(np.asarray(x) if self.full else x, mean, rstd)
-
-    def _check(self, x, mean, rstd):
-        thr, eps = self.thr, self.layer.eps
-        if self.gate[0] != eps:
-            self.gate = (eps, self._zero_limit(eps) ** 2)
-        shape = _shape_of(x)
-        if not shape or 0 in shape:
+        if not self.shape or 0 in self.shape:
             return                        # an empty batch has no statistics to judge
+        eps = self.layer.eps
+        key = (eps, rstd.dtype, rstd.size)
+        if self.gate[0] != key:
+            # rstd <= 1/sqrt(eps), so the sum of squares is at most size/eps: when that
+            # fits the dtype with room to spare, summing it cannot overflow
+            fits = eps > 0 and rstd.size / eps < np.finfo(rstd.dtype).max / 4
+            self.gate = (key, self._zero_limit(eps) ** 2, fits)
+        if not self.full and self.gate[2]:
+            # The common step, without np.errstate (it costs more than the check): the
+            # sum of squares is NaN when the input held NaN/Inf and reaches the gate
+            # when a channel's variance is near zero; below it there is nothing to say.
+            r = rstd.reshape(-1)
+            if r.dot(r) < self.gate[1]:
+                return
+        with np.errstate(all="ignore"):   # NaN, Inf and eps = 0 are reported in words
+            self._check(x, self.shape, mean, rstd)
+
+    def _check(self, x, shape, mean, rstd):
+        thr, eps = self.thr, self.layer.eps
         causes = _cheap_causes(mean, rstd, self.gate[1], self._zero_limit(eps), thr)
         details = None
         if self.full:
             details = (self._full_batch(causes, shape) if self.capture
-                       else self._full_instance(causes, x))
+                       else self._full_instance(causes, np.asarray(x)))
         if not causes:
             return
         due = [cz for cz in causes if self.due(cz, self.step, thr)]
