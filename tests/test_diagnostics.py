@@ -550,6 +550,10 @@ def test_bad_arguments_of_the_eval_check_and_the_thresholds():
         nk.BatchNorm(8, diagnostics={"check_every": 2.0})
     with pytest.raises(TypeError, match=r"^diagnostics: expected None"):
         nk.BatchNorm(8, diagnostics="yes")
+    later = nk.BatchNorm(8)
+    later.diagnostics = "yes"                     # reassigned after construction
+    with pytest.raises(TypeError, match=r"^diagnostics: expected None"):
+        later(x)
 
 
 # ============================================================ no NumPy warnings leak out

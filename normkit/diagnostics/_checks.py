@@ -10,6 +10,7 @@ import functools
 import math
 import numbers
 import operator
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +33,7 @@ def _is_bfloat16(dtype):
     return dtype.name == "bfloat16"          # ml_dtypes' type: NumPy kind "V"
 
 
-def as_data(x, name="x"):
+def as_data(x: object, name: str = "x") -> np.ndarray:
     """``x`` as an ndarray of a real floating dtype with at least 2 dimensions, not empty.
 
     Accepts ndarrays and array-likes (lists, tuples, objects with ``__array__``);
@@ -74,7 +75,7 @@ def _shown(value):
     return f"{value!r} ({type(value).__name__})"
 
 
-def as_int(value, name, expected="an int"):
+def as_int(value: Any, name: str, expected: str = "an int") -> int:
     """An integral value (``operator.index``: int, np.int64, ...; not bool or float)."""
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name}: expected {expected}, got {value!r}")
@@ -84,14 +85,14 @@ def as_int(value, name, expected="an int"):
         raise TypeError(f"{name}: expected {expected}, got {_shown(value)}") from None
 
 
-def as_axis(axis, shape, name="axis"):
+def as_axis(axis: object, shape: tuple, name: str = "axis") -> int:
     """A channel axis of an array of ``shape``, as a non-negative int."""
     ndim = len(shape)
-    axis = as_int(axis, name)
-    if not -ndim <= axis < ndim:
+    index = as_int(axis, name)
+    if not -ndim <= index < ndim:
         raise ValueError(f"{name}: expected an int in [-{ndim}, {ndim}) for input of shape "
-                         f"{shape}, got {axis}")
-    return axis % ndim
+                         f"{shape}, got {index}")
+    return index % ndim
 
 
 def as_kind(kind):
@@ -111,7 +112,7 @@ def as_num_groups(num_groups, channels):
     return g
 
 
-def as_eps(eps, name="eps"):
+def as_eps(eps: object, name: str = "eps") -> float:
     """A finite real number >= 0, as float (0 is allowed: nothing is divided by it)."""
     if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, (numbers.Real, np.floating)):
         raise TypeError(f"{name}: expected a real number >= 0, got {_shown(eps)}")

@@ -17,7 +17,7 @@ import numpy as np
 from .. import _moments
 from . import _layer_warnings as texts
 from . import _noise_model as noise
-from ._config import get_config, resolve
+from ._config import check_setting, get_config, resolve
 
 
 def _capture_hook():
@@ -130,7 +130,8 @@ class LayerState:
 
     def resolve(self, setting):
         self.src, self.cfg = setting, get_config()
-        self.thr = resolve(setting)
+        # checked again here: the layer attribute can be reassigned after construction
+        self.thr = resolve(check_setting(setting))
         self.gate = (None, None, False)
         return self.thr
 

@@ -5,6 +5,7 @@ import dataclasses
 import math
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from . import _advice as advice
 from . import _checks as checks
@@ -74,8 +75,9 @@ class BatchStatsReport:
 
 
 @checks.quiet_floating_point
-def batch_stats_report(x, *, axis=1, kind="batch", num_groups=None, eps=1e-5,
-                       thresholds=None) -> BatchStatsReport:
+def batch_stats_report(x: ArrayLike, *, axis: int = 1, kind: str = "batch",
+                       num_groups: int | None = None, eps: float = 1e-5,
+                       thresholds: Thresholds | dict | None = None) -> BatchStatsReport:
     """Diagnose the statistics a normalization layer would compute from ``x``.
 
     Parameters

@@ -4,8 +4,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from . import _advice as advice
 from . import _checks as checks
@@ -73,7 +75,7 @@ def drift_threshold(drift_z, df):
 
 
 @checks.quiet_floating_point
-def check_running_stats(layer, x, *, warn=True) -> RunningStatsReport:
+def check_running_stats(layer: Any, x: ArrayLike, *, warn: bool = True) -> RunningStatsReport:
     """Eval-time check: do ``layer``'s running statistics fit the batch ``x``, and have
     they seen enough batches to have converged?
 
