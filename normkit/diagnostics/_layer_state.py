@@ -14,16 +14,15 @@ import math
 
 import numpy as np
 
-from .. import _moments
+from .. import _moments, functional
 from . import _layer_warnings as texts
 from . import _noise_model as noise
 from ._config import check_setting, get_config, resolve
 
 
 def _capture_hook():
-    """functional's thread-local capture of per-plane moments (imported late: functional
-    imports the layers' dependencies, and this module is imported by normkit first)."""
-    from .. import functional
+    """The forward's thread-local capture of its per-plane moments (the one place that
+    names it: functional's private hook, made for this module)."""
     return functional._capture
 
 
