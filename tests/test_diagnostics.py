@@ -441,6 +441,9 @@ def test_nonfinite_input_leads_the_warning_and_names_its_channels():
     lines = _lines(_collect(nk.InstanceNorm(3), xi)[0])
     assert lines[1] == ("  - non-finite statistics: NaN/Inf in the input in 1 of 6 "
                         "instances, e.g. (sample, channel) (1, 2)")
+    # every instance NaN and too few values: the noise line has numbers, not "nan"
+    msg = str(_collect(nk.InstanceNorm(3), np.full((2, 3, 3), np.nan, np.float32))[0].message)
+    assert "var_rel_se = 1.00" in msg and "nan" not in msg.lower().replace("nan/inf", "")
 
 
 def test_instance_norm_warning_speaks_of_per_instance_statistics():

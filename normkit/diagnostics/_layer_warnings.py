@@ -151,11 +151,13 @@ def _instance_lines(due, causes, d, thr, eps, c):
     lines = _flag_lines(due, causes, thr, eps, _instances)
     noise_due = d is not None and ("noisy" in due or "few_values" in due)
     if noise_due:
-        valid = d["valid"]
-        lines.append(f"  - only n = {d['n']} values per instance: var_rel_se = "
-                     f"{noise.nanmed(d['vse'][valid], math.nan):.2f} (threshold "
-                     f"{thr.max_var_rel_se}), mean_rel_se = {float(d['mse'][0]):.2f} "
-                     f"(threshold {thr.max_mean_rel_se})")
+        # the median over the finite instances; with none, over all channels (their
+        # kurtosis then defaults to the normal 3): a number that holds for n values
+        vse = noise.nanmed(d["vse"][d["valid"]], noise.nanmed(d["vse"], math.nan))
+        var_part = ("" if math.isnan(vse) else
+                    f"var_rel_se = {vse:.2f} (threshold {thr.max_var_rel_se}), ")
+        lines.append(f"  - only n = {d['n']} values per instance: {var_part}mean_rel_se = "
+                     f"{float(d['mse'][0]):.2f} (threshold {thr.max_mean_rel_se})")
     n = d["n"] if d else 1
     rec = advice.for_per_sample(c, c, n, n, noise_due, "zero_var" in due, "nonfinite" in due)
     return lines, rec
