@@ -127,8 +127,9 @@ def test_layer_pools_structure_over_steps_at_batch_2():
     rho = bn._diag_state.pooled_rho()
     assert abs(np.median(rho) - 0.5) < 0.1
     true_neff = 2 * 784 / (1 + 783 * 0.5)                      # 3.99
-    n_eff, mse, vse, _ = D._expected_noise(rho, 784, 2, *(bn._diag_state.pool[k] for k in
-                                                          ("beta_w", "het", "beta_b")))
+    pool = bn._diag_state.pool
+    n_eff, mse, vse, _ = D._noise_model.expected_noise(
+        rho, 784, 2, *(pool[k] for k in ("beta_w", "het", "beta_b")))
     assert abs(np.median(n_eff) / true_neff - 1) < 0.25
 
 
@@ -140,7 +141,8 @@ def test_report_fields_and_text():
     assert r.values_per_channel == 2 * 56 * 56
     for name in ("n_eff", "mean_rel_se", "var_rel_se", "rho", "kurtosis"):
         assert getattr(r, name).shape == (16,)
-    assert r.unstable and r.reasons and "GroupNorm(num_groups=8, num_channels=16)" in r.recommendation
+    assert r.unstable and r.reasons
+    assert "GroupNorm(num_groups=8, num_channels=16)" in r.recommendation
     assert np.median(r.n_eff) < 50                     # 6272 values, a handful effective
     text = str(r)
     assert "var_rel_se" in text and "n_eff" in text and text == r.summary()
@@ -262,7 +264,8 @@ def test_per_layer_off_and_global_configuration():
 def test_outputs_unchanged_by_diagnostics():
     rng = np.random.default_rng(15)
     for axis, x in ((1, _image_like(rng, 2, 8, 9, 0.5)),
-                    (-1, np.ascontiguousarray(_image_like(rng, 2, 8, 9, 0.5).transpose(0, 2, 3, 1)))):
+                    (-1, np.ascontiguousarray(
+                        _image_like(rng, 2, 8, 9, 0.5).transpose(0, 2, 3, 1)))):
         a = nk.BatchNorm(8, axis=axis, diagnostics=False)
         b = nk.BatchNorm(8, axis=axis, diagnostics={"warn_every": None})
         with warnings.catch_warnings():
@@ -294,7 +297,8 @@ def test_cheap_checks_every_step_and_batch_size_change():
     bad = clean()
     bad[0, 3, 0, 0] = np.inf
     got = _collect(bn, bad)                               # not a full-check step
-    assert len(got) == 1 and "non-finite" in str(got[0].message) and "channels 3" in str(got[0].message)
+    assert len(got) == 1 and "non-finite" in str(got[0].message)
+    assert "channels 3" in str(got[0].message)
     const = clean()
     const[:, 1] = 2.0
     got = _collect(bn, const)
@@ -305,7 +309,8 @@ def test_cheap_checks_every_step_and_batch_size_change():
 
 def test_instance_norm_warnings():
     rng = np.random.default_rng(18)
-    assert _collect(nk.InstanceNorm(8), rng.standard_normal((4, 8, 16, 16)).astype(np.float32)) == []
+    big = rng.standard_normal((4, 8, 16, 16)).astype(np.float32)
+    assert _collect(nk.InstanceNorm(8), big) == []
     got = _collect(nk.InstanceNorm(8), rng.standard_normal((4, 8, 3)).astype(np.float32))
     assert len(got) == 1 and "only n = 3 values per instance" in str(got[0].message)
     x = rng.standard_normal((4, 8, 16, 16)).astype(np.float32)
@@ -328,7 +333,6 @@ def _trained(rng, steps, momentum=0.1):
 def test_eval_check_convergence():
     rng = np.random.default_rng(19)
     young = _trained(rng, 5)
-    got = []
     with warnings.catch_warnings(record=True) as got:
         warnings.simplefilter("always")
         r = D.check_running_stats(young, _image_like(rng, 32, 8, 8, 0.3))
@@ -376,8 +380,269 @@ def test_eval_check_uses_structure_pooled_in_training():
     assert r.z_threshold == pytest.approx(9.2189, rel=1e-3)        # t(3) at Phi(3)
 
 
-def test_student_t_quantiles():
-    assert D._t_quantile(0.975, 1) == pytest.approx(12.7062, rel=1e-4)
-    assert D._t_quantile(0.975, 2) == pytest.approx(4.3027, rel=1e-4)
-    assert D._t_quantile(0.975, 10) == pytest.approx(2.2281, rel=1e-4)
-    assert D._t_quantile(0.975, 0) == math.inf
+def test_drift_threshold_is_the_student_t_quantile():
+    """The eval check's z threshold on df degrees of freedom: the t quantile at the
+    normal level Phi(drift_z) (SciPy), inf without a degree of freedom."""
+    from normkit.diagnostics._running_stats import drift_threshold
+    # t quantiles from tables, at the levels of z = 1.959964 (0.975) and z = 3 (0.99865)
+    assert drift_threshold(1.959964, 1) == pytest.approx(12.7062, rel=1e-4)
+    assert drift_threshold(1.959964, 2) == pytest.approx(4.3027, rel=1e-4)
+    assert drift_threshold(1.959964, 10) == pytest.approx(2.2281, rel=1e-4)
+    assert drift_threshold(3.0, 1) == pytest.approx(235.80, rel=1e-4)      # docs: 236 at N = 2
+    assert drift_threshold(3.0, 10**9) == pytest.approx(3.0, rel=1e-6)     # -> normal
+    assert drift_threshold(3.0, 0) == math.inf
+
+
+# ============================================================ what a newcomer meets (issue 11)
+def test_array_likes_are_accepted_everywhere():
+    """A Python list works in training mode (it used to raise AttributeError from
+    inside the diagnostics) and gives what the ndarray gives, in the reports too."""
+    rows = [[1.0, 2.0, 3.0], [4.0, 5.0, 7.0], [1.0, 1.5, 1.0]]
+    arr = np.array(rows)
+    got = _collect(lambda: np.testing.assert_array_equal(nk.BatchNorm(3)(rows),
+                                                         nk.BatchNorm(3)(arr)))
+    assert len(got) == 2 and "input (3, 3)" in str(got[0].message)
+    planes = [[[1.0, 2.0, 4.0]] * 3, [[0.0, 3.0, 1.0]] * 3]
+    got = _collect(nk.InstanceNorm(3), planes)
+    assert len(got) == 1 and "input (2, 3, 3)" in str(got[0].message)
+    rep = D.batch_stats_report(rows)
+    np.testing.assert_array_equal(rep.var, D.batch_stats_report(arr).var)
+    bn = _trained(np.random.default_rng(30), 40)
+    x = _image_like(np.random.default_rng(31), 16, 8, 4, 0.3)
+    np.testing.assert_array_equal(D.check_running_stats(bn, x.tolist(), warn=False).var_ratio,
+                                  D.check_running_stats(bn, x, warn=False).var_ratio)
+
+
+def _lines(warning):
+    msg = str(warning.message)
+    assert "0 of 0" not in msg
+    lines = msg.splitlines()
+    assert not any(line.rstrip().endswith((":", ",")) for line in lines[1:]), msg
+    return lines
+
+
+def test_nonfinite_input_leads_the_warning_and_names_its_channels():
+    all_nan = np.full((4, 3), np.nan, np.float32)
+    got = _collect(nk.BatchNorm(3), all_nan)
+    assert len(got) == 1
+    lines = _lines(got[0])
+    assert lines[1] == "  - non-finite statistics: NaN/Inf in the input in channels 0, 1, 2"
+    assert "var_rel_se" not in str(got[0].message)         # nothing to say about noise
+    rec = next(line for line in lines if "recommendation" in line)
+    assert rec.startswith("  recommendation: find where the NaN/Inf come from")
+    # one bad channel in a noisy batch: the NaN first, then the noise of the others
+    x = np.random.default_rng(32).standard_normal((4, 3)).astype(np.float32)
+    x[2, 1] = np.inf
+    lines = _lines(_collect(nk.BatchNorm(3), x)[0])
+    assert lines[1].endswith("in channels 1") and "noisy in 2 of 2 channels" in lines[3]
+    # InstanceNorm names the (sample, channel) pairs
+    xi = np.random.default_rng(33).standard_normal((2, 3, 16)).astype(np.float32)
+    xi[1, 2, 5] = np.nan
+    lines = _lines(_collect(nk.InstanceNorm(3), xi)[0])
+    assert lines[1] == ("  - non-finite statistics: NaN/Inf in the input in 1 of 6 "
+                        "instances, e.g. (sample, channel) (1, 2)")
+    # every instance NaN and too few values: the noise line has numbers, not "nan"
+    msg = str(_collect(nk.InstanceNorm(3), np.full((2, 3, 3), np.nan, np.float32))[0].message)
+    assert "var_rel_se = 1.00" in msg and "nan" not in msg.lower().replace("nan/inf", "")
+
+
+def test_instance_norm_warning_speaks_of_per_instance_statistics():
+    x = np.random.default_rng(34).standard_normal((4, 8, 3)).astype(np.float32)
+    msg = str(_collect(nk.InstanceNorm(8), x)[0].message)
+    assert "per-instance statistics" in msg and "batch statistics" not in msg
+    assert "batch statistics in training mode" in str(
+        _collect(nk.BatchNorm(8), x[:, :, 0])[0].message)
+
+
+# ============================================================ bad arguments (issue 15)
+_X = np.random.default_rng(40).standard_normal((4, 4, 5))
+_MASK = np.zeros(_X.shape, bool)
+_MASK[0, 0, 0] = True
+
+BAD_ARGUMENTS = [
+    # (keyword arguments, exception, message pattern)
+    ({"kind": "group", "num_groups": 0}, ValueError,
+     r"^num_groups: expected a positive int dividing the 4 channels, got 0$"),
+    ({"kind": "group", "num_groups": -2}, ValueError, r"^num_groups: expected .*, got -2$"),
+    ({"kind": "group", "num_groups": 3}, ValueError, r"dividing the 4 channels, got 3$"),
+    ({"kind": "group", "num_groups": 2.5}, TypeError, r"^num_groups: expected .*, got 2.5"),
+    ({"kind": "group", "num_groups": True}, TypeError, r"^num_groups: expected .*, got True"),
+    ({"kind": "group"}, ValueError, r"^num_groups: kind='group' needs .*, got None$"),
+    ({"num_groups": 2}, ValueError, r"^num_groups: only used with kind='group'"),
+    ({"axis": 1.0}, TypeError, r"^axis: expected an int, got 1.0"),
+    ({"axis": np.float64(1.0)}, TypeError, r"^axis: expected an int, got 1.0"),
+    ({"axis": True}, TypeError, r"^axis: expected an int, got True"),
+    ({"axis": 3}, ValueError, r"^axis: expected an int in \[-3, 3\) for input of shape "
+                              r"\(4, 4, 5\), got 3$"),
+    ({"kind": "instance", "axis": 0}, ValueError, r"^axis: kind='instance' expects"),
+    ({"kind": "layer"}, ValueError, r"^kind: expected 'batch', 'instance' or 'group', got 'layer'"),
+    ({"eps": -1e-5}, ValueError, r"^eps: expected a finite real number >= 0, got -1e-05$"),
+    ({"eps": float("nan")}, ValueError, r"^eps: expected a finite real number >= 0, got nan"),
+    ({"eps": "1e-5"}, TypeError, r"^eps: expected a real number >= 0, got '1e-5'"),
+    ({"eps": None}, TypeError, r"^eps: expected a real number >= 0, got None"),
+    ({"thresholds": 3}, TypeError, r"^thresholds: expected None, a Thresholds or a dict"),
+    ({"thresholds": {"max_var": 1}}, TypeError, r"unknown diagnostics setting"),
+    ({"thresholds": {"min_values": 2.5}}, TypeError, r"^min_values: expected an int >= 0"),
+]
+
+BAD_DATA = [
+    # (x, exception, message pattern)
+    (_X.astype(np.complex128), TypeError, r"^x: expected a floating-point array .*, got "
+                                          r"dtype complex128$"),
+    (_X.astype(object), TypeError, r"got dtype object$"),
+    (_X.astype(np.int64), TypeError, r"got dtype int64$"),
+    (_X > 0, TypeError, r"got dtype bool$"),
+    (np.ma.masked_array(_X, mask=_MASK), TypeError,
+     r"^x: expected an ndarray, got a masked array; .*x\.filled\(value\).*x\.data"),
+    ("abc", TypeError, r"^x: expected an array of floats \(N, C, \.\.\.\), got str$"),
+    (None, TypeError, r"got NoneType$"),
+    ({"a": 1.0}, TypeError, r"got dict$"),
+    (np.ones(5), ValueError,
+     r"^x: expected at least 2 dimensions \(N, C, \.\.\.\), got shape \(5,\)$"),
+    (np.ones((0, 3)), ValueError, r"^x: expected a non-empty array, got shape \(0, 3\)$"),
+    ([[1.0, 2.0], [3.0]], ValueError, r"^x: expected an array of floats .* cannot convert"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,pattern", BAD_ARGUMENTS,
+                         ids=[repr(k) for k, _, _ in BAD_ARGUMENTS])
+def test_bad_arguments_name_what_was_expected_and_given(kwargs, exc, pattern):
+    before = _X.copy()
+    with pytest.raises(exc, match=pattern):
+        D.batch_stats_report(_X, **kwargs)
+    np.testing.assert_array_equal(_X, before)                 # input untouched
+
+
+@pytest.mark.parametrize("x,exc,pattern", BAD_DATA,
+                         ids=[f"{type(x).__name__}-{getattr(x, 'dtype', '')}"
+                              for x, _, _ in BAD_DATA])
+def test_bad_data_is_rejected_with_a_clear_error(x, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        D.batch_stats_report(x)
+
+
+def test_integral_arguments_of_any_integer_type():
+    """operator.index: np.int64 is an int; the results equal those of plain ints."""
+    a = D.batch_stats_report(_X, axis=np.int64(-1), kind="group", num_groups=np.int32(5))
+    b = D.batch_stats_report(_X, axis=-1, kind="group", num_groups=5)
+    np.testing.assert_array_equal(a.var, b.var)
+    assert D.batch_stats_report(_X, eps=np.float32(0.0)).unstable in (True, False)
+
+
+def test_bad_arguments_of_the_eval_check_and_the_thresholds():
+    bn = _trained(np.random.default_rng(41), 3)
+    x = _image_like(np.random.default_rng(42), 4, 8, 4, 0.3)
+    with pytest.raises(TypeError, match=r"^layer: expected a normkit BatchNorm or InstanceNorm"):
+        D.check_running_stats(None, x)
+    with pytest.raises(TypeError, match=r"got LayerNorm$"):
+        D.check_running_stats(nk.LayerNorm(4), x)
+    with pytest.raises(ValueError, match=r"^x: expected 8 channels on axis 1 \(the layer's "
+                                         r"num_features\), got 4"):
+        D.check_running_stats(bn, x[:, :4])
+    with pytest.raises(TypeError, match=r"^warn: expected True or False, got 'yes'"):
+        D.check_running_stats(bn, x, warn="yes")
+    with pytest.raises(TypeError, match=r"^x: expected a floating-point array"):
+        D.check_running_stats(bn, x.astype(np.complex64))
+    with pytest.raises(ValueError, match=r"^warn_every: expected an int >= 1, got 0$"):
+        D.configure(warn_every=0)
+    with pytest.raises(TypeError, match=r"^ema: expected a number in \(0, 1\], got 'a'$"):
+        D.Thresholds(ema="a")
+    with pytest.raises(ValueError, match=r"^channel_fraction: expected a number in \[0, 1\)"):
+        D.Thresholds(channel_fraction=1.0)
+    with pytest.raises(TypeError, match=r"^check_every: expected an int >= 1, got 2.0$"):
+        nk.BatchNorm(8, diagnostics={"check_every": 2.0})
+    with pytest.raises(TypeError, match=r"^diagnostics: expected None"):
+        nk.BatchNorm(8, diagnostics="yes")
+    later = nk.BatchNorm(8)
+    later.diagnostics = "yes"                     # reassigned after construction
+    with pytest.raises(TypeError, match=r"^diagnostics: expected None"):
+        later(x)
+
+
+# ============================================================ no NumPy warnings leak out
+_RNG = np.random.default_rng(43)
+HARD_DATA = {
+    "constant": np.full((4, 3, 5), 2.0),
+    "all NaN": np.full((4, 3, 5), np.nan),
+    "all Inf": np.full((4, 3, 5), np.inf),
+    "some NaN": np.where(_RNG.random((4, 3, 5)) < 0.3, np.nan, _RNG.standard_normal((4, 3, 5))),
+    "single sample": _RNG.standard_normal((1, 3, 5)),
+    "one value per sample": _RNG.standard_normal((5, 3)),
+    "near float64 max": np.full((4, 3, 5), 1e308) * np.array([1, -1, 1, -1, 1]),
+}
+REPORT_KINDS = [{}, {"kind": "instance"}, {"kind": "group", "num_groups": 3}, {"axis": 0},
+                {"eps": 0.0}, {"kind": "instance", "eps": 0.0}]
+
+
+@pytest.mark.parametrize("name", list(HARD_DATA))
+def test_no_floating_point_warning_leaks(name):
+    """Under warnings.simplefilter("error") the diagnostics raise no NumPy
+    RuntimeWarning (nor anything else) on data they are meant to report on."""
+    x = HARD_DATA[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for kwargs in REPORT_KINDS:
+            rep = D.batch_stats_report(x, **kwargs)
+            assert str(rep) and rep.var.dtype == np.float64
+        bn = _trained(np.random.default_rng(44), 3)
+        bn.running_var[0] = -1.0                              # a corrupted running state
+        bn.running_mean[1] = np.nan
+        xc = np.concatenate([x] * 3, axis=1)[:, :8] if x.ndim == 3 else None
+        if xc is not None:
+            assert str(D.check_running_stats(bn, xc, warn=False))
+
+
+@pytest.mark.parametrize("name", ["constant", "all NaN", "all Inf", "some NaN", "single sample"])
+@pytest.mark.parametrize("layer_type", [nk.BatchNorm, nk.InstanceNorm])
+def test_no_floating_point_warning_leaks_from_the_layer_checks(name, layer_type):
+    """The training-time checks on the same data: only the diagnostics' own warning."""
+    layer = layer_type(3, diagnostics={"check_every": 1, "warn_every": 1})
+    x = HARD_DATA[name].astype(np.float32)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("error")
+        warnings.simplefilter("always", W)
+        for _ in range(2):
+            layer(x)
+    assert all(issubclass(w.category, W) for w in got)
+
+
+# ============================================================ 16-bit input
+def _half_dtypes():
+    dts = [np.dtype(np.float16)]
+    try:
+        import ml_dtypes
+        dts.append(np.dtype(ml_dtypes.bfloat16))
+    except ImportError:
+        pass
+    return dts
+
+
+@pytest.mark.parametrize("dtype", _half_dtypes(), ids=str)
+@pytest.mark.parametrize("kwargs", [{}, {"kind": "instance"}, {"kind": "group", "num_groups": 2},
+                                    {"axis": -1}, {"axis": 0}], ids=repr)
+def test_16_bit_input_to_the_report(dtype, kwargs):
+    """16-bit data are widened exactly to float64: the report equals that of the
+    widened data, field for field, and every per-statistic field is float64."""
+    x = np.random.default_rng(45).standard_normal((4, 6, 8, 8)).astype(dtype)
+    rep = D.batch_stats_report(x, **kwargs)
+    ref = D.batch_stats_report(x.astype(np.float64), **kwargs)
+    for f in ("n_eff", "n_eff_var", "rho", "mean_rel_se", "var_rel_se", "var_rel_bias",
+              "kurtosis", "mean", "var"):
+        assert getattr(rep, f).dtype == np.float64, f
+        np.testing.assert_array_equal(getattr(rep, f), getattr(ref, f), err_msg=f)
+    assert rep.reasons == ref.reasons and rep.recommendation == ref.recommendation
+
+
+@pytest.mark.parametrize("dtype", _half_dtypes(), ids=str)
+@pytest.mark.parametrize("layer_type", [nk.BatchNorm, nk.InstanceNorm])
+def test_16_bit_input_to_the_layer_warnings(dtype, layer_type):
+    x = np.random.default_rng(46).standard_normal((2, 6, 2, 2)).astype(dtype)
+    layer = layer_type(6, diagnostics={"warn_every": 1})
+    try:
+        got = _collect(layer, x)
+    except TypeError as exc:          # the forward itself, not the diagnostics
+        if "dtype bfloat16" in str(exc) and "diagnostics" not in str(exc):
+            pytest.xfail(f"the {layer_type.__name__} forward does not take bfloat16 yet: {exc}")
+        raise
+    assert len(got) == 1 and "input (2, 6, 2, 2)" in str(got[0].message)
+    assert layer._diag_state.last_vse.dtype == np.float64
