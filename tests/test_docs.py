@@ -12,9 +12,12 @@ writes its pages. Skipped when Sphinx and the theme are not installed
 """
 from __future__ import annotations
 
+import html
 import html.parser
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -232,3 +235,106 @@ def test_figure_script_fast(tmp_path):
     finally:
         sys.path.remove(str(DOCS / "tools"))
     assert "digits_acc_table" in subs and "bench_table" in subs
+
+
+# ---------------------------------------------------------------- as a reader sees it
+# Math is typeset at build time (docs/tools/svgmath.py): the pages must show formulas
+# without a network and without raw TeX. The static checks read the HTML; the browser
+# check lays the pages out in headless Chromium, as a reader's browser would.
+MATH_PAGES = ["norms/batch_norm", "diagnostics"]
+RAW_TEX = ("\\frac", "\\sigma", "\\sum", "\\hat", "$$")
+
+
+def test_math_is_typeset_into_the_html(html_dir):
+    for page in MATH_PAGES + ["norms/layer_norm", "choosing"]:
+        path = html_dir / f"{page}.html"
+        if not path.is_file():          # diagnostics is an optional page
+            continue
+        text = path.read_text(encoding="utf-8")
+        n_math = len(re.findall(r'class="math svgmath"', text))
+        assert n_math >= 5, f"{page}: {n_math} typeset formulas"
+        assert text.count("<svg") >= n_math, f"{page}: a formula without its SVG"
+        assert "math-error" not in text, f"{page}: a formula MathJax could not typeset"
+        assert not re.search(r"<script[^>]*(mathjax|katex)", text, re.I), \
+            f"{page}: loads a math script"
+        # nothing outside the page: every script, stylesheet and image is local
+        for url in re.findall(r'<(?:script|link|img)[^>]*(?:src|href)="([^"]+)"', text):
+            assert not _is_external(url), f"{page}: loads {url} from the network"
+
+
+_CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                   "--no-first-run", "--disable-background-networking",
+                   "--disable-component-update", "--disable-sync"]
+
+# Runs after the page has loaded; writes what the reader's browser laid out into the DOM.
+_PROBE = """<script>
+window.addEventListener('load', function () {
+  function all(s) { return Array.prototype.slice.call(document.querySelectorAll(s)); }
+  var r = {};
+  r.math = all('.math').map(function (m) {
+    var svg = m.querySelector('svg'), box = svg ? svg.getBoundingClientRect() : null;
+    return box ? [box.width, box.height] : null; });
+  r.text = document.body.innerText;
+  r.tables = all('table').map(function (t) {
+    var c = t.parentElement;
+    return {scroll: t.scrollWidth, container: c.clientWidth,
+            overflow: getComputedStyle(c).overflowX}; });
+  r.resources = performance.getEntriesByType('resource').map(function (e) {
+    return e.name; });
+  var pre = document.createElement('pre');
+  pre.id = 'normkit-probe';
+  pre.textContent = JSON.stringify(r);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def _chromium():
+    for name in (os.environ.get("NORMKIT_CHROMIUM"), "chromium", "chromium-browser",
+                 "google-chrome"):
+        found = name and shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _in_browser(html_dir, page, tmp_path, width=1400):
+    """Load ``page`` in headless Chromium at ``width`` px; what the probe measured."""
+    source = html_dir / f"{page}.html"
+    probe = source.with_name(f"_probe_{source.name}")     # same folder: relative links work
+    probe.write_text(source.read_text(encoding="utf-8").replace("</body>", _PROBE + "</body>"),
+                     encoding="utf-8")
+    try:
+        proc = subprocess.run(
+            [_chromium(), *_CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+             f"--window-size={width},1000", "--virtual-time-budget=5000", "--dump-dom",
+             probe.as_uri()], capture_output=True, text=True, timeout=60)
+    finally:
+        probe.unlink()
+    found = re.search(r'<pre id="normkit-probe"[^>]*>(.*?)</pre>', proc.stdout, re.S)
+    assert found, f"chromium did not run the page's scripts:\n{proc.stderr[-2000:]}"
+    return json.loads(html.unescape(found.group(1)))
+
+
+@pytest.mark.parametrize("page", MATH_PAGES)
+def test_pages_as_a_reader_sees_them(html_dir, page, tmp_path):
+    if _chromium() is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium)")
+    if not (html_dir / f"{page}.html").is_file():
+        pytest.skip(f"docs/{page}.md does not exist yet")
+    seen = _in_browser(html_dir, page, tmp_path)
+    assert len(seen["math"]) >= 5, f"{page}: only {len(seen['math'])} formulas"
+    blank = [i for i, box in enumerate(seen["math"]) if not box or min(box) <= 0]
+    assert not blank, (f"{page}: {len(blank)} of {len(seen['math'])} formulas show no "
+                       f"typeset math (the first: {blank[:5]})")
+    raw = [t for t in RAW_TEX if t in seen["text"]]
+    assert not raw, f"{page}: raw TeX visible to the reader: {raw}"
+    remote = [u for u in seen["resources"] if not u.startswith("file:")]
+    assert not remote, f"{page}: the browser fetched {remote}"
+    # at 1400 px every table fits its column, or its container scrolls sideways
+    for i, t in enumerate(seen["tables"]):
+        assert t["scroll"] <= t["container"] + 1 or t["overflow"] in ("auto", "scroll"), \
+            f"{page}: table {i} is cut off: {t}"
+    if page == "norms/batch_norm":      # the framework-mapping table fits outright
+        cut = [t for t in seen["tables"] if t["scroll"] > t["container"] + 1]
+        assert not cut, f"{page}: tables wider than the page at 1400 px: {cut}"
