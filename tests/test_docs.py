@@ -7,8 +7,9 @@ built the site successfully with that command can skip the second build by point
 ``NORMKIT_DOCS_HTML`` at the output (e.g. ``NORMKIT_DOCS_HTML=docs/_build/html`` after
 a passing ``python -m sphinx -W --keep-going -b html docs docs/_build/html``): an
 existing directory alone is not trusted, since a failed ``--keep-going`` build still
-writes its pages. Skipped when Sphinx and the theme are not installed
-(``pip install -e ".[docs]"``).
+writes its pages. The tests that need the built site are skipped when Sphinx, the theme or the math
+renderer are not installed (``pip install -e ".[docs]"``); the others (README, LICENSE,
+the runnable examples) always run.
 """
 from __future__ import annotations
 
@@ -24,10 +25,6 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
-
-pytest.importorskip("sphinx")
-pytest.importorskip("myst_parser")
-pytest.importorskip("pydata_sphinx_theme")
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -52,6 +49,9 @@ def _sources():
 
 @pytest.fixture(scope="module")
 def html_dir(tmp_path_factory):
+    for module in ("sphinx", "myst_parser", "pydata_sphinx_theme", "quickjax"):
+        pytest.importorskip(module, reason=f"{module} is not installed: "
+                            'pip install -e ".[docs]"')
     given = os.environ.get("NORMKIT_DOCS_HTML")
     if given:
         path = Path(given)
@@ -338,3 +338,45 @@ def test_pages_as_a_reader_sees_them(html_dir, page, tmp_path):
     if page == "norms/batch_norm":      # the framework-mapping table fits outright
         cut = [t for t in seen["tables"] if t["scroll"] > t["container"] + 1]
         assert not cut, f"{page}: tables wider than the page at 1400 px: {cut}"
+
+
+# ---------------------------------------------------------------- README and LICENSE
+def test_license_is_shipped():
+    import tomllib
+    text = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert text.startswith("BSD 3-Clause License") and "2026, normkit developers" in text
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert project["license"] == "BSD-3-Clause"
+    assert project["license-files"] == ["LICENSE"]     # what puts it into the wheel
+
+
+def _readme_commands():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```bash\n(.*?)```", quick, re.S)
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def test_readme_quick_start_is_two_self_contained_commands():
+    """One line installs and runs the main job, one installs and runs the tests."""
+    bench, tests = _readme_commands()
+    assert bench.startswith("pip install") and bench.endswith("&& python -m normkit bench")
+    assert tests.startswith("pip install") and tests.endswith("&& python -m pytest")
+    extras = re.search(r'-e "\.\[([^\]]*)\]"', tests)
+    assert extras and {"test", "peers"} <= set(extras.group(1).split(","))
+    import tomllib
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert set(extras.group(1).split(",")) <= set(declared["optional-dependencies"])
+
+
+def test_readme_layout_names_paths_that_exist():
+    """The layout section stays true: every path it names exists (a planned one may be
+    written ``x.pyx.tp``; then the rendered ``.pyx`` or the template must exist)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    missing = []
+    for path in re.findall(r"^((?:normkit|tests|benchmarks|docs)/\S*)", layout, re.M):
+        candidates = [path, path.removesuffix(".tp")]
+        if not any((ROOT / c).exists() for c in candidates):
+            missing.append(path)
+    assert not missing, f"README layout names missing paths: {missing}"
