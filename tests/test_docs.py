@@ -380,3 +380,16 @@ def test_readme_layout_names_paths_that_exist():
         if not any((ROOT / c).exists() for c in candidates):
             missing.append(path)
     assert not missing, f"README layout names missing paths: {missing}"
+
+
+def test_backends_page_documents_every_simd_build():
+    text = (DOCS / "backends.md").read_text(encoding="utf-8")
+    for needle in ("AVX2", "AVX-512", "`_cython_kernels_avx2`", "`_cython_kernels_avx512`",
+                   "NORMKIT_CYTHON_SIMD", "`baseline`", "`avx2`", "`avx512`", "`auto`"):
+        assert needle in text, f"docs/backends.md does not mention {needle}"
+    # the builds the page names are the ones this checkout built (where it built any)
+    built = {p.name.split(".")[0] for p in (ROOT / "normkit" / "backends").glob(
+        "_cython_kernels*.so")} | {p.name.split(".")[0] for p in (
+        ROOT / "normkit" / "backends").glob("_cython_kernels*.pyd")}
+    assert built <= {"_cython_kernels", "_cython_kernels_avx2", "_cython_kernels_avx512"}, \
+        f"an extension build docs/backends.md does not describe: {sorted(built)}"
