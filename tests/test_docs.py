@@ -393,3 +393,28 @@ def test_backends_page_documents_every_simd_build():
         ROOT / "normkit" / "backends").glob("_cython_kernels*.pyd")}
     assert built <= {"_cython_kernels", "_cython_kernels_avx2", "_cython_kernels_avx512"}, \
         f"an extension build docs/backends.md does not describe: {sorted(built)}"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc (Linux only)")
+def test_memory_tool_backs_the_backends_page():
+    """docs/tools/memory.py runs, and the claims the backends page makes still hold:
+    the compiled backends need only the output for float32, numpy needs several times
+    the input. (Bounds, not the exact figures: those depend on NumPy's temporaries.)"""
+    import normkit
+    sys.path.insert(0, str(DOCS / "tools"))
+    try:
+        import memory
+        backends = [b for b in ("cython", "numba", "numpy")
+                    if b in normkit.available_backends()]
+        results = memory.measure(backends)
+    finally:
+        sys.path.remove(str(DOCS / "tools"))
+    assert "| `layer_norm (8, 128, 768)` | float32 |" in memory.markdown(results)
+    for backend, cases in results.items():
+        for key, r in cases.items():
+            ratio = r["rss_bytes"] / r["input_bytes"]
+            if key.endswith("float32") and backend != "numpy":
+                assert 0.9 <= ratio <= 1.5, f"{backend} {key}: {ratio:.1f}x the input"
+            if key.endswith("float32") and backend == "numpy":
+                assert 2.0 <= ratio <= 8.0, f"numpy {key}: {ratio:.1f}x the input"
+    assert "docs/tools/memory.py" in (DOCS / "backends.md").read_text(encoding="utf-8")
