@@ -418,3 +418,20 @@ def test_memory_tool_backs_the_backends_page():
             if key.endswith("float32") and backend == "numpy":
                 assert 2.0 <= ratio <= 8.0, f"numpy {key}: {ratio:.1f}x the input"
     assert "docs/tools/memory.py" in (DOCS / "backends.md").read_text(encoding="utf-8")
+
+
+def test_contributing_and_pre_commit_name_the_gates():
+    yaml = pytest.importorskip("yaml")
+    config = yaml.safe_load((ROOT / ".pre-commit-config.yaml").read_text(encoding="utf-8"))
+    hooks = {h["id"]: h for repo in config["repos"] for h in repo["hooks"]}
+    assert hooks["ruff"]["entry"] == "ruff check normkit"
+    assert hooks["mypy"]["entry"] == "mypy normkit"
+    assert hooks["ruff-format"].get("stages") == ["manual"]       # optional, not a gate
+    text = (ROOT / "CONTRIBUTING.md").read_text(encoding="utf-8")
+    for command in ("ruff check normkit", "mypy normkit", "build_ext --inplace",
+                    "--markdown --json RESULTS.json", "python -m pytest"):
+        assert command in text, f"CONTRIBUTING.md does not show {command!r}"
+    named = re.findall(r"`((?:normkit|tests|benchmarks|docs)/[\w./-]+)`", text)
+    missing = [p for p in named if not any((ROOT / c).exists()
+                                           for c in (p, p.removesuffix(".tp")))]
+    assert not missing, f"CONTRIBUTING.md names missing paths: {missing}"
