@@ -435,3 +435,18 @@ def test_contributing_and_pre_commit_name_the_gates():
     missing = [p for p in named if not any((ROOT / c).exists()
                                            for c in (p, p.removesuffix(".tp")))]
     assert not missing, f"CONTRIBUTING.md names missing paths: {missing}"
+
+
+def test_bad_tex_is_a_build_error_not_a_red_box():
+    pytest.importorskip("quickjax", reason='pip install -e ".[docs]"')
+    sys.path.insert(0, str(DOCS / "tools"))
+    try:
+        import svgmath
+    finally:
+        sys.path.remove(str(DOCS / "tools"))
+    svg = svgmath.tex_to_svg(r"\frac{a}{\sqrt{\sigma^2 + \varepsilon}}", True)
+    assert svg.startswith("<svg") and "merror" not in svg
+    assert not re.search(r'id="MJX-\d+-', svg)          # ids made unique per formula
+    for bad, why in ((r"\frac{a", "Missing close brace"), (r"\nosuchmacro x", "nosuchmacro")):
+        with pytest.raises(ValueError, match=why):
+            svgmath.tex_to_svg(bad, True)
