@@ -36,7 +36,7 @@ _IDS = re.compile(r"MJX-\d+-")
 
 @lru_cache(maxsize=1)
 def _renderer():
-    from quickjax import MathJaxRenderer   # docs extra; imported only when building
+    from quickjax import MathJaxRenderer  # docs extra; imported only when building
     return MathJaxRenderer()
 
 
