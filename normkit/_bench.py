@@ -14,9 +14,9 @@ budget per case. Interleaving makes a burst of load from other processes hit eve
 column alike, so the *ratios* stay meaningful on a busy machine even when the absolute
 times do not; short samples and the median let occasional scheduler stalls spoil single
 samples rather than the result. The reported time is the median per-call time over the
-rounds (``time.perf_counter``, garbage collector off while a sample runs). Calls shorter than 10 ms get one untimed
-call right before each sample, so threads another library left spinning (OpenMP, ORT)
-and cold caches do not land on the next column.
+rounds (``time.perf_counter``, garbage collector off while a sample runs). Calls
+shorter than 10 ms get one untimed call right before each sample, so threads another
+library left spinning (OpenMP, ORT) and cold caches do not land on the next column.
 
 PyTorch and ONNX Runtime are imported here, lazily, and only when installed; ``import
 normkit`` never imports them or this module. No third-party progress bar either: a
@@ -148,7 +148,7 @@ def _onnx_model(case, units):
     nodes = C.onnx_units(case, units)
     elem = helper.np_dtype_to_tensor_dtype(units[0]["x"].dtype)
     input_names, feed, value_infos, inits, gnodes, outputs = {}, {}, [], [], [], []
-    for i, (node, u) in enumerate(zip(nodes, units)):
+    for i, (node, u) in enumerate(zip(nodes, units, strict=True)):
         names = []
         for role, arr, is_input in node.inputs:
             if is_input:       # units that share an input array share the graph input
@@ -209,7 +209,7 @@ def _ort_impl(threads):
         for name, arr in feed.items():
             binding.bind_cpu_input(name, arr)
         buffers = [np.empty(u["x"].shape, dtype) for u in units]
-        for name, buf in zip(out_names, buffers):
+        for name, buf in zip(out_names, buffers, strict=True):
             binding.bind_output(name, "cpu", 0, dtype.type, buf.shape, buf.ctypes.data)
 
         def run_bound():
@@ -357,7 +357,7 @@ def measure_case(case, impls, tier="default", check=True, progress=None, budget=
     meter = CpuMeter()
     samples = _time_rounds(case, ready, rec["results"], seconds, min_rounds, progress)
     rec["others_cpu"] = meter.value()
-    for impl, fn, t, number in ready:
+    for impl, _fn, _t, number in ready:
         s = samples[impl.id]
         med = statistics.median(s)
         rec["results"][impl.id].update({
@@ -520,7 +520,8 @@ def _run(args) -> int:
         return 2
     progress = Progress(len(cases), enabled=not args.no_progress)
     impls, notes, meta = _setup(args, peers, progress)
-    records, interrupted = [], False
+    records: list[dict] = []
+    interrupted = False
     t0 = time.perf_counter()
     try:
         _measure_all(cases, impls, records, args, progress)

@@ -98,12 +98,9 @@ def best_backend(rec, impls):
 def fmt_time(s):
     if s is None or not math.isfinite(s):
         return "-"
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
-        if s >= scale:
-            v = s / scale
-            break
-    else:
-        unit, v = "ns", s / 1e-9
+    unit, scale = next(((u, k) for u, k in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6))
+                        if s >= k), ("ns", 1e-9))
+    v = s / scale
     return f"{v:.3g} {unit}" if v < 100 else f"{v:.0f} {unit}"
 
 
@@ -157,11 +154,11 @@ def format_text(header, rows):
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(header)]
     out = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in
-                     enumerate(zip(header, widths)))]
+                     enumerate(zip(header, widths, strict=True)))]
     out.append("  ".join("-" * w for w in widths))
     for r in rows:
         out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                             for i, (c, w) in enumerate(zip(r, widths))))
+                             for i, (c, w) in enumerate(zip(r, widths, strict=True))))
     return "\n".join(out)
 
 
