@@ -301,7 +301,8 @@ def _chromium():
 def _in_browser(html_dir, page, tmp_path, width=1400):
     """Load ``page`` in headless Chromium at ``width`` px; what the probe measured."""
     source = html_dir / f"{page}.html"
-    probe = source.with_name(f"_probe_{source.name}")     # same folder: relative links work
+    # a copy in the same folder, so that relative links work; unique per process
+    probe = source.with_name(f"_probe_{os.getpid()}_{source.name}")
     probe.write_text(source.read_text(encoding="utf-8").replace("</body>", _PROBE + "</body>"),
                      encoding="utf-8")
     try:
