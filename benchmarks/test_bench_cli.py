@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -83,7 +84,8 @@ def test_import_normkit_does_not_import_peers_or_bench():
 # ---------------------------------------------------------------- the CLI
 def test_bench_table_and_json(capsys, tmp_path):
     path = tmp_path / "bench.json"
-    rc, out, err = _run(capsys, "--cases", TINY, "--peers", "numpy", "--json", str(path))
+    rc, out, err = _run(capsys, "--cases", TINY, "--peers", "plain-numpy", "--json",
+                        str(path))
     assert rc == 0
     assert TINY in out and "copy" in out and "plain-numpy" in out
     for b in normkit.available_backends():
@@ -97,6 +99,54 @@ def test_bench_table_and_json(capsys, tmp_path):
     assert rec["results"]["copy"]["status"] == "ok"
     assert rec["results"]["plain-numpy"]["correct"]
     assert data["meta"]["threads"] == normkit.get_num_threads()
+
+
+def test_plain_numpy_peer_and_numpy_backend_have_distinct_names(capsys, tmp_path):
+    """normkit's ``numpy`` backend and the plain-NumPy peer never share a name."""
+    assert "numpy" not in _bench.PEERS and "plain-numpy" in _bench.PEERS
+    path = tmp_path / "bench.json"
+    rc, out, _ = _run(capsys, "--cases", TINY, "--backends", "numpy", "--peers",
+                      "plain-numpy", "--json", str(path))
+    assert rc == 0
+    header = out.splitlines()[2].split()
+    assert "numpy" in header and "plain-numpy" in header
+    assert "plain-numpy: a vectorized NumPy version written outside normkit" in out
+    results = json.loads(path.read_text())["records"][0]["results"]
+    assert {"numpy", "plain-numpy"} <= set(results)
+    # the earlier spelling of the peer still works, and means the peer
+    rc, out, _ = _run(capsys, "--cases", TINY, "--backends", "numpy", "--peers", "numpy")
+    assert rc == 0 and "plain-numpy" in out.splitlines()[2].split()
+    help_text = _bench_help()
+    assert "plain-numpy" in help_text and "numpy (a plain" not in help_text
+
+
+def _bench_help():
+    import argparse
+    p = argparse.ArgumentParser(prog="normkit bench", description=_bench.DESCRIPTION)
+    _bench.add_arguments(p)
+    # argparse wraps lines, also after a hyphen: undo that to search the text
+    return " ".join(re.sub(r"-\n\s*", "-", p.format_help()).split())
+
+
+def test_legend_explains_only_the_columns_shown(capsys):
+    rc, out, _ = _run(capsys, "--cases", TINY, "--peers", "none")
+    assert rc == 0
+    table, legend = out.split("\n\n")[1:3]
+    assert "ratio" not in table and "ratio:" not in legend
+    assert "plain-numpy" not in legend
+    assert "copy:" in legend and "others:" in legend
+    rc, out, _ = _run(capsys, "--cases", TINY, "--peers", "plain-numpy")
+    table, legend = out.split("\n\n")[1:3]
+    assert "ratio" in table.splitlines()[0] and "ratio: peer median" in legend
+
+
+def test_help_has_no_raw_markup():
+    """``normkit --help`` / ``normkit bench --help`` print plain text, not reST."""
+    for argv in (["--help"], ["bench", "--help"]):
+        proc = subprocess.run([sys.executable, "-m", "normkit", *argv], capture_output=True,
+                              text=True, check=True)
+        assert "``" not in proc.stdout and ":mod:" not in proc.stdout, proc.stdout
+        assert "usage: normkit" in proc.stdout
 
 
 def test_bench_markdown(capsys):

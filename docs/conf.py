@@ -35,9 +35,15 @@ extensions = [
     "myst_parser",
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
-    "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
+    "svgmath",
 ]
+# Math: typeset at build time into inline SVG (docs/tools/svgmath.py, MathJax 4 run by the
+# `quickjax` package from the docs extra). Not sphinx.ext.mathjax: that loads MathJax from
+# a CDN, so offline readers saw raw TeX; a vendored MathJax would add ~25 MB of scripts
+# and fonts to every build and still need JavaScript. SVG pages need neither, and a
+# formula that does not typeset fails the (-W) build instead of showing an error box.
+html_math_renderer = "svgmath"
 
 source_suffix = {".md": "markdown"}
 root_doc = "index"

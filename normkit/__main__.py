@@ -31,13 +31,15 @@ def _info(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="normkit", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="normkit", description="normkit's command line: what works on this machine "
+        "(info) and the benchmark (bench).")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, backends available here, default backend, threads")
-    from . import _bench   # NumPy + normkit only; torch/onnxruntime load inside `bench`
+    from . import _bench  # NumPy + normkit only; torch/onnxruntime load inside `bench`
     _bench.add_arguments(sub.add_parser(
         "bench", help="time every backend against the copy floor, PyTorch and ONNX Runtime",
-        description=_bench.__doc__.split("\n\n")[0]))
+        description=_bench.DESCRIPTION))
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
     return {"info": _info, "bench": _bench.run}[args.command](args)

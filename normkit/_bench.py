@@ -1,4 +1,4 @@
-"""``python -m normkit bench``: time every normkit backend against the copy floor and peers.
+"""Time every normkit backend against a memory copy and the peers (python -m normkit bench).
 
 For each case of the table in :mod:`normkit._bench_cases` it prepares every
 implementation on the same arrays -- each available normkit backend, an ``np.copyto``
@@ -14,9 +14,9 @@ budget per case. Interleaving makes a burst of load from other processes hit eve
 column alike, so the *ratios* stay meaningful on a busy machine even when the absolute
 times do not; short samples and the median let occasional scheduler stalls spoil single
 samples rather than the result. The reported time is the median per-call time over the
-rounds (``time.perf_counter``, garbage collector off while a sample runs). Calls shorter than 10 ms get one untimed
-call right before each sample, so threads another library left spinning (OpenMP, ORT)
-and cold caches do not land on the next column.
+rounds (``time.perf_counter``, garbage collector off while a sample runs). Calls
+shorter than 10 ms get one untimed call right before each sample, so threads another
+library left spinning (OpenMP, ORT) and cold caches do not land on the next column.
 
 PyTorch and ONNX Runtime are imported here, lazily, and only when installed; ``import
 normkit`` never imports them or this module. No third-party progress bar either: a
@@ -25,14 +25,11 @@ small one is drawn on stderr (plain lines when stderr is not a terminal).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
 import importlib.util
 import json
 import math
 import os
-import platform
-import shutil
 import statistics
 import sys
 import time
@@ -40,8 +37,26 @@ import time
 import numpy as np
 
 from . import _bench_cases as C
+from ._bench_report import (
+    _DISTURBED,
+    PLAIN_NUMPY,
+    Progress,
+    _disturbed,
+    format_markdown,
+    format_text,
+    header_line,
+    legend,
+    machine_info,
+    summary_lines,
+    table_rows,
+)
 
-__all__ = ["add_arguments", "run", "main", "TIERS"]
+__all__ = ["TIERS", "add_arguments", "main", "run"]
+
+#: ``--help`` text: plain words (argparse prints it as is, so no reST markup)
+DESCRIPTION = ("Time every normkit backend that loads here against a memory copy of the "
+               "same bytes and the installed peers (PyTorch, ONNX Runtime), after checking "
+               "each result against normkit's numpy backend.")
 
 #: (seconds of rounds per case, minimum rounds, target seconds per sample). Samples are
 #: short (calls >= 0.5 ms are timed one by one) so that the median over many samples
@@ -54,8 +69,11 @@ TIERS = {
     "full": (2.0, 9, 0.0005),
 }
 _MAX_ROUNDS = 2000
-PEERS = ("numpy", "torch", "onnxruntime")
-PEER_LABEL = {"numpy": "plain-numpy", "torch": "torch", "onnxruntime": "onnxruntime"}
+#: ``--peers`` names. The plain-NumPy peer is ``plain-numpy`` everywhere (option, column,
+#: JSON), never ``numpy``: that is normkit's own reference backend (``--backends numpy``).
+PEERS = (PLAIN_NUMPY, "torch", "onnxruntime")
+#: earlier spellings still accepted by ``--peers``
+PEER_ALIASES = {"numpy": PLAIN_NUMPY}
 _PRECALL_BELOW = 0.010
 
 
@@ -109,7 +127,7 @@ def _copy_impl():
 def _plain_impl():
     def prepare(case, units):
         return C.plain_runner(case, units), C.to_arrays
-    return Impl("plain-numpy", "peer", "plain-numpy", prepare, np.__version__)
+    return Impl(PLAIN_NUMPY, "peer", PLAIN_NUMPY, prepare, np.__version__)
 
 
 def _torch_impl(threads):
@@ -124,54 +142,63 @@ def _torch_impl(threads):
     return Impl("torch", "peer", "torch", prepare, torch.__version__)
 
 
+def _onnx_model(case, units):
+    """One ONNX graph holding every unit of the case; returns (model, feed, output names)."""
+    from onnx import helper, numpy_helper
+    nodes = C.onnx_units(case, units)
+    elem = helper.np_dtype_to_tensor_dtype(units[0]["x"].dtype)
+    input_names, feed, value_infos, inits, gnodes, outputs = {}, {}, [], [], [], []
+    for i, (node, u) in enumerate(zip(nodes, units, strict=True)):
+        names = []
+        for role, arr, is_input in node.inputs:
+            if is_input:       # units that share an input array share the graph input
+                if id(arr) not in input_names:
+                    name = f"X{len(input_names)}"
+                    input_names[id(arr)] = name
+                    feed[name] = arr
+                    value_infos.append(helper.make_tensor_value_info(name, elem, arr.shape))
+                names.append(input_names[id(arr)])
+            else:
+                name = f"u{i}_{role}"
+                inits.append(numpy_helper.from_array(arr, name))
+                names.append(name)
+        outs = [f"Y{i}"] + [f"u{i}_extra{j}" for j in range(1, node.n_outputs)]
+        gnodes.append(helper.make_node(node.op_type, names, outs, domain=node.domain,
+                                       **node.attrs))
+        outputs.append(helper.make_tensor_value_info(f"Y{i}", elem, u["x"].shape))
+    opsets = [helper.make_opsetid("", max(n.opset for n in nodes))]
+    graph = helper.make_graph(gnodes, case.name, value_infos, outputs, inits)
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = helper.find_min_ir_version_for(opsets)
+    return model, nodes[0], feed, [o.name for o in outputs]
+
+
+def _ort_session(ort, model, first, dtype, threads):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    # ORT's workers keep spinning after run() returns (by default), on the cores the
+    # next column needs: that made the normkit columns of the BERT case 2.3x slower.
+    # Stop spinning at the end of each run; spinning within a run stays on, and ORT's
+    # own times did not get worse (measured: 0.31-0.35 ms vs 0.41 ms on ln_8x128x768).
+    so.add_session_config_entry("session.force_spinning_stop", "1")
+    try:
+        return ort.InferenceSession(model.SerializeToString(), so,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - e.g. no kernel for this op/dtype
+        raise C.NotApplicable(f"ORT cannot load {first.op_type} "
+                              f"(opset {first.opset}, {dtype}): {_short(exc)}") from exc
+
+
 def _ort_impl(threads):
     import onnxruntime as ort
-    from onnx import helper, numpy_helper
 
     def prepare(case, units):
-        nodes = C.onnx_units(case, units)
+        model, first, feed, out_names = _onnx_model(case, units)
         dtype = units[0]["x"].dtype
-        elem = helper.np_dtype_to_tensor_dtype(dtype)
-        input_names, feed, value_infos, inits, gnodes, outputs = {}, {}, [], [], [], []
-        for i, (node, u) in enumerate(zip(nodes, units)):
-            names = []
-            for role, arr, is_input in node.inputs:
-                if is_input:       # units that share an input array share the graph input
-                    if id(arr) not in input_names:
-                        name = f"X{len(input_names)}"
-                        input_names[id(arr)] = name
-                        feed[name] = arr
-                        value_infos.append(helper.make_tensor_value_info(name, elem, arr.shape))
-                    names.append(input_names[id(arr)])
-                else:
-                    name = f"u{i}_{role}"
-                    inits.append(numpy_helper.from_array(arr, name))
-                    names.append(name)
-            outs = [f"Y{i}"] + [f"u{i}_extra{j}" for j in range(1, node.n_outputs)]
-            gnodes.append(helper.make_node(node.op_type, names, outs, domain=node.domain,
-                                           **node.attrs))
-            outputs.append(helper.make_tensor_value_info(f"Y{i}", elem, u["x"].shape))
-        opsets = [helper.make_opsetid("", max(n.opset for n in nodes))]
-        graph = helper.make_graph(gnodes, case.name, value_infos, outputs, inits)
-        model = helper.make_model(graph, opset_imports=opsets)
-        model.ir_version = helper.find_min_ir_version_for(opsets)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.log_severity_level = 3
-        # ORT's workers keep spinning after run() returns (by default), on the cores the
-        # next column needs: that made the normkit columns of the BERT case 2.3x slower.
-        # Stop spinning at the end of each run; spinning within a run stays on, and ORT's
-        # own times did not get worse (measured: 0.31-0.35 ms vs 0.41 ms on ln_8x128x768).
-        so.add_session_config_entry("session.force_spinning_stop", "1")
-        try:
-            sess = ort.InferenceSession(model.SerializeToString(), so,
-                                        providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001 - e.g. no kernel for this op/dtype
-            raise C.NotApplicable(f"ORT cannot load {nodes[0].op_type} "
-                                  f"(opset {nodes[0].opset}, {dtype}): {_short(exc)}") from exc
-        out_names = [o.name for o in outputs]
+        sess = _ort_session(ort, model, first, dtype, threads)
         if len(units) == 1:
             return (lambda: sess.run(out_names, feed)), list
         # Real-model cases: one graph holding every layer, one session.run (how ORT runs a
@@ -182,7 +209,7 @@ def _ort_impl(threads):
         for name, arr in feed.items():
             binding.bind_cpu_input(name, arr)
         buffers = [np.empty(u["x"].shape, dtype) for u in units]
-        for name, buf in zip(out_names, buffers):
+        for name, buf in zip(out_names, buffers, strict=True):
             binding.bind_output(name, "cpu", 0, dtype.type, buf.shape, buf.ctypes.data)
 
         def run_bound():
@@ -225,7 +252,7 @@ def discover(backends=None, peers=("torch", "onnxruntime"), threads=None):
     threads = threads or normkit.get_num_threads()
     impls = [_backend_impl(b) for b in chosen] + [_copy_impl()]
     for p in peers:
-        if p == "numpy":
+        if p == PLAIN_NUMPY:
             impls.append(_plain_impl())
         elif p == "torch":
             if importlib.util.find_spec("torch") is None:
@@ -249,66 +276,7 @@ def discover(backends=None, peers=("torch", "onnxruntime"), threads=None):
     return impls, notes
 
 
-# ====================================================================== progress
-class Progress:
-    """A one-line progress bar on stderr, or plain lines when stderr is not a terminal."""
-
-    def __init__(self, total, stream=None, enabled=True):
-        self.total, self.stream = total, stream or sys.stderr
-        self.enabled = enabled
-        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.t0 = time.perf_counter()
-        self.done = 0
-        self.case = ""
-
-    @staticmethod
-    def _clock(seconds):
-        s = int(seconds)
-        return f"{s // 60}:{s % 60:02d}"
-
-    def _elapsed(self):
-        el = time.perf_counter() - self.t0
-        text = self._clock(el)
-        if 0 < self.done < self.total:
-            text += f" eta {self._clock(el / self.done * (self.total - self.done))}"
-        return text
-
-    def step(self, case, what=""):
-        self.case = case
-        if self.tty:
-            width = shutil.get_terminal_size((80, 20)).columns
-            bar_w = 20
-            filled = int(bar_w * self.done / max(1, self.total))
-            bar = "#" * filled + "-" * (bar_w - filled)
-            line = f"[{bar}] {self.done}/{self.total} {self._elapsed()} {case} {what}"
-            self.stream.write("\r" + line[:width - 1].ljust(width - 1))
-            self.stream.flush()
-
-    def finish_case(self, case, seconds, flag=""):
-        self.done += 1
-        if not self.enabled:
-            return
-        if self.tty:
-            self.step(case, "done")
-        else:
-            self.stream.write(f"[{self.done}/{self.total}] {case} ({seconds:.1f} s){flag}\n")
-            self.stream.flush()
-
-    def close(self):
-        if self.tty:
-            width = shutil.get_terminal_size((80, 20)).columns
-            self.stream.write("\r" + " " * (width - 1) + "\r")
-            self.stream.flush()
-
-    def message(self, text):
-        if self.tty:
-            self.close()
-        self.stream.write(text + "\n")
-        self.stream.flush()
-
-
 # ====================================================================== other processes
-_DISTURBED = 0.25     # CPUs used by other processes above which a row is "disturbed"
 
 
 class CpuMeter:
@@ -384,7 +352,23 @@ def measure_case(case, impls, tier="default", check=True, progress=None, budget=
     rec = {"case": case.name, "norm": case.norm, "layout": case.layout, "dtype": case.dtype,
            "tier": case.tier, "category": case.category,
            "shapes": [list(s) for s in case.units], "bytes": nbytes, "results": {}}
-    res = rec["results"]
+    ready = _prepare_all(case, units, impls, rec["results"], check, target, progress)
+    gc.collect()          # the reference is gone: the allocator starts clean for timing
+    meter = CpuMeter()
+    samples = _time_rounds(case, ready, rec["results"], seconds, min_rounds, progress)
+    rec["others_cpu"] = meter.value()
+    for impl, _fn, _t, number in ready:
+        s = samples[impl.id]
+        med = statistics.median(s)
+        rec["results"][impl.id].update({
+            "median_s": med, "min_s": min(s), "rounds": len(s), "calls_per_sample": number,
+            "gbps": nbytes / med / 1e9 if med > 0 else math.inf})
+    return rec
+
+
+def _prepare_all(case, units, impls, res, check, target, progress):
+    """Warm up and check every column; ``[impl, fn, per-call estimate, calls per sample]``
+    for those that run, in the original column order (failures are recorded in ``res``)."""
     tol = case.tol()
     ref = None
     # the numpy backend is the oracle: measure it first and reuse its warm-up result
@@ -393,8 +377,7 @@ def measure_case(case, impls, tier="default", check=True, progress=None, budget=
         if progress:
             progress.step(case.name, "reference")
         ref = C.to_arrays(C.run_for_check(C.normkit_runner(case, units, "numpy")))
-
-    ready = []   # [impl, fn, per-call estimate, calls per sample]
+    ready = []
     for impl in order:
         if progress:
             progress.step(case.name, impl.label)
@@ -406,8 +389,7 @@ def measure_case(case, impls, tier="default", check=True, progress=None, budget=
                 got = fetch(out)
                 if ref is None and impl.id == "numpy":
                     ref = got
-                err = C.max_rel_error(got, ref)
-                r["max_rel_error"] = err
+                r["max_rel_error"] = err = C.max_rel_error(got, ref)
                 r["correct"] = bool(err <= tol)
             out = got = None
             t = _time_sample(fn, 1)
@@ -422,14 +404,13 @@ def measure_case(case, impls, tier="default", check=True, progress=None, budget=
             res[impl.id] = _failure(impl, exc)
             continue
         ready.append([impl, fn, t, max(1, int(target / max(t, 1e-9)))])
-    # measure in the original column order, rotated every round; free the reference
-    # first (a real-model case holds ~100 MB of it) so the allocator starts clean
     ready.sort(key=lambda e: impls.index(e[0]))
-    ref = None
-    gc.collect()
+    return ready
 
+
+def _time_rounds(case, ready, res, seconds, min_rounds, progress):
+    """Rounds in which every ready column takes one sample, the order rotating."""
     samples = {e[0].id: [] for e in ready}
-    meter = CpuMeter()
     t_start = time.perf_counter()
     rounds = 0
     while ready:
@@ -453,224 +434,13 @@ def measure_case(case, impls, tier="default", check=True, progress=None, budget=
         if rounds >= _MAX_ROUNDS or (rounds >= min_rounds and elapsed >= seconds) \
                 or (rounds >= 3 and elapsed >= 3 * seconds):
             break
-    rec["others_cpu"] = meter.value()
-    for impl, fn, t, number in ready:
-        s = samples[impl.id]
-        med = statistics.median(s)
-        res[impl.id].update({"median_s": med, "min_s": min(s), "rounds": len(s),
-                             "calls_per_sample": number,
-                             "gbps": nbytes / med / 1e9 if med > 0 else math.inf})
-    return rec
+    return samples
 
 
 def _failure(impl, exc):
     if impl.id == "torch" and "not implemented for" in str(exc):
         return {"status": "n/a", "note": f"torch: {_short(exc)}"}
     return {"status": "error", "note": f"{type(exc).__name__}: {_short(exc)}"}
-
-
-def _disturbed(rec):
-    v = rec.get("others_cpu")
-    return v is not None and v >= _DISTURBED
-
-
-def best_backend(rec, impls):
-    """(id, median) of the fastest normkit backend in this record, or (None, None)."""
-    best = (None, None)
-    for impl in impls:
-        if impl.kind != "backend":
-            continue
-        r = rec["results"].get(impl.id, {})
-        if r.get("status") == "ok" and "median_s" in r:
-            if best[1] is None or r["median_s"] < best[1]:
-                best = (impl.id, r["median_s"])
-    return best
-
-
-# ====================================================================== reporting
-def fmt_time(s):
-    if s is None or not math.isfinite(s):
-        return "-"
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
-        if s >= scale:
-            v = s / scale
-            break
-    else:
-        unit, v = "ns", s / 1e-9
-    return f"{v:.3g} {unit}" if v < 100 else f"{v:.0f} {unit}"
-
-
-def fmt_gbps(g):
-    if g is None or not math.isfinite(g):
-        return "-"
-    return f"{g:.2f}" if g < 10 else f"{g:.1f}"
-
-
-def _cell(r):
-    """Text of a time cell (n/a, error, with a ! when the result did not match)."""
-    st = r.get("status")
-    if st == "n/a":
-        return "n/a"
-    if st == "error":
-        return "error"
-    if "median_s" not in r:
-        return "-"
-    bad = "!" if r.get("correct") is False else ""
-    return fmt_time(r["median_s"]) + bad
-
-
-def table_rows(records, impls):
-    header = ["case", "MB", "others"]
-    for impl in impls:
-        if impl.kind == "peer":
-            header += [impl.label, "ratio"]
-        else:
-            header += [impl.label, "GB/s"]
-    rows = []
-    for rec in records:
-        _, best = best_backend(rec, impls)
-        oc = rec.get("others_cpu")
-        row = [rec["case"], f"{rec['bytes'] / 1e6:.3g}",
-               "-" if oc is None else f"{oc:.2f}" + ("~" if _disturbed(rec) else "")]
-        for impl in impls:
-            r = rec["results"].get(impl.id, {})
-            row.append(_cell(r))
-            if impl.kind == "peer":
-                if best and r.get("status") == "ok" and "median_s" in r:
-                    row.append(f"{r['median_s'] / best:.2f}")
-                else:
-                    row.append("")
-            else:
-                row.append(fmt_gbps(r.get("gbps")) if r.get("status") == "ok" else "")
-        rows.append(row)
-    return header, rows
-
-
-def format_text(header, rows):
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(header)]
-    out = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in
-                     enumerate(zip(header, widths)))]
-    out.append("  ".join("-" * w for w in widths))
-    for r in rows:
-        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                             for i, (c, w) in enumerate(zip(r, widths))))
-    return "\n".join(out)
-
-
-def format_markdown(header, rows):
-    out = ["| " + " | ".join(header) + " |",
-           "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |"]
-    for r in rows:
-        out.append("| " + " | ".join([f"`{r[0]}`"] + [c or " " for c in r[1:]]) + " |")
-    return "\n".join(out)
-
-
-def _abbrev(names, k=4):
-    return ", ".join(names[:k]) + (f", ... ({len(names)} cases)" if len(names) > k else "")
-
-
-def summary_lines(records, impls):
-    """Where normkit is ahead / behind each peer, n/a reasons, errors, mismatches."""
-    lines = []
-    disturbed = [r["case"] for r in records if _disturbed(r)]
-    n_disturbed = len(disturbed)
-    if disturbed:
-        lines.append(f"disturbed by other processes (others >= {_DISTURBED} CPU) in "
-                     f"{_abbrev(disturbed)}: rerun when the machine is quiet, or raise --retry")
-    for impl in impls:
-        if impl.kind != "peer":
-            continue
-        ratios = []
-        for rec in records:
-            if _disturbed(rec):
-                continue
-            _, best = best_backend(rec, impls)
-            r = rec["results"].get(impl.id, {})
-            if best and r.get("status") == "ok" and "median_s" in r:
-                ratios.append((r["median_s"] / best, rec["case"]))
-        if not ratios:
-            continue
-        ahead = sorted((x for x in ratios if x[0] > 1.0), reverse=True)
-        behind = sorted(x for x in ratios if x[0] <= 1.0)
-        geo = math.exp(sum(math.log(x) for x, _ in ratios) / len(ratios))
-        line = (f"vs {impl.label}: normkit faster in {len(ahead)} of {len(ratios)} cases, "
-                f"geometric-mean ratio {geo:.2f}")
-        if n_disturbed:
-            line += f" ({n_disturbed} disturbed rows left out)"
-        if ahead:
-            line += "; largest leads: " + ", ".join(f"{n} {x:.2f}" for x, n in ahead[:3])
-        if behind:
-            line += "; behind in: " + ", ".join(f"{n} {x:.2f}" for x, n in behind[:6])
-            if len(behind) > 6:
-                line += f" (+{len(behind) - 6} more)"
-        lines.append(line)
-    # n/a, errors and mismatches, grouped by reason
-    groups = {}
-    for rec in records:
-        for impl in impls:
-            r = rec["results"].get(impl.id, {})
-            if r.get("status") in ("n/a", "error"):
-                groups.setdefault((impl.label, r["status"], r.get("note", "")), []).append(
-                    rec["case"])
-            elif r.get("correct") is False:
-                groups.setdefault((impl.label, "MISMATCH", f"max relative error "
-                                   f"{r['max_rel_error']:.2g} > tolerance"), []).append(rec["case"])
-    for (label, st, note), names in groups.items():
-        lines.append(f"{label} {st} in {_abbrev(names)}: {note}")
-    return lines
-
-
-def machine_info(impls, threads):
-    import normkit
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        load = round(os.getloadavg()[0], 2)
-    except (OSError, AttributeError):
-        load = None
-    return {
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "load_avg_1min": load,
-        "normkit": normkit.__version__, "python": platform.python_version(),
-        "numpy": np.__version__, "platform": platform.platform(), "cpu": cpu,
-        "cpus": os.cpu_count(), "threads": threads,
-        "backends": [i.id for i in impls if i.kind == "backend"],
-        "peers": {i.label: i.version for i in impls if i.kind == "peer"},
-    }
-
-
-def legend(meta):
-    malloc = (f"allocator: {meta['malloc']} (freed outputs are reused, not page-faulted "
-              "in again)" if meta.get("malloc") else "allocator: default settings")
-    return [
-        "time: median per call; GB/s: bytes that must move / median (2x|x| for inference, "
-        "3x BN train fwd, 8x BN train fwd+bwd, 5x other fwd+bwd);",
-        "copy: np.copyto of the same bytes, one thread (the memory-bound reference); "
-        "ratio: peer median / "
-        "fastest normkit backend (> 1: normkit faster); '!': result differs from the "
-        "normkit numpy backend beyond the case tolerance; others: CPUs used by other "
-        f"processes while the row was measured ('~': >= {_DISTURBED}, the multi-threaded "
-        "columns of that row are unreliable).",
-        malloc + ".",
-    ]
-
-
-def header_line(meta):
-    peers = ", ".join(f"{k} {v}" for k, v in meta["peers"].items()) or "none"
-    load = meta.get("load_avg_1min")
-    return (f"normkit {meta['normkit']} bench, {meta['date']}: {meta['threads']} threads; "
-            f"backends: {', '.join(meta['backends'])}; peers: {peers}; "
-            f"{meta['cpu']} ({meta['cpus']} CPUs), Python {meta['python']}, "
-            f"NumPy {meta['numpy']}" + (f"; load average at start {load}" if load is not None
-                                        else ""))
 
 
 # ====================================================================== CLI
@@ -688,9 +458,10 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--backends", metavar="NAMES",
                    help="comma-separated normkit backends (default: every available one)")
     p.add_argument("--peers", metavar="NAMES", default="torch,onnxruntime",
-                   help="comma-separated peers among torch, onnxruntime, numpy (a plain "
-                        "vectorized NumPy version); 'all' or 'none' (default: "
-                        "torch,onnxruntime, those that are installed)")
+                   help="comma-separated peers among torch, onnxruntime, plain-numpy (a "
+                        "vectorized NumPy version outside normkit, not the numpy backend); "
+                        "'all' or 'none' (default: torch,onnxruntime, those that are "
+                        "installed)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="threads for normkit, torch and ONNX Runtime alike "
                         "(default: normkit.get_num_threads())")
@@ -709,7 +480,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--default-malloc", action="store_true",
                    help="leave glibc's adaptive malloc settings alone (by default the run "
                         "keeps freed memory in the process so that no column pays page "
-                        "faults for re-allocating its output; see tune_malloc)")
+                        "faults for re-allocating its output)")
     p.set_defaults(tier="default")
 
 
@@ -725,16 +496,12 @@ def run(args) -> int:
         print("\nnormkit bench: interrupted before any case was measured", file=sys.stderr)
         return 130
     except BrokenPipeError:          # e.g. `normkit bench --list | head`
-        sys.stdout = open(os.devnull, "w")
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stays open until exit
         return 0
 
 
 def _run(args) -> int:
-    import normkit
-
-    tier = args.tier or "default"
-    patterns = _split(args.cases)
-    cases = C.select_cases(tier, patterns)
+    cases = C.select_cases(args.tier or "default", _split(args.cases))
     if not cases:
         print(f"normkit bench: no case matches {args.cases!r}; see "
               "`python -m normkit bench --list --full`", file=sys.stderr)
@@ -745,30 +512,79 @@ def _run(args) -> int:
                 map(str, c.units[0]))
             print(f"{c.name:36s} {c.tier:8s} {c.category:10s} {c.dtype:8s} {units}")
         return 0
-    if args.threads is not None:
-        if args.threads < 1:
-            print("normkit bench: --threads must be a positive integer", file=sys.stderr)
-            return 2
-        normkit.set_num_threads(args.threads)
-    threads = normkit.get_num_threads()
-    peers = _split(args.peers)
+    peers, problem = _peers(args.peers)
+    if problem is None and args.threads is not None and args.threads < 1:
+        problem = "--threads must be a positive integer"
+    if problem:
+        print(f"normkit bench: {problem}", file=sys.stderr)
+        return 2
+    progress = Progress(len(cases), enabled=not args.no_progress)
+    impls, notes, meta = _setup(args, peers, progress)
+    records: list[dict] = []
+    interrupted = False
+    t0 = time.perf_counter()
+    try:
+        _measure_all(cases, impls, records, args, progress)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        progress.close()
+    meta["seconds"] = round(time.perf_counter() - t0, 1)
+    meta["interrupted"] = interrupted
+    meta["load_avg_1min_end"] = _load_average()
+    _print_results(records, impls, notes, meta, args.markdown)
+    if interrupted:
+        print(f"\ninterrupted: {len(records)} of {len(cases)} cases measured "
+              f"({meta['seconds']} s{_end_load(meta)})")
+    else:
+        print(f"\n{len(records)} cases in {meta['seconds']} s{_end_load(meta)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(_finite({"meta": meta, "notes": notes, "records": records}), f,
+                      indent=1)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 130 if interrupted else 0
+
+
+def _peers(text):
+    """``--peers`` as a list of peer names, or (None, the problem)."""
+    peers = _split(text)
     if peers == ["all"]:
-        peers = list(PEERS)
-    elif peers == ["none"]:
-        peers = []
+        return list(PEERS), None
+    if peers == ["none"]:
+        return [], None
+    peers = [PEER_ALIASES.get(p, p) for p in peers]
     bad = [p for p in peers if p not in PEERS]
     if bad:
-        print(f"normkit bench: unknown peer(s) {bad}; choose among {list(PEERS)}, 'all' "
-              "or 'none'", file=sys.stderr)
-        return 2
-    backends = _split(args.backends) or None
-    progress = Progress(len(cases), enabled=not args.no_progress)
+        return None, (f"unknown peer(s) {bad}; choose among {list(PEERS)}, 'all' or "
+                      "'none' (normkit's own backends are chosen with --backends)")
+    return peers, None
+
+
+def _load_average():
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
+def _end_load(meta):
+    end = meta["load_avg_1min_end"]
+    return f", load average at the end {end}" if end is not None else ""
+
+
+def _setup(args, peers, progress):
+    """Threads, columns, machine description and notes; tells stderr what will run."""
+    import normkit
+    if args.threads is not None:
+        normkit.set_num_threads(args.threads)
+    threads = normkit.get_num_threads()
     progress.message(f"normkit bench: loading backends and peers ({threads} threads) ...")
-    impls, notes = discover(backends, peers, threads)
+    impls, notes = discover(_split(args.backends) or None, peers, threads)
     meta = machine_info(impls, threads)
     meta["malloc"] = None if args.default_malloc else tune_malloc()
     meta["command"] = "python -m normkit bench " + " ".join(getattr(args, "argv", []) or [])
-    meta["tier"] = tier
+    meta["tier"] = args.tier or "default"
     ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if meta["load_avg_1min"] is not None and meta["load_avg_1min"] > 0.75 * (ncpu or 1):
         notes.append(f"the machine was busy when the run started (1-min load average "
@@ -776,85 +592,66 @@ def _run(args) -> int:
                      "descheduled threads, so absolute times are inflated and ratios noisy")
     for n in notes:
         progress.message("note: " + n)
-    progress.message(f"normkit bench: {len(cases)} cases x {len(impls)} columns "
-                     f"({', '.join(i.label for i in impls)}); Ctrl-C stops with the "
+    progress.message(f"normkit bench: {progress.total} cases x {len(impls)} "
+                     f"columns ({', '.join(i.label for i in impls)}); Ctrl-C stops with the "
                      "partial table")
+    return impls, notes, meta
 
-    records = []
-    interrupted = False
-    t0 = time.perf_counter()
-    try:
-        for case in cases:
+
+def _measure_all(cases, impls, records, args, progress):
+    """Measure every case into ``records`` (appending, so Ctrl-C keeps what was done)."""
+    tier = args.tier or "default"
+
+    def measure(case):
+        return measure_case(case, impls, tier, check=not args.no_check, progress=progress,
+                            budget=args.min_time)
+
+    for case in cases:
+        tc = time.perf_counter()
+        progress.step(case.name, "data")
+        rec = measure(case)
+        records.append(rec)
+        bad = [i.label for i in impls
+               if rec["results"].get(i.id, {}).get("status") == "error"
+               or rec["results"].get(i.id, {}).get("correct") is False]
+        progress.finish_case(case.name, time.perf_counter() - tc,
+                             f"  (problems: {', '.join(bad)})" if bad else "")
+    # rows measured while other processes were busy: measure them again when the
+    # machine is quiet (each row's columns always come from one measurement)
+    for attempt in range(args.retry):
+        disturbed = [i for i, r in enumerate(records) if _disturbed(r)]
+        if not disturbed:
+            break
+        progress.message(f"normkit bench: measuring {len(disturbed)} disturbed row(s) "
+                         f"again (attempt {attempt + 1} of {args.retry})")
+        progress.total += len(disturbed)
+        for i in disturbed:
+            case = C.CASE_BY_NAME[records[i]["case"]]
             tc = time.perf_counter()
-            progress.step(case.name, "data")
-            rec = measure_case(case, impls, tier, check=not args.no_check, progress=progress,
-                               budget=args.min_time)
-            records.append(rec)
-            bad = [i.label for i in impls
-                   if rec["results"].get(i.id, {}).get("status") == "error"
-                   or rec["results"].get(i.id, {}).get("correct") is False]
-            progress.finish_case(case.name, time.perf_counter() - tc,
-                                 f"  (problems: {', '.join(bad)})" if bad else "")
-        # rows measured while other processes were busy: measure them again when the
-        # machine is quiet (each row's columns always come from one measurement)
-        for attempt in range(args.retry):
-            disturbed = [i for i, r in enumerate(records) if _disturbed(r)]
-            if not disturbed:
-                break
-            progress.message(f"normkit bench: measuring {len(disturbed)} disturbed row(s) "
-                             f"again (attempt {attempt + 1} of {args.retry})")
-            progress.total += len(disturbed)
-            for i in disturbed:
-                case = C.CASE_BY_NAME[records[i]["case"]]
-                tc = time.perf_counter()
-                wait_for_quiet(30, progress=progress, label=case.name)
-                rec = measure_case(case, impls, tier, check=not args.no_check,
-                                   progress=progress, budget=args.min_time)
-                if (rec.get("others_cpu") or 0) < (records[i].get("others_cpu") or 0):
-                    records[i] = rec
-                progress.finish_case(case.name, time.perf_counter() - tc, " (again)")
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        progress.close()
-    meta["seconds"] = round(time.perf_counter() - t0, 1)
-    meta["interrupted"] = interrupted
-    try:
-        meta["load_avg_1min_end"] = round(os.getloadavg()[0], 2)
-    except (OSError, AttributeError):
-        meta["load_avg_1min_end"] = None
+            wait_for_quiet(30, progress=progress, label=case.name)
+            rec = measure(case)
+            if (rec.get("others_cpu") or 0) < (records[i].get("others_cpu") or 0):
+                records[i] = rec
+            progress.finish_case(case.name, time.perf_counter() - tc, " (again)")
 
+
+def _print_results(records, impls, notes, meta, markdown):
     header, rows = table_rows(records, impls)
-    out = sys.stdout
-    if args.markdown:
-        print(f"_{header_line(meta)}_\n", file=out)
-        print(format_markdown(header, rows), file=out)
-        print(file=out)
-        for line in legend(meta):
-            print(line, file=out)
-        print(file=out)
+    explained = legend(meta, header)
+    if markdown:
+        print(f"_{header_line(meta)}_\n")
+        print(format_markdown(header, rows))
+        print()
+        print("\n".join(explained))
+        print()
         for line in notes + summary_lines(records, impls):
-            print(f"- {line}", file=out)
+            print(f"- {line}")
     else:
-        print(header_line(meta), file=out)
-        print(file=out)
-        print(format_text(header, rows), file=out)
-        print(file=out)
-        for line in legend(meta) + notes + summary_lines(records, impls):
-            print(line, file=out)
-    end_load = meta["load_avg_1min_end"]
-    end = f", load average at the end {end_load}" if end_load is not None else ""
-    if interrupted:
-        print(f"\ninterrupted: {len(records)} of {len(cases)} cases measured "
-              f"({meta['seconds']} s{end})", file=out)
-    else:
-        print(f"\n{len(records)} cases in {meta['seconds']} s{end}", file=out)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(_finite({"meta": meta, "notes": notes, "records": records}), f,
-                      indent=1)
-        print(f"wrote {args.json}", file=sys.stderr)
-    return 130 if interrupted else 0
+        print(header_line(meta))
+        print()
+        print(format_text(header, rows))
+        print()
+        print("\n".join(explained + notes + summary_lines(records, impls)))
 
 
 def _finite(obj):
@@ -869,7 +666,7 @@ def _finite(obj):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="normkit bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="normkit bench", description=DESCRIPTION)
     add_arguments(p)
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)

@@ -149,18 +149,18 @@ def _clean_command(cmd: str) -> str:
     return " ".join(out)
 
 
-def speed_subs(d: dict) -> dict:
-    meta = d["meta"]
-    records = d["records"]
-    present = [c for c in SPEED_COLUMNS
-               if any(r["results"].get(c, {}).get("status") == "ok" for r in records)]
-    backends = [c for c in present if c in meta.get("backends", [])]
+def _best_backend_time(res, backends):
+    return min((res[b]["median_s"] for b in backends
+                if res.get(b, {}).get("status") == "ok"), default=math.nan)
+
+
+def _speed_rows(records, present, backends):
+    """The rows of the speed table and each peer's time / fastest normkit time."""
     rows, ratios = [], {"torch": [], "onnxruntime": []}
     for r in records:
         res = r["results"]
         row = [f"`{r['case']}`", f"{r['bytes'] / 1e6:.3g}"]
-        best = min((res[b]["median_s"] for b in backends
-                    if res.get(b, {}).get("status") == "ok"), default=math.nan)
+        best = _best_backend_time(res, backends)
         for c in present:
             cell = res.get(c, {})
             if cell.get("status") != "ok":
@@ -175,6 +175,31 @@ def speed_subs(d: dict) -> dict:
             if c in ratios and math.isfinite(best):
                 ratios[c].append(cell["median_s"] / best)
         rows.append(row)
+    return rows, ratios
+
+
+def _behind(records, backends):
+    """Cases where the fastest normkit backend was > 1.25x slower than the fastest peer."""
+    behind = []
+    for r in records:
+        res = r["results"]
+        best = _best_backend_time(res, backends)
+        peers = [(res[p]["median_s"], p) for p in ("torch", "onnxruntime")
+                 if res.get(p, {}).get("status") == "ok"]
+        if peers and math.isfinite(best):
+            t, p = min(peers)
+            if best > 1.25 * t:
+                behind.append((best / t, f"`{r['case']}` ({best / t:.1f}x slower than {p})"))
+    return behind
+
+
+def speed_subs(d: dict) -> dict:
+    meta = d["meta"]
+    records = d["records"]
+    present = [c for c in SPEED_COLUMNS
+               if any(r["results"].get(c, {}).get("status") == "ok" for r in records)]
+    backends = [c for c in present if c in meta.get("backends", [])]
+    rows, ratios = _speed_rows(records, present, backends)
     s = {
         "bench_table": _table(["case", "MB"] + present, rows,
                               ["---"] + ["--:"] * (len(present) + 1)),
@@ -196,17 +221,7 @@ def speed_subs(d: dict) -> dict:
         "bench_cases": str(len(records)),
         "bench_versions": ", ".join(f"{k} {v}" for k, v in meta.get("peers", {}).items()),
     }
-    behind = []
-    for r in records:
-        res = r["results"]
-        best = min((res[b]["median_s"] for b in backends
-                    if res.get(b, {}).get("status") == "ok"), default=math.nan)
-        peers = [(res[p]["median_s"], p) for p in ("torch", "onnxruntime")
-                 if res.get(p, {}).get("status") == "ok"]
-        if peers and math.isfinite(best):
-            t, p = min(peers)
-            if best > 1.25 * t:
-                behind.append((best / t, f"`{r['case']}` ({best / t:.1f}x slower than {p})"))
+    behind = _behind(records, backends)
     behind.sort(reverse=True)
     s["bench_behind"] = ("; ".join(text for _, text in behind) if behind
                          else "none (no case more than 1.25x slower than the fastest peer)")

@@ -243,24 +243,47 @@ def run_noise(fast, out_dir):
     (``normkit.diagnostics.batch_stats_report``) when it exists; and the value
     measured over many random batches: std / mean of each channel's batch variance.
     """
-    import warnings
-
     import numpy as np
 
-    import digits_net
     import normkit
     report_fn = getattr(getattr(normkit, "diagnostics", None), "batch_stats_report", None)
-    threshold, threshold_source = 0.4, "documented default (normkit.diagnostics.get_config absent)"
-    get_config = getattr(normkit.diagnostics, "get_config", None)
-    if get_config is not None:
-        threshold = float(get_config().max_var_rel_se)
-        threshold_source = "normkit.diagnostics.get_config().max_var_rel_se"
+    threshold, threshold_source = _noise_threshold(normkit)
     draws = 40 if fast else 2000
     report_draws = 2 if fast else 40
     sizes = [2, 8, 32] if fast else NOISE_BATCHES
     rng = np.random.default_rng(1)
+    # the digits panel draws from rng first, then the synthetic one (reproducible order)
+    digits = _noise_digits_panel(fast, rng, draws, report_draws, sizes, report_fn)
+    synthetic = _noise_synthetic_panel(rng, draws, report_draws, sizes, report_fn)
+    result = {
+        "description": "relative standard error of the per-channel batch variance vs "
+                       "batch size; see run_noise in docs/tools/make_figures.py",
+        "draws_per_batch_size": draws, "report_batches_per_size": report_draws,
+        "threshold": threshold, "threshold_source": threshold_source,
+        "normkit_estimate": report_fn is not None,
+        **_code_version(),
+        "panels": {"digits": digits, "synthetic": synthetic},
+    }
+    (out_dir / "noise.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
-    # ---- digits: a trained network's third BatchNorm input
+
+def _noise_threshold(normkit):
+    get_config = getattr(getattr(normkit, "diagnostics", None), "get_config", None)
+    if get_config is None:
+        return 0.4, "documented default (normkit.diagnostics.get_config absent)"
+    return (float(get_config().max_var_rel_se),
+            "normkit.diagnostics.get_config().max_var_rel_se")
+
+
+def _noise_digits_panel(fast, rng, draws, report_draws, sizes, report_fn):
+    """A trained network's third BatchNorm input."""
+    import warnings
+
+    import digits_net
+    import numpy as np
+
+    import normkit
     x_tr, x_te, y_tr, y_te = digits_net.load_digits()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", normkit.UnstableBatchStatisticsWarning)
@@ -278,7 +301,7 @@ def run_noise(fast, out_dir):
     def digits_batches(nb):
         return [feats[rng.choice(n_all, nb, replace=False)] for _ in range(report_draws)]
 
-    digits = {
+    return {
         "title": f"digits: input of the 3rd BatchNorm ({c} channels, {h}x{w} maps)",
         "values_per_sample": m, "channels": c, "samples": n_all,
         "rho_median": float(np.median(rho)), "rho_q25": float(np.quantile(rho, 0.25)),
@@ -286,7 +309,10 @@ def run_noise(fast, out_dir):
         "rows": _noise_rows(digits_var, m, rho, report_fn, digits_batches, sizes),
     }
 
-    # ---- synthetic 56x56 channels from the random-effects model
+
+def _noise_synthetic_panel(rng, draws, report_draws, sizes, report_fn):
+    """Channels of SYNTH_SIZE^2 maps from the random-effects model."""
+    import numpy as np
     ms = SYNTH_SIZE * SYNTH_SIZE
     cs = 8
     sb2, sw2 = SYNTH_RHO, 1.0 - SYNTH_RHO
@@ -305,24 +331,13 @@ def run_noise(fast, out_dir):
             yield (a + rng.normal(0, np.sqrt(sw2), (nb, 4, SYNTH_SIZE, SYNTH_SIZE))
                    ).astype(np.float32)
 
-    synthetic = {
+    return {
         "title": f"synthetic: {SYNTH_SIZE}x{SYNTH_SIZE} maps, Gaussian, rho = {SYNTH_RHO}",
         "values_per_sample": ms, "channels": cs, "samples": None,
         "rho_median": SYNTH_RHO, "rho_q25": SYNTH_RHO, "rho_q75": SYNTH_RHO,
         "rows": _noise_rows(synth_var, ms, np.full(cs, SYNTH_RHO), report_fn,
                             synth_batches, sizes),
     }
-    result = {
-        "description": "relative standard error of the per-channel batch variance vs "
-                       "batch size; see run_noise in docs/tools/make_figures.py",
-        "draws_per_batch_size": draws, "report_batches_per_size": report_draws,
-        "threshold": threshold, "threshold_source": threshold_source,
-        "normkit_estimate": report_fn is not None,
-        **_code_version(),
-        "panels": {"digits": digits, "synthetic": synthetic},
-    }
-    (out_dir / "noise.json").write_text(json.dumps(result, indent=1) + "\n")
-    return result
 
 
 # ============================================================ 2: speed
