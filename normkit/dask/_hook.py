@@ -70,3 +70,33 @@ def set_task_threads(n: int) -> None:
 
 def get_task_threads() -> int:
     return _task_threads
+
+
+def layer_forward(layer, x):
+    """Called by ``Norm.forward`` for a Dask ``x``."""
+    from ._layers import layer_forward as impl
+    return impl(layer, x)
+
+
+def _holds_dask(batch):
+    if is_dask(batch):
+        return True
+    if isinstance(batch, dict):
+        return any(is_dask(v) for v in batch.values())
+    return isinstance(batch, (list, tuple)) and any(is_dask(v) for v in batch)
+
+
+def wants_dask(layers_or_callable, batches) -> bool:
+    """For ``normkit.recalibrate``: layers (not a callable) and Dask batches -- a Dask
+    array, or a list/tuple of batches holding one (an iterator is not looked into)."""
+    if _array_type is None and _dask_array_type() is None:
+        return False
+    if callable(layers_or_callable) and not hasattr(layers_or_callable, "track_running_stats"):
+        return False
+    return is_dask(batches) or (isinstance(batches, (list, tuple))
+                                and any(_holds_dask(b) for b in batches))
+
+
+def recalibrate(*args, **kwargs):
+    from ._layers import recalibrate as impl
+    return impl(*args, **kwargs)
