@@ -9,7 +9,6 @@ ulps of the output's magnitude.
 """
 from __future__ import annotations
 
-import resource
 import time
 import warnings
 
@@ -234,3 +233,81 @@ def test_dask_not_imported_by_normkit():
     code = ("import sys, normkit, numpy as np; normkit.layer_norm(np.ones((2, 3)), 3); "
             "assert 'dask' not in sys.modules, 'dask imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------- a real LocalCluster
+HEADROOM_MIB = 72      # above an idle worker's RSS: room for a few 4 MiB chunks, no more
+
+
+@pytest.fixture(scope="module")
+def bench():
+    pytest.importorskip("distributed", reason="dask.distributed is not installed "
+                        "(pip install 'normkit[dask]')")
+    from normkit import _bench_dask
+    return _bench_dask
+
+
+@pytest.fixture(scope="module")
+def worker_mib(bench):
+    """Worker memory limit: an idle worker's RSS (~90 MiB with Python, NumPy, normkit
+    and distributed; more where distributed also loads pandas) plus the headroom."""
+    return round(bench.idle_worker_mib()) + HEADROOM_MIB
+
+
+def _workers(client):
+    return sorted(client.scheduler_info()["workers"])
+
+
+def test_local_cluster_every_norm_and_backend_travels(bench):
+    x = _data(np.float32, 1)
+    d = da.from_array(x, chunks=CHUNKINGS["uneven"](x.shape))
+    c = x.shape[1]
+    with bench.local_cluster(None) as client:      # no limit: numba compiles in there
+        for name, call in _norms(x, 1, np.float32).items():
+            want = [w for w in call(x, [np.zeros(c), np.ones(c)]) if w is not None]
+            got = call(d, [np.zeros(c), np.ones(c)])
+            got = client.compute([g for g in got if g is not None], sync=True)
+            for g, w in zip(got, want):
+                np.testing.assert_allclose(g, w, rtol=0, atol=_tol(np.float32, w, 1.5))
+        # the backend chosen here travels with the tasks; kernels run 1 thread per worker
+        import sys
+        with nk.use_backend("numpy"):
+            y = nk.layer_norm(d, x.shape[2:]).compute()
+        np.testing.assert_allclose(y, nk.layer_norm(x, x.shape[2:], backend="numpy"),
+                                   atol=_tol(np.float32, y))
+        if "numba" in nk.available_backends():
+            nk.group_norm(d, 2, backend="numba").compute()
+            loaded = client.run(lambda: "normkit.backends.numba_backend" in sys.modules)
+            assert all(loaded.values())
+        assert set(client.run(nk.get_num_threads).values()) == {1}
+
+
+def test_out_of_core_zarr_recalibrate_and_normalize(bench, worker_mib, tmp_path):
+    """A Zarr dataset 4x the workers' total memory limit: recalibrated exactly and
+    normalized back to disk, each worker's peak RSS staying under its limit."""
+    pytest.importorskip("zarr", reason="zarr is not installed")
+    with bench.local_cluster(worker_mib) as client:
+        workers = _workers(client)
+        r = bench.out_of_core(client, str(tmp_path), factor=4.0)
+        assert _workers(client) == workers                  # no worker killed/restarted
+        peaks = r["peak_mib"]
+        print(f"\nout-of-core: {r['dataset_mib']:.0f} MiB, 2 workers x "
+              f"{worker_mib} MiB; recalibrate {r['recalibrate_s']:.1f} s, "
+              f"normalize {r['normalize_s']:.1f} s; RSS idle "
+              f"{sorted(round(v) for v in r['idle_mib'].values())}, peak "
+              f"{sorted(round(v) for v in peaks.values())} MiB")
+        assert r["dataset_mib"] >= 4 * 2 * worker_mib
+        assert max(peaks.values()) < 0.95 * worker_mib    # under the nanny's kill line
+        # bounded by a few chunks: what the pipeline adds to an idle worker
+        assert max(peaks[k] - r['idle_mib'][k] for k in peaks) < 12 * r['chunk_mib']
+        xz, bn, chunk = r["x"], r["layer"], 16
+        assert r["counts"] == {0: xz.shape[0] * 64 * 64}
+        ref_mean, ref_var = dask.compute(xz.mean(axis=(0, 2, 3), dtype=np.float64),
+                                         xz.var(axis=(0, 2, 3), dtype=np.float64, ddof=1))
+        # float64 statistics rounded to the layer's float32 buffers: 1 ulp each way
+        np.testing.assert_allclose(bn.running_mean, ref_mean, rtol=2 * 2 ** -24)
+        np.testing.assert_allclose(bn.running_var, ref_var, rtol=2 * 2 ** -24)
+        head = np.asarray(xz[:chunk + 3])
+        want = nk.batch_norm(head, bn.running_mean, bn.running_var, bn.weight, bn.bias)
+        np.testing.assert_allclose(np.asarray(r["y"][:chunk + 3]), want, rtol=0,
+                                   atol=_tol(np.float32, want, kappa=1e3 / 1.15))

@@ -50,6 +50,7 @@ def _finish(dx, gw, gb, kept, weight, x):
 # ---------------------------------------------------------------- BatchNorm
 def _bn_block(ctx, ax, mean, rstd, weight, dy, x, block_info=None):
     be = _blocks.enter(ctx)
+    dy, x, mean, rstd, weight = _blocks.aligned(dy, x, mean, rstd, weight)
     sl = slice(*_blocks.channel_range(block_info, ax))
     dx, gw, gb = F.batch_norm_backward(dy, x, mean[sl], rstd[sl],
                                        None if weight is None else weight[sl],
@@ -97,6 +98,7 @@ def batch_norm_backward(grad_out, x, mean, rstd, weight=None, *, training=True, 
 def _sample_block(ctx, ax, per, weight, instance, use_input_stats, dy, x, mean, rstd,
                   block_info=None):
     be = _blocks.enter(ctx)
+    dy, x, mean, rstd, weight = _blocks.aligned(dy, x, mean, rstd, weight)
     sl = slice(*_blocks.channel_range(block_info, ax))
     w = None if weight is None else weight[sl]
     nb, gb_ = x.shape[0], (sl.stop - sl.start) // per
@@ -154,6 +156,7 @@ def instance_norm_backward(grad_out, x, mean, rstd, weight=None, *, use_input_st
 # ---------------------------------------------------------------- Layer / RMS
 def _rows_block(ctx, ns, weight, rms, dy, x, rstd, mean=None):
     be = _blocks.enter(ctx)
+    dy, x, rstd, mean, weight = _blocks.aligned(dy, x, rstd, mean, weight)
     lead = x.shape[:x.ndim - len(ns)]
     fn = F.rms_norm_backward if rms else F.layer_norm_backward
     dx, gw, gb = fn(dy, x, ns, None if rms else mean.reshape(lead), rstd.reshape(lead),

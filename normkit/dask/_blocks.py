@@ -47,6 +47,12 @@ def enter(ctx: TaskContext) -> str:
     return ctx.backend
 
 
+def aligned(*arrays):
+    """Blocks unpickled on a worker can sit at an odd offset of a network buffer; the
+    compiled kernels need aligned memory (copy only those that are not)."""
+    return [a if a is None or a.flags.aligned else np.array(a) for a in arrays]
+
+
 def channel_range(block_info, ax):
     """(start, stop) of this block along the channel axis of the first input."""
     return block_info[0]["array-location"][ax]
@@ -64,6 +70,7 @@ def _keepdims(stat, block_shape, kept):
 def rows_block(ctx, ns, weight, bias, eps, rms, return_stats, block):
     """LayerNorm / RMSNorm on a block holding whole rows."""
     be = enter(ctx)
+    block, weight, bias = aligned(block, weight, bias)
     if rms:
         res = F.rms_norm(block, ns, weight, eps, backend=be, return_stats=return_stats)
     else:
@@ -84,6 +91,8 @@ def sample_block(ctx, ax, per, weight, bias, eps, fixed, activation, return_stat
     ``fixed=(running_mean, running_var)``: InstanceNorm with use_input_stats=False.
     """
     be = enter(ctx)
+    block, residual, weight, bias = aligned(block, residual, weight, bias)
+    fixed = None if fixed is None else aligned(*fixed)
     c0, c1 = channel_range(block_info, ax)
     sl = slice(c0, c1)
     w = None if weight is None else weight[sl]
@@ -110,6 +119,8 @@ def affine_block(ctx, ax, mean, var, weight, bias, eps, activation, block, resid
                  block_info=None):
     """BatchNorm with fixed per-channel statistics (running, or the exact batch ones)."""
     be = enter(ctx)
+    block, residual, mean, var, weight, bias = aligned(block, residual, mean, var, weight,
+                                                       bias)
     c0, c1 = channel_range(block_info, ax)
     sl = slice(c0, c1)
     return F.batch_norm(block, mean[sl], var[sl], None if weight is None else weight[sl],

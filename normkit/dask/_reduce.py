@@ -61,7 +61,7 @@ def _chunk(ctx, block, axis=None, keepdims=True, computing_meta=False, **kwargs)
         z = np.zeros(shape)
         return {"n": z, "mean": z, "m2": z}
     be = resolve(_blocks.enter(ctx))
-    a = np.ascontiguousarray(block, dtype=compute_dtype(block))
+    a = np.require(block, compute_dtype(block), ['C', 'A'])
     mean, m2, count = _kept_moments(be, a, kept)
     return {"n": np.full(shape, float(count)), "mean": mean.reshape(shape),
             "m2": m2.reshape(shape)}
