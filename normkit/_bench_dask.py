@@ -4,8 +4,10 @@ Cases (``docs/dask.md`` has the numbers from this machine):
 
 1. overhead: the same in-memory array normalized by plain normkit (NumPy) and by normkit
    through ``dask.array`` on the threaded scheduler (8 chunks); ratio = Dask / NumPy
-   (target <= 1.5x). Training BatchNorm reads x twice through Dask (eager statistics,
-   then the lazy output), LayerNorm / GroupNorm once.
+   (target <= 1.5x), and Dask's own floor: ``(x + 0).compute()`` on the same chunks
+   (graph, scheduling, one output block per chunk and the final concatenation).
+   Training BatchNorm reads x twice through Dask (eager statistics, then the lazy
+   output), LayerNorm / GroupNorm once.
 2. peers: training-BatchNorm-style standardization of the same Dask array by normkit,
    by the hand-written ``(x - x.mean(axes, keepdims=True)) / x.std(axes, keepdims=True)``
    and, on (N, C) data, by dask-ml's ``StandardScaler`` (if installed).
@@ -69,7 +71,9 @@ def overhead_cases(repeats=15):
     with dask.config.set(scheduler="threads"):
         for name, call in calls.items():
             res = _ratios({"numpy": lambda c=call: c(x),
-                           "dask": lambda c=call: c(d).compute()}, repeats)
+                           "dask": lambda c=call: c(d).compute(),
+                           "dask x + 0 (engine floor)": lambda: (d + 0).compute()},
+                          repeats)
             rows[name] = res
     return rows, x.shape, d.chunks
 

@@ -307,7 +307,7 @@ def test_out_of_core_zarr_recalibrate_and_normalize(bench, worker_mib, tmp_path)
         # float64 statistics rounded to the layer's float32 buffers: 1 ulp each way
         np.testing.assert_allclose(bn.running_mean, ref_mean, rtol=2 * 2 ** -24)
         np.testing.assert_allclose(bn.running_var, ref_var, rtol=2 * 2 ** -24)
-        head = np.asarray(xz[:chunk + 3])
+        head = xz[:chunk + 3].compute().copy()   # a copy is aligned; see docs/dask.md
         want = nk.batch_norm(head, bn.running_mean, bn.running_var, bn.weight, bn.bias)
         np.testing.assert_allclose(np.asarray(r["y"][:chunk + 3]), want, rtol=0,
                                    atol=_tol(np.float32, want, kappa=1e3 / 1.15))
