@@ -31,8 +31,16 @@ import numpy as np
 
 import normkit as nk
 
-__all__ = ["run", "overhead_cases", "peer_cases", "accuracy", "out_of_core",
-           "local_cluster", "peak_rss_mib", "reset_peak_rss"]
+__all__ = [
+    "accuracy",
+    "local_cluster",
+    "out_of_core",
+    "overhead_cases",
+    "peak_rss_mib",
+    "peer_cases",
+    "reset_peak_rss",
+    "run",
+]
 
 
 def _time(fn):
@@ -212,10 +220,10 @@ def out_of_core(client, directory, factor=4.0, channels=16, hw=64, chunk=16, see
     bn.eval()
     da.to_zarr(bn(xz), ypath, compressors=None, overwrite=True)
     t2 = time.perf_counter()
-    return dict(layer=bn, x=xz, y=da.from_zarr(ypath), counts=counts, n=n,
-                dataset_mib=xz.nbytes / 2 ** 20, limit_mib=total / 2 ** 20 / len(info),
-                chunk_mib=chunk * sample / 2 ** 20, recalibrate_s=t1 - t0,
-                normalize_s=t2 - t1, idle_mib=idle, peak_mib=client.run(peak_rss_mib))
+    return {"layer": bn, "x": xz, "y": da.from_zarr(ypath), "counts": counts, "n": n,
+            "dataset_mib": xz.nbytes / 2 ** 20, "limit_mib": total / 2 ** 20 / len(info),
+            "chunk_mib": chunk * sample / 2 ** 20, "recalibrate_s": t1 - t0,
+            "normalize_s": t2 - t1, "idle_mib": idle, "peak_mib": client.run(peak_rss_mib)}
 
 
 # ---------------------------------------------------------------- report
@@ -230,7 +238,7 @@ def _print_ratios(title, rows, out):
 def run(args=None, out=sys.stdout) -> int:
     """Entry point of ``python -m normkit bench --dask`` (``--dask-ooc`` adds case 4)."""
     try:
-        import dask  # noqa: F401
+        import dask
     except ImportError:
         out.write("bench --dask needs Dask: pip install 'normkit[dask]'\n")
         return 1

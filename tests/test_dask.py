@@ -9,17 +9,14 @@ ulps of the output's magnitude.
 """
 from __future__ import annotations
 
-import time
-import warnings
-
 import numpy as np
 import pytest
 
 da = pytest.importorskip("dask.array", reason="dask is not installed "
                          "(pip install 'normkit[dask]')")
-import dask  # noqa: E402
+import dask
 
-import normkit as nk  # noqa: E402
+import normkit as nk
 
 RNG = np.random.default_rng(1234)
 SHAPE = (7, 6, 5, 4)        # (N, C, H, W); channels-last tests move C to the end
@@ -107,7 +104,7 @@ def test_every_norm_equals_in_memory(dtype, axis, chunking, nan):
     x = _data(dtype, axis, nan=nan)
     d = da.from_array(x, chunks=CHUNKINGS[chunking](x.shape))
     c = x.shape[axis]
-    for name, call in _norms(x, axis, dtype).items():
+    for call in _norms(x, axis, dtype).values():
         stats_np = [np.zeros(c), np.ones(c)]
         stats_da = [np.zeros(c), np.ones(c)]
         want = call(x, stats_np)
@@ -263,7 +260,7 @@ def test_local_cluster_every_norm_and_backend_travels(bench):
     d = da.from_array(x, chunks=CHUNKINGS["uneven"](x.shape))
     c = x.shape[1]
     with bench.local_cluster(None) as client:      # no limit: numba compiles in there
-        for name, call in _norms(x, 1, np.float32).items():
+        for call in _norms(x, 1, np.float32).values():
             want = [w for w in call(x, [np.zeros(c), np.ones(c)]) if w is not None]
             got = call(d, [np.zeros(c), np.ones(c)])
             got = client.compute([g for g in got if g is not None], sync=True)

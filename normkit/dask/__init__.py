@@ -17,8 +17,13 @@ from __future__ import annotations
 
 from ._hook import get_task_threads, is_dask, set_task_threads
 
-__all__ = ["is_dask", "set_task_threads", "get_task_threads", "population_moments",
-           "recalibrate"]
+__all__ = [
+    "get_task_threads",
+    "is_dask",
+    "population_moments",
+    "recalibrate",
+    "set_task_threads",
+]
 
 
 def __getattr__(name):

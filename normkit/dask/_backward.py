@@ -17,8 +17,16 @@ import numpy as np
 from .. import _validate as V
 from .. import functional as F
 from . import _blocks
-from ._common import (check_input, compute_dtype, like, partial_chunks, run_blocks, small,
-                      stat_chunks, whole)
+from ._common import (
+    check_input,
+    compute_dtype,
+    like,
+    partial_chunks,
+    run_blocks,
+    small,
+    stat_chunks,
+    whole,
+)
 
 
 def _grad_dtype(weight, x):

@@ -19,10 +19,24 @@ import numpy as np
 
 from .. import _validate as V
 from . import _blocks
-from ._backward import (batch_norm_backward, group_norm_backward,  # noqa: F401
-                        instance_norm_backward, layer_norm_backward, rms_norm_backward)
-from ._common import (check_input, compute_dtype, like, no_out, run_blocks, small, squeeze,
-                      stat_chunks, whole)
+from ._backward import (  # noqa: F401
+    batch_norm_backward,
+    group_norm_backward,
+    instance_norm_backward,
+    layer_norm_backward,
+    rms_norm_backward,
+)
+from ._common import (
+    check_input,
+    compute_dtype,
+    like,
+    no_out,
+    run_blocks,
+    small,
+    squeeze,
+    stat_chunks,
+    whole,
+)
 from ._reduce import population_moments
 
 
