@@ -18,6 +18,7 @@ import numpy as np
 from . import _validate as V
 from ._canonical import batch_view, finish, rows_view, sample_view
 from .backends import resolve
+from .dask._hook import dask_aware
 
 __all__ = [
     "batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm",
@@ -224,6 +225,7 @@ def _empty_result(x, out, stats_shape, dtype, return_stats, with_mean=True):
 
 
 # ====================================================================== BatchNorm
+@dask_aware("batch_norm")
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
                training=False, momentum=0.1, eps=1e-5, *, axis=1, out=None, backend=None,
                return_stats=False, activation=None, residual=None):
@@ -377,6 +379,7 @@ def _per_sample_forward(x, ax, groups, w, b, eps, out, be, dt, return_stats,
     return view.to_user(res, out, x.dtype), mean, rstd, m2
 
 
+@dask_aware("group_norm")
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=None,
                backend=None, return_stats=False, activation=None, residual=None):
     """Group normalization: statistics per sample over each group of channels.
@@ -416,6 +419,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=N
     return y
 
 
+@dask_aware("instance_norm")
 def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
                   use_input_stats=True, momentum=0.1, eps=1e-5, *, axis=1, out=None,
                   backend=None, return_stats=False):
@@ -497,6 +501,7 @@ def _rows_forward(x, ns, weight, bias, eps, out, backend, return_stats, rms, wha
     return y
 
 
+@dask_aware("layer_norm")
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None,
                backend=None, return_stats=False):
     """Layer normalization over the trailing ``normalized_shape`` axes.
@@ -522,6 +527,7 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
                          "layer_norm")
 
 
+@dask_aware("rms_norm")
 def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, backend=None,
              return_stats=False):
     """Root-mean-square normalization over the trailing ``normalized_shape`` axes.
@@ -575,6 +581,7 @@ def _channel_backward(be, view, dy, shift, rstd_nc, w, pool, count, batch_stats)
     return dx, sum_dy, sum_dyx
 
 
+@dask_aware("batch_norm_backward")
 def batch_norm_backward(grad_out, x, mean, rstd, weight=None, *, training=True, axis=1,
                         backend=None):
     """Gradients of :func:`batch_norm`.
@@ -646,6 +653,7 @@ def _per_sample_backward(what, grad_out, x, groups_arg, mean, rstd, weight, axis
                                                          weight, dt))
 
 
+@dask_aware("group_norm_backward")
 def group_norm_backward(grad_out, x, num_groups, mean, rstd, weight=None, *, axis=1,
                         backend=None):
     """Gradients of :func:`group_norm`; ``mean``/``rstd`` of shape (N, num_groups).
@@ -656,6 +664,7 @@ def group_norm_backward(grad_out, x, num_groups, mean, rstd, weight=None, *, axi
                                 rstd, weight, axis, backend, True, False)
 
 
+@dask_aware("instance_norm_backward")
 def instance_norm_backward(grad_out, x, mean, rstd, weight=None, *, use_input_stats=True,
                            axis=1, backend=None):
     """Gradients of :func:`instance_norm`; ``mean``/``rstd`` of shape (N, C).
@@ -689,6 +698,7 @@ def _rows_backward(what, grad_out, x, normalized_shape, mean, rstd, weight, back
     return dx.reshape(x.shape).astype(x.dtype, copy=False), gw, gb
 
 
+@dask_aware("layer_norm_backward")
 def layer_norm_backward(grad_out, x, normalized_shape, mean, rstd, weight=None, *,
                         backend=None):
     """Gradients of :func:`layer_norm`; ``mean``/``rstd`` as ``return_stats`` gave them.
@@ -699,6 +709,7 @@ def layer_norm_backward(grad_out, x, normalized_shape, mean, rstd, weight=None, 
                           weight, backend, False)
 
 
+@dask_aware("rms_norm_backward")
 def rms_norm_backward(grad_out, x, normalized_shape, mean, rstd, weight=None, *,
                       backend=None):
     """Gradients of :func:`rms_norm`; ``mean`` is ignored (``None`` from return_stats).

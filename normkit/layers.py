@@ -15,6 +15,7 @@ from . import _renorm
 from . import diagnostics as _diagnostics
 from . import functional as F
 from .backends import resolve
+from .dask import _hook as _dask_hook
 
 __all__ = ["Norm", "BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "RMSNorm"]
 
@@ -73,6 +74,8 @@ class Norm:
 
     # ------------------------------------------------------------------ compute
     def forward(self, x):
+        if _dask_hook.is_dask(x):
+            return _dask_hook.layer_forward(self, x)
         y, self._cache = self._forward(x)
         return y
 

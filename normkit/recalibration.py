@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from . import functional as F
+from .dask import _hook as _dask_hook
 from .layers import BatchNorm
 
 __all__ = ["recalibrate"]
@@ -279,6 +280,9 @@ def recalibrate(layers_or_callable, batches, *, layers=None, num_batches=None,
     ``num_batches_tracked`` grows by the number of batches it saw. Layers keep their
     mode and parameters; if the stream raises, no statistics are changed.
     """
+    if _dask_hook.wants_dask(layers_or_callable, batches):
+        return _dask_hook.recalibrate(layers_or_callable, batches, layers=layers,
+                                      num_batches=num_batches, progress=progress)
     if num_batches is not None and (isinstance(num_batches, bool) or
                                     not isinstance(num_batches, int) or num_batches < 0):
         raise ValueError(f"num_batches must be a non-negative int, got {num_batches!r}")

@@ -1,0 +1,124 @@
+"""Helpers shared by the lazy forward and backward functions: checks, rechunking, and
+block functions with several outputs."""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import numpy as np
+
+from . import _blocks
+from ._hook import is_dask
+
+_FLOAT_SIZES = (2, 4, 8)
+
+
+def check_input(x, min_ndim=1, name="x"):
+    """The checks ``normkit._validate.as_input`` makes, without computing anything."""
+    dt = x.dtype
+    if dt.kind != "f" or dt.itemsize not in _FLOAT_SIZES:
+        raise TypeError(f"{name} must be a float16, float32 or float64 array, got dtype {dt}")
+    if x.ndim < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimensions "
+                         f"(expected shape (N, C, ...)), got shape {x.shape}")
+    if any(math.isnan(c) for chunks in x.chunks for c in chunks):
+        raise ValueError(f"{name} has unknown chunk sizes (shape {x.shape}); call "
+                         f"{name}.compute_chunk_sizes() first")
+    return x
+
+
+def compute_dtype(x):
+    return np.dtype(np.float64) if x.dtype.itemsize == 8 else np.dtype(np.float32)
+
+
+def small(p):
+    """Weights and statistics are small: a Dask one is computed now, once."""
+    return p.compute() if is_dask(p) else p
+
+
+def no_out(out):
+    if out is not None:
+        raise ValueError("out= is not supported for Dask input: the result is a new lazy "
+                         "Dask array (store it with dask.array.store or .to_zarr)")
+
+
+def like(a, x, name):
+    """``a`` (NumPy or Dask) as a Dask array of x's shape, chunked as x."""
+    import dask.array as da
+    if a is None:
+        return None
+    if not is_dask(a):
+        a = np.asarray(a)
+        check_input_np(a, name)
+    else:
+        check_input(a, name=name)
+    if a.shape != x.shape:
+        raise ValueError(f"{name}: expected shape {x.shape}, got shape {a.shape}")
+    return da.asarray(a).rechunk(x.chunks)
+
+
+def check_input_np(a, name):
+    if a.dtype.kind != "f" or a.dtype.itemsize not in _FLOAT_SIZES:
+        raise TypeError(f"{name} must be a float16, float32 or float64 array, "
+                        f"got dtype {a.dtype}")
+
+
+def whole(x, axes, channel_axis=None, per=1):
+    """x with every axis in ``axes`` in one chunk (and channel chunks that hold whole
+    groups of ``per`` channels); unchanged when it already is.
+
+    When axes are merged, the batch axis's chunks shrink by the same factor, so a
+    chunk holds about as many bytes as before.
+    """
+    spec, merged = {}, 1
+    for a in axes:
+        if len(x.chunks[a]) > 1:
+            spec[a] = -1
+            merged *= len(x.chunks[a])
+    if channel_axis is not None and per > 1 and any(c % per for c in x.chunks[channel_axis]):
+        spec[channel_axis] = max(per, round(max(x.chunks[channel_axis]) / per) * per)
+    if not spec:
+        return x
+    if merged > 1 and 0 not in spec and 0 not in axes:
+        spec[0] = max(1, math.ceil(max(x.chunks[0]) / merged))
+    return x.rechunk(spec)
+
+
+def run_blocks(fn, x, others=(), extra=()):
+    """``fn`` on every block of x (and the aligned blocks of ``others``).
+
+    Without ``extra`` fn returns the output block. Otherwise it returns a tuple
+    ``(y, a1, a2, ...)`` and ``extra`` lists ``(chunks, dtype)`` for each ``a_k`` (or
+    None where fn returns None); one task per block computes all of them.
+    """
+    import dask.array as da
+    nd = x.ndim
+    if not extra:
+        return da.map_blocks(fn, x, *others, dtype=x.dtype, meta=np.empty((0,) * nd, x.dtype))
+    parts = da.map_blocks(fn, x, *others, dtype=object, meta=np.empty((0,) * nd, object))
+    outs = [parts.map_blocks(partial(_blocks.item, 0), dtype=x.dtype,
+                             meta=np.empty((0,) * nd, x.dtype))]
+    for k, spec in enumerate(extra, 1):
+        if spec is None:
+            outs.append(None)
+            continue
+        chunks, dt = spec
+        outs.append(parts.map_blocks(partial(_blocks.item, k), chunks=chunks, dtype=dt,
+                                     meta=np.empty((0,) * nd, dt)))
+    return outs
+
+
+def squeeze(a, axes):
+    return None if a is None else a.squeeze(axis=tuple(axes))
+
+
+def stat_chunks(x, kept, sizes=None):
+    """Chunks of a keep-dims statistic: x's chunks on ``kept`` axes (or ``sizes[axis]``),
+    one chunk of 1 per block elsewhere (per-block partials) -- see ``partial_chunks``."""
+    sizes = sizes or {}
+    return tuple(sizes.get(i, x.chunks[i]) if i in kept else (1,) for i in range(x.ndim))
+
+
+def partial_chunks(x, kept):
+    """Chunks of per-block partial sums: kept axes as x, one entry of 1 per block elsewhere."""
+    return tuple(x.chunks[i] if i in kept else (1,) * len(x.chunks[i]) for i in range(x.ndim))

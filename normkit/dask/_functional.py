@@ -1,0 +1,221 @@
+"""The functional API on Dask arrays: same signatures and results, lazy outputs.
+
+* Per-sample norms (LayerNorm, RMSNorm, GroupNorm, InstanceNorm) and eval BatchNorm run
+  ``normkit.functional`` itself on every block (``map_blocks``): the block holds whole
+  rows / whole samples, so its result is exactly the in-memory one. Normalized axes that
+  are split across chunks are rechunked into one chunk first (``_common.whole``), and
+  only those.
+* Training BatchNorm (and InstanceNorm updating running statistics) needs statistics
+  over the whole array: they are computed *eagerly*, at call time, by the exact tree
+  reduction of ``_reduce``; the running statistics are updated in place then, as for
+  NumPy input; the normalized output stays lazy (one more pass over x when computed).
+* ``out=`` is not supported (ValueError): the result is a new Dask array.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+
+from .. import _validate as V
+from . import _blocks
+from ._backward import (  # noqa: F401
+    batch_norm_backward,
+    group_norm_backward,
+    instance_norm_backward,
+    layer_norm_backward,
+    rms_norm_backward,
+)
+from ._common import (
+    check_input,
+    compute_dtype,
+    like,
+    no_out,
+    run_blocks,
+    small,
+    squeeze,
+    stat_chunks,
+    whole,
+)
+from ._reduce import population_moments
+
+
+def _update_running(running, batch_value, momentum):
+    """As normkit.functional: in place, in the running statistic's own dtype."""
+    running[...] = (1.0 - momentum) * running.astype(np.float64) + momentum * batch_value
+
+
+def _empty(x, stats_shape, dt, return_stats, with_mean=True):
+    import dask.array as da
+    y = da.from_array(np.empty(x.shape, x.dtype))
+    if not return_stats:
+        return y
+    nan = da.from_array(np.full(stats_shape, np.nan, dt))
+    return y, (nan if with_mean else None), nan
+
+
+def _check_activation(activation, residual, x):
+    if activation not in (None, "relu"):
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    return like(residual, x, "residual")
+
+
+def _params(c, weight, bias):
+    weight, bias = small(weight), small(bias)
+    V.as_param(weight, (c,), "weight")
+    V.as_param(bias, (c,), "bias")
+    return weight, bias
+
+
+# ====================================================================== BatchNorm
+def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
+               training=False, momentum=0.1, eps=1e-5, *, axis=1, out=None, backend=None,
+               return_stats=False, activation=None, residual=None):
+    import dask.array as da
+    check_input(x, 2)
+    ax = V.channel_axis(x, axis, "batch_norm")
+    c = x.shape[ax]
+    running_mean = V.running_stat(small(running_mean), (c,), "running_mean")
+    running_var = V.running_stat(small(running_var), (c,), "running_var")
+    weight, bias = _params(c, weight, bias)
+    eps = V.check_eps(eps, "batch_norm")
+    no_out(out)
+    residual = _check_activation(activation, residual, x)
+    dt = compute_dtype(x)
+    count = x.size // c if c else 0
+    if training:
+        momentum = V.check_momentum(momentum, "batch_norm")
+        if count <= 1:
+            raise ValueError("Expected more than 1 value per channel when training, "
+                             f"got input size {x.shape}")
+        V.check_writable(running_mean, "running_mean")
+        V.check_writable(running_var, "running_var")
+    elif running_mean is None or running_var is None:
+        raise ValueError("batch_norm: eval mode (training=False) needs running_mean and "
+                         "running_var; pass them or use training=True")
+    ctx = _blocks.task_context(backend)
+    if x.size == 0:
+        return _empty(x, (c,), dt, return_stats)
+    if training:        # eager: the statistics of the whole array, exactly merged
+        mom = population_moments(x, (ax,), backend=ctx.backend).compute()
+        mean, m2 = mom["mean"], mom["m2"]
+        var = m2 / count
+        if running_mean is not None:
+            _update_running(running_mean, mean, momentum)
+        if running_var is not None:
+            _update_running(running_var, m2 / (count - 1), momentum)
+    else:
+        mean, var = running_mean.copy(), running_var.astype(np.float64)
+    fn = partial(_blocks.affine_block, ctx, ax, mean, var, weight, bias, eps, activation)
+    y = run_blocks(fn, x, () if residual is None else (residual,))
+    if not return_stats:
+        return y
+    rstd = 1.0 / np.sqrt(var + eps)
+    return y, da.from_array(np.array(mean, dtype=dt)), da.from_array(np.array(rstd, dtype=dt))
+
+
+# ====================================================================== Group / Instance
+def _per_sample(x, ax, per, weight, bias, eps, fixed, activation, residual, backend,
+                return_stats):
+    """GroupNorm / InstanceNorm block by block; stats (N, C / per)."""
+    ctx = _blocks.task_context(backend)
+    spatial = [i for i in range(1, x.ndim) if i != ax]
+    xw = whole(x, spatial, ax, per)
+    others = () if residual is None else (residual.rechunk(xw.chunks),)
+    fn = partial(_blocks.sample_block, ctx, ax, per, weight, bias, eps, fixed, activation,
+                 return_stats)
+    if not return_stats:
+        return run_blocks(fn, xw, others)
+    dt = compute_dtype(x)
+    chunks = stat_chunks(xw, (0, ax), {ax: tuple(ch // per for ch in xw.chunks[ax])})
+    y, mean, rstd = run_blocks(fn, xw, others, [(chunks, dt), (chunks, dt)])
+    return y, squeeze(mean, spatial), squeeze(rstd, spatial)
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=None,
+               backend=None, return_stats=False, activation=None, residual=None):
+    check_input(x, 2)
+    ax = V.channel_axis(x, axis, "group_norm", allow_batch_axis=False)
+    c = x.shape[ax]
+    groups = V.num_groups(num_groups, c, x)
+    weight, bias = _params(c, weight, bias)
+    eps = V.check_eps(eps, "group_norm")
+    no_out(out)
+    residual = _check_activation(activation, residual, x)
+    if x.size == 0:
+        return _empty(x, (x.shape[0], groups), compute_dtype(x), return_stats)
+    return _per_sample(x, ax, c // groups, weight, bias, eps, None, activation, residual,
+                       backend, return_stats)
+
+
+def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
+                  use_input_stats=True, momentum=0.1, eps=1e-5, *, axis=1, out=None,
+                  backend=None, return_stats=False):
+    check_input(x, 2)
+    ax = V.channel_axis(x, axis, "instance_norm", allow_batch_axis=False)
+    n, c = x.shape[0], x.shape[ax]
+    running_mean = V.running_stat(small(running_mean), (c,), "running_mean")
+    running_var = V.running_stat(small(running_var), (c,), "running_var")
+    weight, bias = _params(c, weight, bias)
+    eps = V.check_eps(eps, "instance_norm")
+    no_out(out)
+    spatial = x.size // (n * c) if n * c else 0
+    fixed = None
+    if use_input_stats:
+        momentum = V.check_momentum(momentum, "instance_norm")
+        if spatial <= 1 and x.size:
+            raise ValueError("Expected more than 1 spatial element when training, "
+                             f"got input size {x.shape}")
+        V.check_writable(running_mean, "running_mean")
+        V.check_writable(running_var, "running_var")
+    elif running_mean is None or running_var is None:
+        raise ValueError("instance_norm: use_input_stats=False needs running_mean and "
+                         "running_var")
+    else:
+        fixed = (running_mean.copy(), running_var.copy())
+    if x.size == 0:
+        return _empty(x, (n, c), compute_dtype(x), return_stats)
+    if use_input_stats and (running_mean is not None or running_var is not None):
+        # eager, as training BatchNorm: per-instance moments, then the batch average
+        mom = population_moments(x, (0, ax), backend=backend).compute()
+        if running_mean is not None:
+            _update_running(running_mean, mom["mean"].mean(axis=0), momentum)
+        if running_var is not None:
+            _update_running(running_var, (mom["m2"] / (spatial - 1)).mean(axis=0), momentum)
+    return _per_sample(x, ax, 1, weight, bias, eps, fixed, None, None, backend, return_stats)
+
+
+# ====================================================================== Layer / RMS
+def _rows(x, normalized_shape, weight, bias, eps, out, backend, return_stats, rms, what):
+    check_input(x)
+    ns = V.normalized_shape(normalized_shape, x, what)
+    weight, bias = small(weight), small(bias)
+    V.as_param(weight, ns, "weight")
+    V.as_param(bias, ns, "bias")
+    no_out(out)
+    ctx = _blocks.task_context(backend)
+    lead = x.ndim - len(ns)
+    xw = whole(x, range(lead, x.ndim))
+    fn = partial(_blocks.rows_block, ctx, ns, weight, bias, eps, rms, return_stats)
+    if not return_stats:
+        return run_blocks(fn, xw)
+    dt = compute_dtype(x)
+    chunks = stat_chunks(xw, range(lead))
+    y, mean, rstd = run_blocks(fn, xw, (), [None if rms else (chunks, dt), (chunks, dt)])
+    trailing = range(lead, x.ndim)
+    return y, squeeze(mean, trailing), squeeze(rstd, trailing)
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None,
+               backend=None, return_stats=False):
+    eps = V.check_eps(eps, "layer_norm")
+    return _rows(x, normalized_shape, weight, bias, eps, out, backend, return_stats, False,
+                 "layer_norm")
+
+
+def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, backend=None,
+             return_stats=False):
+    check_input(x)
+    eps = float(np.finfo(x.dtype).eps) if eps is None else V.check_eps(eps, "rms_norm")
+    return _rows(x, normalized_shape, weight, None, eps, out, backend, return_stats, True,
+                 "rms_norm")
