@@ -481,6 +481,11 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="leave glibc's adaptive malloc settings alone (by default the run "
                         "keeps freed memory in the process so that no column pays page "
                         "faults for re-allocating its output)")
+    p.add_argument("--dask", action="store_true",
+                   help="the Dask family instead: normkit on Dask arrays against the "
+                        "hand-written dask.array expression (normkit/_bench_dask.py)")
+    p.add_argument("--dask-ooc", action="store_true",
+                   help="with --dask: also the out-of-core case (Zarr on disk, LocalCluster)")
     p.set_defaults(tier="default")
 
 
@@ -491,6 +496,9 @@ def _split(s):
 def run(args) -> int:
     """The ``bench`` subcommand; exit status 0, 2 (bad options) or 130 (Ctrl-C)."""
     try:
+        if args.dask:
+            from . import _bench_dask
+            return _bench_dask.run(args)
         return _run(args)
     except KeyboardInterrupt:
         print("\nnormkit bench: interrupted before any case was measured", file=sys.stderr)
