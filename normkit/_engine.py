@@ -28,7 +28,14 @@ import threading
 import numpy as np
 
 from . import _moments
-from ._canonical import ChannelView, batch_layout, finish, rows_result, rows_view
+from ._canonical import (
+    ChannelView,
+    batch_layout,
+    finish,
+    kernel_array,
+    rows_result,
+    rows_view,
+)
 
 # Private hook for normkit.diagnostics: while ``capture.on`` is true in this thread,
 # batch_moments leaves the unmerged per-plane moments it computed anyway (and the
@@ -65,7 +72,7 @@ def stat_out(a, dtype, shape=None):
 
 
 def coefs(dtype, n_rows, *arrays):
-    """(N', C) contiguous arrays of the compute dtype, all with the same N'."""
+    """(N', C) contiguous aligned arrays of the compute dtype, all with the same N'."""
     result = []
     for a in arrays:
         if a.ndim == 1:
@@ -73,7 +80,7 @@ def coefs(dtype, n_rows, *arrays):
         if a.shape[0] != n_rows:
             a = np.broadcast_to(a, (n_rows, a.shape[1]))
         with np.errstate(over="ignore"):   # a float64 coefficient beyond float32's range
-            result.append(np.ascontiguousarray(a, dtype=dtype))
+            result.append(kernel_array(a, dtype))
     return result
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import _engine as E
 from . import _validate as V
-from ._canonical import batch_view, sample_view
+from ._canonical import batch_view, kernel_array, sample_view
 from .backends import resolve
 
 __all__ = [
@@ -333,8 +333,8 @@ def _rows_forward(x, ns, weight, bias, eps, out, backend, return_stats, rms):
     be = resolve(backend)
     if x.size == 0:
         return E.empty_result(x, out, stats_shape, dt, return_stats, with_mean=not rms)
-    w = E.constant(1.0, k, dt) if w is None else w.reshape(k)
-    b = E.constant(0.0, k, dt) if b is None else b.reshape(k)
+    w = E.constant(1.0, k, dt) if w is None else kernel_array(w, dt).reshape(k)
+    b = E.constant(0.0, k, dt) if b is None else kernel_array(b, dt).reshape(k)
     y, mean, rstd = E.rows_forward(be, x, k, w, b, eps, out, rms)
     if return_stats:
         return (y, None if rms else E.stat_out(mean, dt, stats_shape),
@@ -483,7 +483,7 @@ def _rows_backward(what, grad_out, x, normalized_shape, mean, rstd, weight, back
     be = resolve(backend)
     if x.size == 0:
         return np.zeros_like(x), *_grads_out(np.zeros(ns), np.zeros(ns), weight, dt)
-    w = E.constant(1.0, k, dt) if w is None else w.reshape(k)
+    w = E.constant(1.0, k, dt) if w is None else kernel_array(w, dt).reshape(k)
     dx, gw, gb = E.rows_backward(be, dy, x, k, mean, rstd, w, rms)
     return (dx, *_grads_out(gw.reshape(ns), gb.reshape(ns), weight, dt))
 
