@@ -26,7 +26,7 @@ import math
 import numpy as np
 
 
-def _elementwise_twin(layout, shape):
+def elementwise_twin(layout, shape):
     """The layout and 3-D shape an elementwise kernel should see for data of ``shape``."""
     n, a, b = shape
     if layout == "first" and b == 1 and a > 1:      # (N, C, 1): C is the fast axis
@@ -49,7 +49,7 @@ class ChannelView:
         self.data, self.layout = data, layout
         self.n, self.c, self.s = n, c, s
         self.user_shape, self.moved_axis = user_shape, moved_axis
-        self._twin = _elementwise_twin(layout, data.shape)
+        self._twin = elementwise_twin(layout, data.shape)
 
     def call(self, backend, op, *args):
         """Run ``channels_<layout>_<op>`` of ``backend`` on this view.

@@ -29,8 +29,8 @@ import numpy as np
 
 from . import _moments
 from ._canonical import (
-    ChannelView,
     batch_layout,
+    elementwise_twin,
     finish,
     kernel_array,
     rows_result,
@@ -41,6 +41,20 @@ from ._canonical import (
 # batch_moments leaves the unmerged per-plane moments it computed anyway (and the
 # view and backend) in ``capture.value``. Off: one attribute test, nothing else.
 capture = threading.local()
+
+
+def _quiet(fn):
+    """Run ``fn`` with NumPy's floating-point warnings off: NaN/Inf are results here.
+
+    One errstate per entry point (each costs ~3 us), not one per helper: the helpers
+    below are only called from inside these entry points (or under the caller's own
+    errstate, as ``_renorm`` does).
+    """
+    def wrapper(*args, **kwargs):
+        with np.errstate(all="ignore"):
+            return fn(*args, **kwargs)
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    return wrapper
 
 
 # ---------------------------------------------------------------- small helpers
@@ -61,8 +75,7 @@ def constant(value, k, dtype):
 
 def rstd(var, eps):
     """1 / sqrt(var + eps); NaN where var + eps < 0, Inf where it is 0 (as torch)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return 1.0 / np.sqrt(var + eps)
+    return 1.0 / np.sqrt(var + eps)
 
 
 def stat_out(a, dtype, shape=None):
@@ -79,8 +92,7 @@ def coefs(dtype, n_rows, *arrays):
             a = a.reshape(1, -1)
         if a.shape[0] != n_rows:
             a = np.broadcast_to(a, (n_rows, a.shape[1]))
-        with np.errstate(over="ignore"):   # a float64 coefficient beyond float32's range
-            result.append(kernel_array(a, dtype))
+        result.append(kernel_array(a, dtype))
     return result
 
 
@@ -93,23 +105,20 @@ def split_shift(mean, dtype):
     """
     if mean.dtype == dtype:             # already exact in the compute dtype
         return mean, None
-    with np.errstate(invalid="ignore", over="ignore"):   # inf - inf where a channel holds an Inf
-        shift = mean.astype(dtype)
-        return shift, mean - shift.astype(np.float64)
+    shift = mean.astype(dtype)          # inf - inf below where a channel holds an Inf
+    return shift, mean - shift.astype(np.float64)
 
 
 def offset(bias, resid, scale):
     """The affine offset, corrected for the part of the mean the shift rounded away."""
     if resid is None:
         return np.zeros(scale.shape[-1]) if bias is None else bias
-    with np.errstate(invalid="ignore", over="ignore"):
-        return -resid * scale if bias is None else bias - resid * scale
+    return -resid * scale if bias is None else bias - resid * scale
 
 
 def update_running(running, batch_value, momentum):
     """running <- (1 - momentum) * running + momentum * batch, in place, in its own dtype."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        running[...] = (1.0 - momentum) * running.astype(np.float64) + momentum * batch_value
+    running[...] = (1.0 - momentum) * running.astype(np.float64) + momentum * batch_value
 
 
 def empty_result(x, out, stats_shape, dtype, return_stats, with_mean=True):
@@ -188,8 +197,7 @@ def affine(be, view, coef, res, residual, relu):
 def normalize(be, view, mean, rstd_, w, b, n_rows, out, epilogue=(None, False)):
     """Write (x - mean) * rstd * w + b [+ residual] [ReLU] for (N', C) statistics."""
     dt = view.data.dtype
-    with np.errstate(invalid="ignore", over="ignore"):
-        scale = rstd_ if w is None else w * rstd_
+    scale = rstd_ if w is None else w * rstd_
     shift, resid = split_shift(mean, dt)
     res = view.empty(out)
     affine(be, view, coefs(dt, n_rows, shift, scale, offset(b, resid, scale)), res,
@@ -197,6 +205,7 @@ def normalize(be, view, mean, rstd_, w, b, n_rows, out, epilogue=(None, False)):
     return res
 
 
+@_quiet
 def batch_norm(be, view, running, w, b, training, momentum, eps, out, epilogue):
     """BatchNorm on a view: returns (result in the view's layout, mean, rstd), (C,)."""
     running_mean, running_var = running
@@ -210,14 +219,14 @@ def batch_norm(be, view, running, w, b, training, momentum, eps, out, epilogue):
     r = rstd(var, eps)
     res = normalize(be, view, mean, r, w, b, 1, out, epilogue)
     if training:        # after the kernel: a running statistic inside x stays read first
-        with np.errstate(divide="ignore", invalid="ignore"):
-            if running_mean is not None:
-                update_running(running_mean, mean, momentum)
-            if running_var is not None:
-                update_running(running_var, m2 / (count - 1), momentum)
+        if running_mean is not None:
+            update_running(running_mean, mean, momentum)
+        if running_var is not None:
+            update_running(running_var, m2 / (count - 1), momentum)
     return res, mean, r
 
 
+@_quiet
 def per_sample_forward(be, view, groups, w, b, eps, out, fixed_stats=None,
                        epilogue=(None, False), need_m2=False):
     """GroupNorm (groups < C) and InstanceNorm (groups == C) forward.
@@ -288,11 +297,10 @@ def fast_batch_norm_eval(be, x, axis, running_mean, running_var, weight, bias, e
         np.multiply(r, weight, out=r)
     scale = r.astype(dt).reshape(1, c)
     out = np.empty_like(x)
-    layout, shape = batch_layout(x.shape, axis)
-    view = ChannelView(x.reshape(shape), layout, 0, c, 0, x.shape)
+    layout, shape = elementwise_twin(*batch_layout(x.shape, axis))
     offs = constant(0.0, c, dt) if bias is None else bias
-    view.call(be, "affine", view.data, running_mean.reshape(1, c), scale,
-              offs.reshape(1, c), out.reshape(shape))
+    getattr(be, f"channels_{layout}_affine")(x.reshape(shape), running_mean.reshape(1, c),
+                                             scale, offs.reshape(1, c), out.reshape(shape))
     return out
 
 
@@ -308,34 +316,34 @@ def channel_backward(be, view, dy, shift, rstd_nc, w, pool, count, batch_stats):
     shift, resid = split_shift(shift, dt)
     sum_dy, sum_dyx = view.call(be, "grad_sums", dy, view.data,
                                 *coefs(dt, shift.shape[0], shift))
-    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        if resid is not None:               # sums of dy * (x - mean), exactly centered
-            sum_dyx = sum_dyx - resid * sum_dy
-        a = rstd_nc if w is None else rstd_nc * w
-        if batch_stats:
-            coef_x = -rstd_nc ** 3 * pool(sum_dyx if w is None else sum_dyx * w) / count
-            coef_1 = -rstd_nc * pool(sum_dy if w is None else sum_dy * w) / count
-        else:
-            coef_x = np.zeros_like(a)
-            coef_1 = np.zeros_like(a)
-        if resid is not None:
-            coef_1 = coef_1 - coef_x * resid
-        dx = np.empty_like(view.data)
-        view.call(be, "grad_apply", dy, view.data,
-                  *coefs(dt, shift.shape[0], shift, a, coef_x, coef_1), dx)
+    if resid is not None:               # sums of dy * (x - mean), exactly centered
+        sum_dyx = sum_dyx - resid * sum_dy
+    a = rstd_nc if w is None else rstd_nc * w
+    if batch_stats:
+        coef_x = -rstd_nc ** 3 * pool(sum_dyx if w is None else sum_dyx * w) / count
+        coef_1 = -rstd_nc * pool(sum_dy if w is None else sum_dy * w) / count
+    else:
+        coef_x = np.zeros_like(a)
+        coef_1 = np.zeros_like(a)
+    if resid is not None:
+        coef_1 = coef_1 - coef_x * resid
+    dx = np.empty_like(view.data)
+    view.call(be, "grad_apply", dy, view.data,
+              *coefs(dt, shift.shape[0], shift, a, coef_x, coef_1), dx)
     return dx, sum_dy, sum_dyx
 
 
+@_quiet
 def batch_norm_backward(be, view, dy, mean, rstd_, w, training):
     """(dx in the view's layout, sum(dy * xhat) per channel, sum(dy) per channel)."""
     count = view.n * view.s
     dx, sum_dy, sum_dyx = channel_backward(
         be, view, dy, mean[None], rstd_[None], w,
         lambda s: s.sum(axis=0, keepdims=True), count, training)
-    with np.errstate(invalid="ignore", over="ignore"):
-        return dx, sum_dyx.sum(axis=0) * rstd_, sum_dy.sum(axis=0)
+    return dx, sum_dyx.sum(axis=0) * rstd_, sum_dy.sum(axis=0)
 
 
+@_quiet
 def per_sample_backward(be, view, dy, groups, mean, rstd_, w, batch_stats):
     """GroupNorm/InstanceNorm: (dx in the view's layout, grad_weight, grad_bias)."""
     n, c = view.n, view.c
@@ -347,8 +355,7 @@ def per_sample_backward(be, view, dy, groups, mean, rstd_, w, batch_stats):
 
     dx, sum_dy, sum_dyx = channel_backward(be, view, dy, np.repeat(mean, per, axis=1),
                                            rstd_nc, w, pool, per * view.s, batch_stats)
-    with np.errstate(invalid="ignore", over="ignore"):
-        return dx, (sum_dyx * rstd_nc).sum(axis=0), sum_dy.sum(axis=0)
+    return dx, (sum_dyx * rstd_nc).sum(axis=0), sum_dy.sum(axis=0)
 
 
 def rows_backward(be, dy, x, k, mean, rstd_, w, rms):
@@ -360,11 +367,11 @@ def rows_backward(be, dy, x, k, mean, rstd_, w, rms):
     return dx.reshape(x.shape).astype(x.dtype, copy=False), gw, gb
 
 
+@_quiet
 def update_instance_running(running_mean, running_var, mean, m2, s, momentum):
     """torch's InstanceNorm running statistics: batch means of the per-instance mean and
     unbiased variance, the variance from the centred M2 (not derived back from rstd)."""
     if running_mean is not None:
         update_running(running_mean, mean.mean(axis=0), momentum)
     if running_var is not None:
-        with np.errstate(invalid="ignore", over="ignore"):
-            update_running(running_var, (m2 / (s - 1)).mean(axis=0), momentum)
+        update_running(running_var, (m2 / (s - 1)).mean(axis=0), momentum)
