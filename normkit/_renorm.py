@@ -38,10 +38,11 @@ import numbers
 
 import numpy as np
 
+from . import _engine as E
 from . import _validate as V
-from . import functional as F
 from ._canonical import batch_view
 from .backends import resolve
+from .functional import batch_norm_backward
 
 _KEYS = ("rmax", "rmin", "dmax")
 
@@ -49,7 +50,7 @@ _KEYS = ("rmax", "rmin", "dmax")
 class RenormCache:
     """What the renorm backward needs: input, batch statistics and the constants r, d."""
 
-    __slots__ = ("x", "mean", "rstd", "r", "d")
+    __slots__ = ("d", "mean", "r", "rstd", "x")
 
     def __init__(self, x, mean, rstd, r, d):
         self.x, self.mean, self.rstd, self.r, self.d = x, mean, rstd, r, d
@@ -96,14 +97,18 @@ def forward(layer, x, momentum):
     renorm_std = V.running_stat(layer.renorm_std, shape, "renorm_std")
     w = V.as_param(layer.weight, shape, "weight")
     b = V.as_param(layer.bias, shape, "bias")
-    count = x.size // c if c else 0
-    if count <= 1:
+    count = math.prod(d for i, d in enumerate(x.shape) if i != ax)
+    if count == 1:
         raise ValueError("Expected more than 1 value per channel when training, "
                          f"got input size {x.shape}")
+    E.check_training_eps(layer.eps)
     dt = V.compute_dtype(x)
+    if x.size == 0:        # as BatchNorm: an empty output, the statistics untouched
+        nan = np.full(c, np.nan)
+        return np.empty(x.shape, x.dtype), RenormCache(x, nan, nan, np.ones(c), np.zeros(c))
     be = resolve(layer._backend)
     view = batch_view(x, ax, dt)
-    mean, m2 = F._batch_moments(be, view)
+    mean, m2 = E.batch_moments(be, view)
 
     eps = layer.eps
     clip = layer.renorm_clipping
@@ -114,19 +119,18 @@ def forward(layer, x, momentum):
         d = np.clip((mean - renorm_mean.astype(np.float64)) / sigma, -clip["dmax"],
                     clip["dmax"])
         rstd = 1.0 / sigma_b
+        scale = rstd * r if w is None else rstd * r * w
+        offset = d if w is None else d * w
+        if b is not None:
+            offset = offset + b
+        res = view.empty(None)
+        view.call(be, "affine", view.data, *E.coefs(dt, 1, mean, scale, offset), res)
 
-    # statistics move after r and d are taken (the paper, Keras)
-    F._update_running(running_mean, mean, momentum)
-    F._update_running(running_var, m2 / (count - 1), momentum)
-    F._update_running(renorm_mean, mean, layer.renorm_momentum)
-    F._update_running(renorm_std, sigma_b, layer.renorm_momentum)
-
-    scale = rstd * r if w is None else rstd * r * w
-    offset = d if w is None else d * w
-    if b is not None:
-        offset = offset + b
-    res = view.empty(None)
-    view.call(be, "affine", view.data, *F._coefs(dt, 1, mean, scale, offset), res)
+        # statistics move after r and d are taken (the paper, Keras)
+        E.update_running(running_mean, mean, momentum)
+        E.update_running(running_var, m2 / (count - 1), momentum)
+        E.update_running(renorm_mean, mean, layer.renorm_momentum)
+        E.update_running(renorm_std, sigma_b, layer.renorm_momentum)
     y = view.to_user(res, None, x.dtype)
     return y, RenormCache(x, mean, rstd, r, d)
 
@@ -135,8 +139,8 @@ def backward(layer, grad_out, cache):
     """``(grad_x, {'weight': ..., 'bias': ...})`` of a renorm forward, r and d constant."""
     w = layer.weight
     w_eff = cache.r if w is None else cache.r * w.astype(np.float64)
-    gx, g_xhat, g_bias = F.batch_norm_backward(grad_out, cache.x, cache.mean, cache.rstd,
-                                               w_eff, training=True, axis=layer.axis,
-                                               backend=layer._backend)
+    gx, g_xhat, g_bias = batch_norm_backward(grad_out, cache.x, cache.mean, cache.rstd,
+                                             w_eff, training=True, axis=layer.axis,
+                                             backend=layer._backend)
     # g_xhat = sum(dy * x_hat); y = (x_hat * r + d) * gamma + beta
     return gx, {"weight": cache.r * g_xhat + cache.d * g_bias, "bias": g_bias}

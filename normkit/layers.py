@@ -281,7 +281,7 @@ class BatchNorm(_RunningStatsNorm):
         finally:
             if probe is not None:
                 probe.release()
-        if probe is not None:
+        if probe is not None and y.size:    # an empty batch has no statistics to check
             probe.check(mean, rstd)
         return y, (x, mean, rstd, batch_stats)
 
@@ -326,7 +326,7 @@ class InstanceNorm(_RunningStatsNorm):
             x, self.running_mean, self.running_var, self.weight, self.bias,
             use_input_stats, momentum, self.eps, axis=self.axis, backend=self._backend,
             return_stats=True)
-        if probe is not None:
+        if probe is not None and y.size:    # an empty batch has no statistics to check
             probe.check(mean, rstd)
         return y, (x, mean, rstd, use_input_stats)
 

@@ -1,0 +1,377 @@
+"""The Python side of every norm: statistics, merges, coefficients and backward sums.
+
+``normkit.functional`` validates the user's arguments and hands them here; this
+module turns them into kernel calls. The layout of the data (channels first or last,
+the degenerate S == 1 / C == 1 shapes) is read from the ``_canonical`` view, never
+decided here; partial moments are merged by ``_moments`` (Chan's merge); kernels are
+the backend's (``backends/_spec.py``).
+
+Shared steps, each in one function:
+
+* statistics: ``batch_moments`` (BatchNorm, per channel), ``group_moments``
+  (GroupNorm / InstanceNorm, per sample and group);
+* shift/offset folding: ``split_shift`` and ``offset`` keep float32 outputs accurate
+  when |mean| >> std;
+* coefficients: ``rstd``, ``coefs``; running statistics: ``update_running``;
+* the channel backward: ``channel_backward``;
+* the capture hook ``capture`` read by ``normkit.diagnostics``.
+
+NumPy floating-point warnings never leave this module: NaN/Inf in the data, a negative
+running variance or eps == 0 on constant data are results (NaN/Inf), not warnings.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import threading
+
+import numpy as np
+
+from . import _moments
+from ._canonical import (
+    batch_layout,
+    elementwise_twin,
+    finish,
+    kernel_array,
+    rows_result,
+    rows_view,
+)
+
+# Private hook for normkit.diagnostics: while ``capture.on`` is true in this thread,
+# batch_moments leaves the unmerged per-plane moments it computed anyway (and the
+# view and backend) in ``capture.value``. Off: one attribute test, nothing else.
+capture = threading.local()
+
+
+def _quiet(fn):
+    """Run ``fn`` with NumPy's floating-point warnings off: NaN/Inf are results here.
+
+    One errstate per entry point (each costs ~3 us), not one per helper: the helpers
+    below are only called from inside these entry points (or under the caller's own
+    errstate, as ``_renorm`` does).
+    """
+    def wrapper(*args, **kwargs):
+        with np.errstate(all="ignore"):
+            return fn(*args, **kwargs)
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    return wrapper
+
+
+# ---------------------------------------------------------------- small helpers
+_constants: dict = {}
+
+
+def constant(value, k, dtype):
+    """A read-only cached vector of ``value`` (kernels never write their parameters)."""
+    key = (value, k, dtype)
+    a = _constants.get(key)
+    if a is None:
+        a = np.full(k, value, dtype)
+        a.setflags(write=False)
+        if len(_constants) < 256:
+            _constants[key] = a
+    return a
+
+
+def rstd(var, eps):
+    """1 / sqrt(var + eps); NaN where var + eps < 0, Inf where it is 0 (as torch)."""
+    return 1.0 / np.sqrt(var + eps)
+
+
+def stat_out(a, dtype, shape=None):
+    """Statistics handed back to users: the compute dtype (float32 for float16 input)."""
+    a = np.array(a, dtype=dtype)   # a copy: never hand out a live running statistic
+    return a if shape is None else a.reshape(shape)
+
+
+def coefs(dtype, n_rows, *arrays):
+    """(N', C) contiguous aligned arrays of the compute dtype, all with the same N'."""
+    result = []
+    for a in arrays:
+        if a.ndim == 1:
+            a = a.reshape(1, -1)
+        if a.shape[0] != n_rows:
+            a = np.broadcast_to(a, (n_rows, a.shape[1]))
+        result.append(kernel_array(a, dtype))
+    return result
+
+
+def split_shift(mean, dtype):
+    """The mean as a compute-dtype shift plus the float64 residual it rounded away.
+
+    Kernels compute (x - shift) in the compute dtype; with x close to shift that
+    difference is exact, so adding the residual's effect back in float64 (folded into
+    an offset) keeps float32 outputs accurate even at |mean| >> std, at no extra pass.
+    """
+    if mean.dtype == dtype:             # already exact in the compute dtype
+        return mean, None
+    shift = mean.astype(dtype)          # inf - inf below where a channel holds an Inf
+    return shift, mean - shift.astype(np.float64)
+
+
+def offset(bias, resid, scale):
+    """The affine offset, corrected for the part of the mean the shift rounded away."""
+    if resid is None:
+        return np.zeros(scale.shape[-1]) if bias is None else bias
+    return -resid * scale if bias is None else bias - resid * scale
+
+
+def update_running(running, batch_value, momentum):
+    """running <- (1 - momentum) * running + momentum * batch, in place, in its own dtype."""
+    running[...] = (1.0 - momentum) * running.astype(np.float64) + momentum * batch_value
+
+
+def empty_result(x, out, stats_shape, dtype, return_stats, with_mean=True):
+    """What a forward returns for an input with no elements (statistics are NaN)."""
+    y = finish(np.empty(x.shape, x.dtype), out, x.dtype)
+    if not return_stats:
+        return y
+    nan = np.full(stats_shape, np.nan, dtype)
+    return y, (nan if with_mean else None), nan.copy()
+
+
+def check_training_eps(eps):
+    """torch's rule: batch statistics need eps > 0 (a constant channel would give 1/0)."""
+    if isinstance(eps, numbers.Real) and not eps > 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got "
+                         f"{float(eps)}")
+
+
+def apart_from_out(out, inputs, updated=()):
+    """The arrays of ``inputs`` ((name, array or None) pairs), none sharing ``out``'s memory.
+
+    Kernels write ``out`` while they read their parameters, so a parameter inside
+    ``out`` is copied first (parameters are small). A ``residual`` that is exactly
+    ``out`` is fine (kernels read each element before writing it). The arrays named in
+    ``updated`` are written in place too (running statistics in training): sharing
+    memory with ``out`` is then an error, as no order of the two writes is right.
+    """
+    result = []
+    for name, a in inputs:
+        if a is not None and out is not None and np.may_share_memory(out, a):
+            if name in updated:
+                raise ValueError(f"out and {name} share memory, but both are written by "
+                                 f"this call: pass separate arrays")
+            same = (a.__array_interface__["data"][0] == out.__array_interface__["data"][0]
+                    and a.strides == out.strides and a.shape == out.shape)
+            if not (name == "residual" and same):
+                a = a.copy()
+        result.append(a)
+    return result
+
+
+# ---------------------------------------------------------------- statistics
+def batch_moments(be, view):
+    """BatchNorm statistics per channel: (mean, M2) over N and S, float64 (C,)."""
+    mean, m2 = view.moments(be)
+    if getattr(capture, "on", False):
+        capture.value = (be, view, *((mean, m2) if view.layout == "first" else (None, None)))
+    if view.n == 1:
+        return mean[0], m2[0]
+    return _moments.merge_equal(mean, m2, view.s, axis=0)   # merge the N planes
+
+
+def group_moments(be, view, groups):
+    """GroupNorm/InstanceNorm statistics per (sample, group): (mean, M2), float64 (N, G)."""
+    n, c, s = view.n, view.c, view.s
+    if view.layout == "first":   # one group of one sample is one contiguous row
+        mean, m2 = be.plane_moments(view.data.reshape(n * groups, (c // groups) * s))
+        return mean.reshape(n, groups), m2.reshape(n, groups)
+    mean, m2 = view.moments(be)
+    if groups == c:
+        return mean, m2
+    return _moments.merge_equal(mean.reshape(n, groups, c // groups),
+                                m2.reshape(n, groups, c // groups), s)
+
+
+# ---------------------------------------------------------------- forward
+def affine(be, view, coef, res, residual, relu):
+    """res = (x - shift) * scale + offset [+ residual] [then ReLU], one pass over x."""
+    if residual is None and not relu:
+        view.call(be, "affine", view.data, *coef, res)
+    else:
+        r = None if residual is None else view.like(residual, view.data.dtype)
+        view.call(be, "affine_act", view.data, *coef, r, relu, res)
+
+
+def normalize(be, view, mean, rstd_, w, b, n_rows, out, epilogue=(None, False)):
+    """Write (x - mean) * rstd * w + b [+ residual] [ReLU] for (N', C) statistics."""
+    dt = view.data.dtype
+    scale = rstd_ if w is None else w * rstd_
+    shift, resid = split_shift(mean, dt)
+    res = view.empty(out)
+    affine(be, view, coefs(dt, n_rows, shift, scale, offset(b, resid, scale)), res,
+           *epilogue)
+    return res
+
+
+@_quiet
+def batch_norm(be, view, running, w, b, training, momentum, eps, out, epilogue):
+    """BatchNorm on a view: returns (result in the view's layout, mean, rstd), (C,)."""
+    running_mean, running_var = running
+    if training:
+        mean, m2 = batch_moments(be, view)
+        count = view.n * view.s
+        var = m2 / count
+    else:
+        mean = running_mean          # its own dtype: exact as a shift when it is dt's
+        var = running_var.astype(np.float64)
+    r = rstd(var, eps)
+    res = normalize(be, view, mean, r, w, b, 1, out, epilogue)
+    if training:        # after the kernel: a running statistic inside x stays read first
+        if running_mean is not None:
+            update_running(running_mean, mean, momentum)
+        if running_var is not None:
+            update_running(running_var, m2 / (count - 1), momentum)
+    return res, mean, r
+
+
+@_quiet
+def per_sample_forward(be, view, groups, w, b, eps, out, fixed_stats=None,
+                       epilogue=(None, False), need_m2=False):
+    """GroupNorm (groups < C) and InstanceNorm (groups == C) forward.
+
+    ``fixed_stats=(mean, var)`` of shape (C,) normalizes with given statistics
+    (InstanceNorm with use_input_stats=False) instead of the sample's own.
+    Returns (result in the view's layout, mean (N, G), rstd (N, G), M2 or None);
+    M2 is the centred sum from the moments (``need_m2`` asks for it).
+    """
+    n, c, dt = view.n, view.c, view.data.dtype
+    if (fixed_stats is None and not need_m2 and view.layout == "first"
+            and epilogue[0] is None and not epilogue[1]):
+        # one kernel: each (sample, group) block is normalized while still in cache
+        res = view.empty(out)
+        mean, r = be.channels_first_group_forward(
+            view.data, groups, constant(1.0, c, dt) if w is None else w.astype(dt),
+            constant(0.0, c, dt) if b is None else b.astype(dt), eps, res)
+        return res, mean, r, None
+    if fixed_stats is None:
+        mean, m2 = group_moments(be, view, groups)
+        r = rstd(m2 / ((c // groups) * view.s), eps)
+    else:
+        mean = np.broadcast_to(fixed_stats[0], (n, c))
+        r = rstd(np.broadcast_to(fixed_stats[1], (n, c)), eps)
+        m2 = None
+    per_channel = c // groups
+    res = normalize(be, view, np.repeat(mean, per_channel, axis=1),
+                    np.repeat(r, per_channel, axis=1), w, b, n, out, epilogue)
+    return res, mean, r, m2
+
+
+def rows_forward(be, x, k, w, b, eps, out, rms):
+    """LayerNorm / RMSNorm: returns (y in x's shape into ``out``, mean, rstd) per row."""
+    dt = w.dtype
+    xr = rows_view(x, k, dt)
+    res = rows_result(out, xr)
+    mean, r = be.rows_forward(xr, w, b, eps, rms, res)
+    return finish(res.reshape(x.shape), out, x.dtype), mean, r
+
+
+def fast_rows(be, x, w, b, eps, rms):
+    """rows_forward on a validated contiguous x of the compute dtype, without ``out``."""
+    k = x.shape[-1]
+    dt = x.dtype
+    out = np.empty_like(x)
+    be.rows_forward(x.reshape(-1, k), constant(1.0, k, dt) if w is None else w,
+                    constant(0.0, k, dt) if b is None else b, eps, rms, out.reshape(-1, k))
+    return out
+
+
+def fast_batch_norm_eval(be, x, axis, running_mean, running_var, weight, bias, eps):
+    """Eval BatchNorm on validated contiguous, aligned x and parameters of x's dtype.
+
+    Returns None (the caller takes the general path) when var + eps <= 0 somewhere,
+    so the NaN/Inf that follows is produced under the general path's errstate.
+    """
+    dt = x.dtype
+    c = x.shape[axis]
+    # float64 for the coefficients, then one cast, in the general path's order of
+    # operations (so both paths give bit-identical results), in as few ufunc calls as
+    # possible: each costs ~0.3 us at this size
+    r = np.add(running_var, eps, dtype=np.float64)
+    if not r.min() > 0.0:
+        return None
+    np.sqrt(r, out=r)
+    np.divide(1.0, r, out=r)
+    if weight is not None:
+        np.multiply(r, weight, out=r)
+    scale = r.astype(dt).reshape(1, c)
+    out = np.empty_like(x)
+    layout, shape = elementwise_twin(*batch_layout(x.shape, axis))
+    offs = constant(0.0, c, dt) if bias is None else bias
+    getattr(be, f"channels_{layout}_affine")(x.reshape(shape), running_mean.reshape(1, c),
+                                             scale, offs.reshape(1, c), out.reshape(shape))
+    return out
+
+
+# ---------------------------------------------------------------- backward
+def channel_backward(be, view, dy, shift, rstd_nc, w, pool, count, batch_stats):
+    """dx and the per-channel (N, C) gradient sums for BN/GN/IN.
+
+    ``shift`` and ``rstd_nc`` are (N', C); ``pool`` sums (N, C) partial sums over what
+    shares one statistic and broadcasts back to (N', C); ``count`` is how many values
+    share one statistic. With fixed statistics (eval) dx is just weight * rstd * dy.
+    """
+    dt = view.data.dtype
+    shift, resid = split_shift(shift, dt)
+    sum_dy, sum_dyx = view.call(be, "grad_sums", dy, view.data,
+                                *coefs(dt, shift.shape[0], shift))
+    if resid is not None:               # sums of dy * (x - mean), exactly centered
+        sum_dyx = sum_dyx - resid * sum_dy
+    a = rstd_nc if w is None else rstd_nc * w
+    if batch_stats:
+        coef_x = -rstd_nc ** 3 * pool(sum_dyx if w is None else sum_dyx * w) / count
+        coef_1 = -rstd_nc * pool(sum_dy if w is None else sum_dy * w) / count
+    else:
+        coef_x = np.zeros_like(a)
+        coef_1 = np.zeros_like(a)
+    if resid is not None:
+        coef_1 = coef_1 - coef_x * resid
+    dx = np.empty_like(view.data)
+    view.call(be, "grad_apply", dy, view.data,
+              *coefs(dt, shift.shape[0], shift, a, coef_x, coef_1), dx)
+    return dx, sum_dy, sum_dyx
+
+
+@_quiet
+def batch_norm_backward(be, view, dy, mean, rstd_, w, training):
+    """(dx in the view's layout, sum(dy * xhat) per channel, sum(dy) per channel)."""
+    count = view.n * view.s
+    dx, sum_dy, sum_dyx = channel_backward(
+        be, view, dy, mean[None], rstd_[None], w,
+        lambda s: s.sum(axis=0, keepdims=True), count, training)
+    return dx, sum_dyx.sum(axis=0) * rstd_, sum_dy.sum(axis=0)
+
+
+@_quiet
+def per_sample_backward(be, view, dy, groups, mean, rstd_, w, batch_stats):
+    """GroupNorm/InstanceNorm: (dx in the view's layout, grad_weight, grad_bias)."""
+    n, c = view.n, view.c
+    per = c // groups
+    rstd_nc = np.repeat(rstd_, per, axis=1)
+
+    def pool(s):  # sum the channels of each group, then give each channel its group's sum
+        return np.repeat(s.reshape(n, groups, per).sum(axis=-1), per, axis=1)
+
+    dx, sum_dy, sum_dyx = channel_backward(be, view, dy, np.repeat(mean, per, axis=1),
+                                           rstd_nc, w, pool, per * view.s, batch_stats)
+    return dx, (sum_dyx * rstd_nc).sum(axis=0), sum_dy.sum(axis=0)
+
+
+def rows_backward(be, dy, x, k, mean, rstd_, w, rms):
+    """LayerNorm / RMSNorm backward: (dx in x's shape and dtype, grad_w, grad_b) per K."""
+    dt = w.dtype
+    dx = np.empty((math.prod(x.shape) // k, k), dt)
+    gw, gb = be.rows_backward(rows_view(dy, k, dt), rows_view(x, k, dt), mean, rstd_, w,
+                              rms, dx)
+    return dx.reshape(x.shape).astype(x.dtype, copy=False), gw, gb
+
+
+@_quiet
+def update_instance_running(running_mean, running_var, mean, m2, s, momentum):
+    """torch's InstanceNorm running statistics: batch means of the per-instance mean and
+    unbiased variance, the variance from the centred M2 (not derived back from rstd)."""
+    if running_mean is not None:
+        update_running(running_mean, mean.mean(axis=0), momentum)
+    if running_var is not None:
+        update_running(running_var, (m2 / (s - 1)).mean(axis=0), momentum)
