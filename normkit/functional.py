@@ -35,9 +35,6 @@ __all__ = [
     "rms_norm_backward",
 ]
 
-# normkit.diagnostics switches this hook on and off (see ``_engine.capture``)
-_capture = E.capture
-
 
 # ---------------------------------------------------------------- fast paths
 # The common inference call (contiguous aligned float32/float64 input, parameters of

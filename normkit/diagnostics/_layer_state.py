@@ -6,7 +6,7 @@ The cheap checks (non-finite values, near-zero variances) run on every step from
 statistics the forward returns; the full analysis on the first ``warmup_checks`` steps,
 every ``check_every`` steps after that and whenever the input shape changes. For
 BatchNorm the full analysis reuses the per-sample moments the forward computed anyway
-(``functional._capture``); repeated warnings of one layer and cause are rate-limited.
+(``_engine.capture``); repeated warnings of one layer and cause are rate-limited.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from .. import _moments, functional
+from .. import _engine, _moments
 from . import _layer_warnings as texts
 from . import _noise_model as noise
 from ._config import check_setting, get_config, resolve
@@ -22,8 +22,8 @@ from ._config import check_setting, get_config, resolve
 
 def _capture_hook():
     """The forward's thread-local capture of its per-plane moments (the one place that
-    names it: functional's private hook, made for this module)."""
-    return functional._capture
+    names it: the engine's hook, made for this module)."""
+    return _engine.capture
 
 
 def _shape_of(x):
