@@ -23,14 +23,16 @@ def merge_equal(mean, m2, count, axis=-1):
     """Merge partial moments that each cover ``count`` values, along ``axis``.
 
     Returns ``(mean, m2)`` with ``axis`` removed, float64. NaN/Inf propagate.
+    (On the per-call path of small training BatchNorm: keepdims and in-place squaring
+    keep it to a few array operations.)
     """
     mean = np.asarray(mean, dtype=np.float64)
-    m2 = np.asarray(m2, dtype=np.float64)
-    gmean = mean.mean(axis=axis)
+    gmean = mean.mean(axis=axis, keepdims=True)
     with np.errstate(invalid="ignore", over="ignore"):
-        dev = mean - np.expand_dims(gmean, axis)
-        gm2 = m2.sum(axis=axis) + count * (dev * dev).sum(axis=axis)
-    return gmean, gm2
+        dev = mean - gmean
+        dev *= dev
+        gm2 = np.sum(m2, axis=axis, dtype=np.float64) + count * dev.sum(axis=axis)
+    return gmean.squeeze(axis), gm2
 
 
 def merge_pair(na, mean_a, m2_a, nb, mean_b, m2_b):
