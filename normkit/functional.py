@@ -54,10 +54,12 @@ def _fast_input(x):
 
 def _fast_rows(x, ns, weight, bias, eps, backend, rms):
     """LayerNorm/RMSNorm over the last axis, or None when the general path is needed."""
-    if not _fast_input(x):
+    if not _fast_input(x) or x.ndim == 0:
         return None
     k = x.shape[-1]
-    if not (ns == k or ns == (k,)) or type(eps) is not float or not eps >= 0.0:
+    if not ((type(ns) is int and ns == k)
+            or (type(ns) is tuple and len(ns) == 1 and type(ns[0]) is int and ns[0] == k)) \
+            or type(eps) is not float or not eps >= 0.0:
         return None
     dt = x.dtype
     if not (_fast_param(weight, dt, k) and _fast_param(bias, dt, k)):
@@ -73,7 +75,7 @@ def _fast_batch_norm_eval(x, running_mean, running_var, weight, bias, eps, axis,
     """Eval-mode BatchNorm on channels-first (axis=1) or channels-last (axis=-1) input."""
     if not _fast_input(x) or x.ndim < 2 or type(eps) is not float or not eps >= 0.0:
         return None
-    if not (axis == -1 or axis == 1):
+    if type(axis) is not int or not (axis == -1 or axis == 1):
         return None
     dt = x.dtype
     shape = x.shape
@@ -271,6 +273,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
             return y
     x = V.as_input(x, min_ndim=2)
     ax = V.channel_axis(x, axis, "batch_norm")
+    V.check_channels(x, ax, "batch_norm", running_mean=running_mean,
+                     running_var=running_var, weight=weight, bias=bias)
     c = x.shape[ax]
     shape = (c,)
     running_mean = V.running_stat(running_mean, shape, "running_mean")
@@ -398,6 +402,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=N
     """
     x = V.as_input(x, min_ndim=2)
     ax = V.channel_axis(x, axis, "group_norm", allow_batch_axis=False)
+    V.check_channels(x, ax, "group_norm", weight=weight, bias=bias)
     c = x.shape[ax]
     groups = V.num_groups(num_groups, c, x)
     w = V.as_param(weight, (c,), "weight")
@@ -436,6 +441,8 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     """
     x = V.as_input(x, min_ndim=2)
     ax = V.channel_axis(x, axis, "instance_norm", allow_batch_axis=False)
+    V.check_channels(x, ax, "instance_norm", running_mean=running_mean,
+                     running_var=running_var, weight=weight, bias=bias)
     n, c = x.shape[0], x.shape[ax]
     running_mean = V.running_stat(running_mean, (c,), "running_mean")
     running_var = V.running_stat(running_var, (c,), "running_var")
