@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from . import _validate as V
 from . import functional as F
 from .layers import BatchNorm
 
@@ -48,14 +49,13 @@ class _Moments:
         self.batches = 0
 
     def add(self, x, axis, c):
-        x = np.asarray(x)
-        if x.ndim < 2:
-            raise ValueError(f"a BatchNorm input needs at least 2 dimensions (N, C, ...), "
-                             f"got shape {x.shape}")
-        ax = axis % x.ndim
+        # the functional API's validation: float dtypes only (complex, object, integer
+        # and masked batches are refused), array-likes converted once, here
+        x = V.as_input(x, "batch", min_ndim=2)
+        ax = V.channel_axis(x, axis, "recalibrate")
         if x.shape[ax] != c:
-            raise ValueError(f"expected {c} channels on axis {axis}, got input shape "
-                             f"{x.shape}")
+            raise ValueError(V.wrong_channels(x.shape, ax, c, f"recalibrate: BatchNorm({c})",
+                                              "build the layer with"))
         self.batches += 1
         n = x.size // c
         if n == 0:
