@@ -26,16 +26,12 @@ import numpy as np
 
 from . import _onnx_safety as _safety
 from .layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
+from .layers import _torch_to_numpy
 
 __all__ = ["from_torch", "from_onnx", "onnx_constants", "fold_onnx_batch_norms"]
 
 
 # ============================================================================ torch
-def _torch_to_numpy(t):
-    t = t.detach().cpu()
-    if str(t.dtype) == "torch.bfloat16":
-        t = t.float()
-    return t.numpy()
 
 
 def _torch_norm_classes():
