@@ -135,6 +135,9 @@ def fold_batch_norm_stats(weight, bias, running_mean, running_var, gamma=None, b
     -------
     (new_weight, new_bias) : tuple of ndarray
     """
+    if weight is None:
+        raise TypeError("weight: expected the weight array of the layer before the "
+                        "BatchNorm, got None")
     w = _array(weight, "weight")
     b = _array(bias, "bias")
     mean = _array(running_mean, "running_mean")

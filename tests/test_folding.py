@@ -190,13 +190,15 @@ def test_shape_errors(rng):
     ({"eps": -1.0}, ValueError, r"eps: expected a number >= 0, got -1\.0"),
     ({"running_mean": np.ma.masked_array(np.zeros(3))}, TypeError,
      r"running_mean: expected a plain array, got a numpy\.ma\.MaskedArray"),
+    ({"weight": None}, TypeError, r"weight: expected the weight array.*got None"),
     ({"running_var": np.array(["a", "b", "c"])}, TypeError,
      r"running_var must be a real numeric array, got dtype <U1"),
 ])
 def test_argument_errors_name_the_argument(kwargs, exc, pattern):
-    args = {"running_mean": np.zeros(3), "running_var": np.ones(3), **kwargs}
+    args = {"weight": np.ones((3, 2)), "bias": None, "running_mean": np.zeros(3),
+            "running_var": np.ones(3), **kwargs}
     with pytest.raises(exc, match=pattern):
-        normkit.fold_batch_norm_stats(np.ones((3, 2)), None, **args)
+        normkit.fold_batch_norm_stats(**args)
 
 
 def test_bfloat16_statistics():
