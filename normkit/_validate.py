@@ -68,7 +68,7 @@ def check_eps(eps, what: str) -> float:
     accept any real eps, negative included (NaN where var + eps < 0: the caller's eps).
     """
     eps = real_arg(eps, "eps", what)
-    if what == "batch_norm" and not eps >= 0.0:
+    if what == "batch_norm" and eps < 0.0:          # NaN passes, as in torch
         raise ValueError(f"batch_norm: eps: expected a number >= 0, got {eps}")
     return eps
 

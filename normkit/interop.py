@@ -337,6 +337,9 @@ def _onnx_batch_norm(node, ctx):
     mean, var = ctx.param(node, 3, "mean"), ctx.param(node, 4, "var")
     channels = ctx.channel_params(node, [("scale", scale), ("B", bias), ("mean", mean),
                                          ("var", var)])
+    if float(a.get("epsilon", 1e-5)) < 0:
+        raise ValueError(f"BatchNormalization node {node.name!r}: epsilon: expected a "
+                         f"number >= 0, got {a['epsilon']}")
     layer = BatchNorm(channels, float(a.get("epsilon", 1e-5)),
                       1.0 - float(a.get("momentum", 0.9)), affine=True,
                       track_running_stats=True, axis=1,
@@ -375,6 +378,9 @@ def _onnx_group_norm(node, ctx):
         per = channels // groups
         scale = np.repeat(scale, per)
         bias = np.repeat(bias, per)
+    if channels % groups:
+        raise ValueError(f"GroupNormalization node {node.name!r}: num_groups: expected a "
+                         f"divisor of the {channels} channels, got {groups}")
     layer = GroupNorm(groups, channels, float(a.get("epsilon", 1e-5)), affine=True, axis=1,
                       dtype=ctx.layer_dtype(scale), backend=ctx.backend)
     return _set(layer, weight=scale, bias=bias).eval()

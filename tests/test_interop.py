@@ -676,3 +676,18 @@ def test_malformed_other_norms():
     for m in bad:
         with pytest.raises(ValueError):
             normkit.from_onnx(m)
+    with pytest.raises(ValueError, match=r"node 'n': num_groups: expected a divisor of the "
+                                         r"4 channels, got 3"):
+        normkit.from_onnx(model("GroupNormalization", ["x", "s", "b"],
+                                {"s": np.ones(4, f), "b": np.ones(4, f)}, 21, num_groups=3))
+    params = {k: np.ones(4, f) for k in "sbmv"}
+    with pytest.raises(ValueError, match=r"node 'n': epsilon: expected a number >= 0"):
+        normkit.from_onnx(model("BatchNormalization", ["x", "s", "b", "m", "v"], params, 15,
+                                epsilon=-1.0))
+    with pytest.raises(ValueError, match=r"node 'n': Scale: expected a shape that broadcasts "
+                                         r"to the normalized shape \(3,\), got shape \(4,\)"):
+        normkit.from_onnx(model("LayerNormalization", ["x", "s"], {"s": np.ones(4, f)}, 17))
+    with pytest.raises(ValueError, match=r"InstanceNormalization node 'n': scale: expected "
+                                         r"shape \(4,\) \(from the channel count"):
+        normkit.from_onnx(model("InstanceNormalization", ["x", "s", "b"],
+                                {"s": np.ones(3, f), "b": np.zeros(4, f)}, 22))
