@@ -279,6 +279,9 @@ class _OnnxNodeContext:
         first = named[0][1]
         if expected is None:
             expected = channels or (first.shape[0] if first.ndim == 1 else None)
+        if expected is None:
+            raise ValueError(f"{node.op_type} node {node.name!r}: {named[0][0]}: expected a "
+                             f"1-D tensor (one value per channel), got shape {first.shape}")
         for what, a in named:
             if a is not None and (a.ndim != 1 or a.shape[0] != expected):
                 source = (f"the channel count of input {node.input[0]!r} of shape "
@@ -521,8 +524,6 @@ def fold_onnx_batch_norms(model_or_path, *, base_dir=None, max_constant_elements
     or a malformed BatchNormalization node, raises ``ValueError`` instead of being
     folded.
     """
-    from onnx import helper, numpy_helper
-    from .folding import fold_batch_norm
     model = _load_model(model_or_path, base_dir)
     new = type(model)()
     new.CopyFrom(model)
@@ -538,38 +539,48 @@ def fold_onnx_batch_norms(model_or_path, *, base_dir=None, max_constant_elements
     for node, name in zip(list(graph.node), _node_names(graph)):
         if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
             continue
+        try:       # every BN node is checked, foldable or not: malformed raises ValueError
+            bn = _onnx_batch_norm(node, ctx)
+        except _NotConstant:                # parameters computed from graph inputs
+            continue
         conv = producer.get(node.input[0])
         if (conv is None or conv.op_type not in ("Conv", "ConvTranspose")
                 or consumers.get(node.input[0]) != 1 or node.input[0] in outputs
-                or len([o for o in node.output if o]) != 1
-                or _attrs(node).get("training_mode", 0)):
+                or len([o for o in node.output if o]) != 1 or bn.training):
             continue
-        try:                    # parameters computed from graph inputs: not foldable
+        try:
             w = ctx.consts[conv.input[1]]
             b = ctx.consts[conv.input[2]] if len(conv.input) > 2 and conv.input[2] else None
-            bn = _onnx_batch_norm(node, ctx)    # a malformed node raises ValueError
-        except (KeyError, _NotConstant):
+        except KeyError:                    # a Conv weight computed from graph inputs
             continue
-        transposed = conv.op_type == "ConvTranspose"
-        groups = int(_attrs(conv).get("group", 1))
-        new_w, new_b = fold_batch_norm(w, b, bn, axis=1 if transposed else 0,
-                                       groups=groups if transposed else 1)
-        w_name, b_name = conv.input[1] + "__bnfolded", name + "__bias"
-        for array, tname in ((new_w, w_name), (new_b, b_name)):
-            tensor = numpy_helper.from_array(array, tname)
-            graph.initializer.append(tensor)
-            if new.ir_version < 4:     # IR < 4: every initializer is a graph input too
-                graph.input.append(helper.make_tensor_value_info(
-                    tname, tensor.data_type, array.shape))
-        while len(conv.input) < 3:
-            conv.input.append("")
-        conv.input[1], conv.input[2] = w_name, b_name
-        conv.output[0] = node.output[0]
+        _fold_into_conv(new, conv, node, name, w, b, bn)
         folded.append(node)
     for node in folded:
         graph.node.remove(node)
     _remove_unused(graph)
     return new
+
+
+def _fold_into_conv(model, conv, node, name, w, b, bn):
+    """Give ``conv`` the folded weight and bias and the BN node's output."""
+    from onnx import helper, numpy_helper
+    from .folding import fold_batch_norm
+    graph = model.graph
+    transposed = conv.op_type == "ConvTranspose"
+    groups = int(_attrs(conv).get("group", 1))
+    new_w, new_b = fold_batch_norm(w, b, bn, axis=1 if transposed else 0,
+                                   groups=groups if transposed else 1)
+    w_name, b_name = conv.input[1] + "__bnfolded", name + "__bias"
+    for array, tname in ((new_w, w_name), (new_b, b_name)):
+        tensor = numpy_helper.from_array(array, tname)
+        graph.initializer.append(tensor)
+        if model.ir_version < 4:     # IR < 4: every initializer is a graph input too
+            graph.input.append(helper.make_tensor_value_info(
+                tname, tensor.data_type, array.shape))
+    while len(conv.input) < 3:
+        conv.input.append("")
+    conv.input[1], conv.input[2] = w_name, b_name
+    conv.output[0] = node.output[0]
 
 
 def _names_used(graph):

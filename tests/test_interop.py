@@ -554,10 +554,29 @@ def test_own_checks_behind_the_checker():
     model = _bad_bn(m=np.zeros(4, np.float32), x_shape=["N", "C", "L"])
     with pytest.raises(ValueError, match=r"mean|Inference"):
         normkit.from_onnx(model)
-    ctx = normkit.interop._OnnxNodeContext(_bad_bn(), None, None)
-    node = _bad_bn(inputs=("x", "s")).graph.node[0]
-    with pytest.raises(ValueError, match=r"expected input 2 \(B\), got a node with 2"):
-        normkit.interop._onnx_batch_norm(node, ctx)
+    # the converter's own checks, called directly (bypassing onnx.checker)
+    direct = {
+        "2 inputs": (dict(inputs=("x", "s")), r"expected input 2 \(B\), got a node with 2"),
+        "0 inputs": (dict(inputs=()), r"expected input 1 \(scale\), got a node with 0"),
+        "mean (4,)": (dict(m=np.zeros(4, np.float32)),
+                      r"mean: expected shape \(3,\) \(from the channel count of input 'x'"),
+        "mean (1,), C unknown": (dict(m=np.zeros(1, np.float32), x_shape=["N", "C", "L"]),
+                                 r"mean: expected shape \(3,\) \(from scale\), got shape "
+                                 r"\(1,\)"),
+        "int scale": (dict(s=np.ones(3, np.int64)), r"scale: expected a float tensor, got "
+                                                    r"dtype int64"),
+        "0-d scale": (dict(s=np.array(1.0, np.float32)), r"scale: expected shape \(3,\)"),
+        "0-d scale, C unknown": (dict(s=np.array(1.0, np.float32), x_shape=["N", "C"]),
+                                 r"scale: expected a 1-D tensor \(one value per channel\), "
+                                 r"got shape \(\)"),
+        "(3, 1) scale": (dict(s=np.ones((3, 1), np.float32)),
+                         r"scale: expected shape \(3,\).*got shape \(3, 1\)"),
+    }
+    for kwargs, pattern in direct.values():
+        model = _bad_bn(**kwargs)
+        ctx = normkit.interop._OnnxNodeContext(model, None, None)
+        with pytest.raises(ValueError, match=pattern):
+            normkit.interop._onnx_batch_norm(model.graph.node[0], ctx)
 
 
 @needs_onnx
