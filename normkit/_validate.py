@@ -1,11 +1,15 @@
 """Every check of user input, and every message it raises, lives here.
 
 The error contract (``../shared/API.md``): a wrong dtype is a TypeError naming the
-dtype; a wrong shape is a ValueError naming the expected and the actual shape.
+dtype; a wrong shape is a ValueError naming the expected and the actual shape; a bad
+argument names the argument. Messages share one shape,
+``"<argument>: expected <what>, got <what was given>"`` (prefixed with the function
+when that helps), e.g. ``"weight: expected shape (16,), got shape (8,)"``.
 Nothing here modifies its arguments.
 """
 from __future__ import annotations
 
+import numbers
 import operator
 
 import numpy as np
@@ -15,18 +19,104 @@ F32 = np.dtype(np.float32)
 F64 = np.dtype(np.float64)
 
 
+# ---------------------------------------------------------------- describing values
+def given(value) -> str:
+    """How a message shows what the caller passed: its type and a short repr."""
+    if isinstance(value, np.ndarray):
+        return f"{type(value).__name__} of dtype {value.dtype} and shape {value.shape}"
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _prefix(what) -> str:
+    return f"{what}: " if what else ""
+
+
+# ---------------------------------------------------------------- scalar arguments
+def int_arg(value, name: str, what: str = "", minimum=None) -> int:
+    """An integral number (int, np.integer, anything with __index__; not bool, not float)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{_prefix(what)}{name}: expected an int, got {given(value)}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{_prefix(what)}{name}: expected an int, got {given(value)}") \
+            from None
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{_prefix(what)}{name}: expected an int >= {minimum}, got {value}")
+    return value
+
+
+def real_arg(value, name: str, what: str = "") -> float:
+    """A real number as a float (int, float, NumPy scalars; not bool, str or None).
+
+    Strings are not parsed (``eps='1e-5'`` is a TypeError, as in torch).
+    """
+    if type(value) is float:       # the common case, before the slower ABC check
+        return value
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{_prefix(what)}{name}: expected a real number, got "
+                        f"{given(value)}")
+    return float(value)
+
+
+def check_eps(eps, what: str) -> float:
+    """eps as a float. Only its type is checked here, and batch_norm's sign.
+
+    As torch: ``batch_norm`` needs ``eps >= 0`` (and, training, ``eps > 0``, checked by
+    the engine); ``layer_norm``, ``group_norm``, ``instance_norm`` and ``rms_norm``
+    accept any real eps, negative included (NaN where var + eps < 0: the caller's eps).
+    """
+    eps = real_arg(eps, "eps", what)
+    if what == "batch_norm" and eps < 0.0:          # NaN passes, as in torch
+        raise ValueError(f"batch_norm: eps: expected a number >= 0, got {eps}")
+    return eps
+
+
+def check_momentum(momentum, what: str) -> float:
+    if momentum is None:
+        raise ValueError(f"{what}: the functional form needs a float momentum; "
+                         "momentum=None (cumulative average) is a layer option")
+    return real_arg(momentum, "momentum", what)
+
+
+# ---------------------------------------------------------------- arrays
+def is_dask(x) -> bool:
+    """A Dask collection (checked without importing dask)."""
+    return hasattr(x, "__dask_graph__")
+
+
+def reject_masked(x, name: str = "x"):
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{name}: expected a plain array, got a numpy.ma.MaskedArray; its "
+                        "mask would be ignored. Pass x.filled(value) to choose what the "
+                        "masked elements are, or x.data to use the values under the mask")
+
+
 def as_input(x, name: str = "x", min_ndim: int = 1) -> np.ndarray:
-    """x as an ndarray of a supported float dtype (no copy for ndarrays)."""
+    """x as an ndarray of a supported float dtype (no copy for ndarrays).
+
+    Array-likes (lists, tuples, NumPy scalars, anything with ``__array__``) are
+    converted here, once; masked arrays are refused (their mask would be ignored).
+    """
     if type(x) is not np.ndarray:
+        reject_masked(x, name)
         if not hasattr(x, "__array__") and not isinstance(x, (list, tuple, np.generic)):
-            raise TypeError(f"{name} must be a NumPy array, got {type(x).__name__}")
-        x = np.asarray(x)
+            raise TypeError(f"{name}: expected a NumPy array, got {given(x)}")
+        try:
+            x = np.asarray(x)
+        except (ValueError, TypeError) as exc:   # ragged lists and the like
+            raise TypeError(f"{name}: expected an array-like of floats, got "
+                            f"{type(x).__name__} that NumPy cannot convert ({exc})") from None
     dt = x.dtype
     if dt.kind != "f" or dt.itemsize not in _FLOAT_SIZES:
         raise TypeError(f"{name} must be a float16, float32 or float64 array, got dtype {dt}")
     if x.ndim < min_ndim:
-        raise ValueError(f"{name} must have at least {min_ndim} dimensions "
-                         f"(expected shape (N, C, ...)), got shape {x.shape}")
+        layout = " (N, C, ...)" if min_ndim >= 2 else ""
+        raise ValueError(f"{name} must have at least {min_ndim} dimension{'s' * (min_ndim > 1)}: expected shape"
+                         f"{layout} with ndim >= {min_ndim}, got shape {x.shape}")
     return x
 
 
@@ -36,10 +126,7 @@ def compute_dtype(x: np.ndarray) -> np.dtype:
 
 
 def channel_axis(x: np.ndarray, axis, what: str, allow_batch_axis: bool = True) -> int:
-    try:
-        axis = operator.index(axis)
-    except TypeError:
-        raise TypeError(f"{what}: axis must be an int, got {type(axis).__name__}") from None
+    axis = int_arg(axis, "axis", what)
     if not -x.ndim <= axis < x.ndim:
         raise ValueError(f"{what}: axis {axis} is out of range for input of shape {x.shape} "
                          f"(expected -{x.ndim} <= axis < {x.ndim})")
@@ -50,11 +137,48 @@ def channel_axis(x: np.ndarray, axis, what: str, allow_batch_axis: bool = True) 
     return axis
 
 
+def axis_hint(x_shape: tuple, ax: int, channels: int, how: str = "pass") -> str:
+    """``"; its last axis has 16: for channels-last input pass axis=-1"`` or ``""``."""
+    last = len(x_shape) - 1
+    if ax != last and x_shape[last] == channels:
+        return f"; its last axis has {channels}: for channels-last input {how} axis=-1"
+    if ax != 1 and len(x_shape) > 2 and x_shape[1] == channels:
+        return f"; its axis 1 has {channels}: for channels-first input {how} axis=1"
+    return ""
+
+
+def wrong_channels(x_shape: tuple, ax: int, channels: int, what: str,
+                   how: str = "pass") -> str:
+    """An input without ``channels`` channels on its channel axis ``ax`` (layers)."""
+    return (f"{what}: expected {channels} channels on axis {ax}, got input of shape "
+            f"{tuple(x_shape)} with {x_shape[ax]} on axis {ax}"
+            + axis_hint(x_shape, ax, channels, how))
+
+
+def check_channels(x: np.ndarray, ax: int, what: str, **params):
+    """Each 1-D per-channel parameter given must have x.shape[ax] entries.
+
+    Run before the parameters' own checks, so that the message names the channel
+    axis and the input's shape, and suggests the axis that would match.
+    """
+    expected = (x.shape[ax],)
+    for name, p in params.items():
+        if p is None or (type(p) is np.ndarray and p.shape == expected):
+            continue               # the common case in a few hundred nanoseconds
+        shape = () if isinstance(p, (str, bytes)) else np.shape(p)
+        if len(shape) == 1 and shape != expected:
+            c = expected[0]
+            raise ValueError(f"{what}: {name}: expected shape ({c},) for the {c} channels "
+                             f"on axis {ax} of the input of shape {x.shape}, got shape "
+                             f"{shape}" + axis_hint(x.shape, ax, shape[0]))
+
+
 def as_param(p, shape: tuple, name: str, dtype=F64):
     """A weight/bias/statistic of exactly ``shape``, as a contiguous array of ``dtype``."""
     if p is None:
         return None
     if type(p) is not np.ndarray:
+        reject_masked(p, name)
         p = np.asarray(p)
     if p.dtype.kind != "f":
         raise TypeError(f"{name} must be a float array, got dtype {p.dtype}")
@@ -67,7 +191,7 @@ def running_stat(p, shape: tuple, name: str):
     """A running statistic updated in place: must be a writable float ndarray of ``shape``."""
     if p is None:
         return None
-    if type(p) is not np.ndarray and not isinstance(p, np.ndarray):
+    if not isinstance(p, np.ndarray) or isinstance(p, np.ma.MaskedArray):
         raise TypeError(f"{name} must be a NumPy array (it is updated in place), "
                         f"got {type(p).__name__}")
     if p.dtype.kind != "f":
@@ -86,7 +210,7 @@ def check_out(out, x: np.ndarray):
     """``out`` must match x's shape and dtype; it may be x itself but not partly overlap it."""
     if out is None:
         return None
-    if not isinstance(out, np.ndarray):
+    if not isinstance(out, np.ndarray) or isinstance(out, np.ma.MaskedArray):
         raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
     if out.shape != x.shape:
         raise ValueError(f"out: expected shape {x.shape}, got shape {out.shape}")
@@ -103,15 +227,40 @@ def check_out(out, x: np.ndarray):
     return out
 
 
-def normalized_shape(ns, x: np.ndarray, what: str) -> tuple:
-    if isinstance(ns, (int, np.integer)):
-        ns = (int(ns),)
+# ---------------------------------------------------------------- shapes and groups
+def shape_arg(ns, what: str = "", name: str = "normalized_shape") -> tuple:
+    """An int or a sequence of ints (each >= 0) as a non-empty tuple; floats refused.
+
+    One rule for the functional fast and general paths and for the layers.
+    """
+    expected = "an int or a tuple of ints"
+    if isinstance(ns, (bool, np.bool_, str, bytes)) or ns is None:
+        raise TypeError(f"{_prefix(what)}{name}: expected {expected}, got {given(ns)}")
     try:
-        ns = tuple(operator.index(d) for d in ns)
+        dims = (operator.index(ns),)
     except TypeError:
-        raise TypeError(f"{what}: normalized_shape must be an int or a tuple of ints, "
-                        f"got {ns!r}") from None
-    if len(ns) == 0 or len(ns) > x.ndim or x.shape[x.ndim - len(ns):] != ns:
+        try:
+            dims = tuple(ns)
+        except TypeError:
+            raise TypeError(f"{_prefix(what)}{name}: expected {expected}, got "
+                            f"{given(ns)}") from None
+    out = []
+    for i, d in enumerate(dims):
+        if isinstance(d, (bool, np.bool_)) or not hasattr(d, "__index__"):
+            raise TypeError(f"{_prefix(what)}{name}: expected {expected}, got {given(ns)} "
+                            f"(element {i} is {given(d)})")
+        out.append(operator.index(d))
+    if not out:
+        raise ValueError(f"{_prefix(what)}{name}: expected at least one dimension, got ()")
+    if min(out) < 0:
+        raise ValueError(f"{_prefix(what)}{name}: expected non-negative dimensions, got "
+                         f"{tuple(out)}")
+    return tuple(out)
+
+
+def normalized_shape(ns, x: np.ndarray, what: str) -> tuple:
+    ns = shape_arg(ns, what)
+    if len(ns) > x.ndim or x.shape[x.ndim - len(ns):] != ns:
         raise ValueError(f"{what}: normalized_shape {ns} must be a suffix of the input "
                          f"shape: expected input of shape (*, {', '.join(map(str, ns))}), "
                          f"got input of shape {x.shape}")
@@ -119,29 +268,12 @@ def normalized_shape(ns, x: np.ndarray, what: str) -> tuple:
 
 
 def num_groups(g, channels: int, x: np.ndarray) -> int:
-    try:
-        g = operator.index(g)
-    except TypeError:
-        raise TypeError(f"group_norm: num_groups must be an int, got {type(g).__name__}") from None
+    g = int_arg(g, "num_groups", "group_norm")
     if g < 1 or channels % g:
         raise ValueError(f"group_norm: expected the number of channels ({channels}) to be "
                          f"divisible by num_groups, got num_groups={g} for input of shape "
                          f"{x.shape}")
     return g
-
-
-def check_eps(eps, what: str) -> float:
-    eps = float(eps)
-    if not eps >= 0.0:
-        raise ValueError(f"{what}: eps must be >= 0, got {eps}")
-    return eps
-
-
-def check_momentum(momentum, what: str) -> float:
-    if momentum is None:
-        raise ValueError(f"{what}: the functional form needs a float momentum; "
-                         "momentum=None (cumulative average) is a layer option")
-    return float(momentum)
 
 
 def same_shape(grad_out, x: np.ndarray, what: str) -> np.ndarray:

@@ -21,9 +21,9 @@ Everything is computed in float64 and returned in the weight's dtype.
 """
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
+
+from . import _validate as V
 
 __all__ = ["fold_batch_norm", "fold_batch_norm_stats"]
 
@@ -37,7 +37,10 @@ def _array(a, name):
         if str(a.dtype) == "torch.bfloat16":
             a = a.float()
         a = a.numpy()
+    V.reject_masked(a, name)
     a = np.asarray(a)
+    if a.dtype.name == "bfloat16":                # ml_dtypes: computed in float64 anyway
+        a = a.astype(np.float32)
     if a.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
     return a
@@ -132,6 +135,9 @@ def fold_batch_norm_stats(weight, bias, running_mean, running_var, gamma=None, b
     -------
     (new_weight, new_bias) : tuple of ndarray
     """
+    if weight is None:
+        raise TypeError("weight: expected the weight array of the layer before the "
+                        "BatchNorm, got None")
     w = _array(weight, "weight")
     b = _array(bias, "bias")
     mean = _array(running_mean, "running_mean")
@@ -144,15 +150,16 @@ def fold_batch_norm_stats(weight, bias, running_mean, running_var, gamma=None, b
     for name, a in (("running_var", var), ("gamma", gamma), ("beta", beta), ("bias", b)):
         if a is not None and a.shape != (c,):
             raise ValueError(f"{name}: expected shape ({c},), got shape {a.shape}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    eps = V.real_arg(eps, "eps", "fold_batch_norm")
+    if not eps >= 0:         # as eval-mode batch_norm (torch: eps must be non-negative)
+        raise ValueError(f"fold_batch_norm: eps: expected a number >= 0, got {eps!r}")
     if w.ndim < 1:
         raise ValueError("weight must have at least one dimension, got a scalar")
+    axis = V.int_arg(axis, "axis", "fold_batch_norm")
     if not -w.ndim <= axis < w.ndim:
         raise ValueError(f"axis {axis} is out of range for weight of shape {w.shape}")
     axis %= w.ndim
-    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    groups = V.int_arg(groups, "groups", "fold_batch_norm", minimum=1)
 
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = 1.0 / np.sqrt(var.astype(np.float64) + eps)
@@ -162,7 +169,7 @@ def fold_batch_norm_stats(weight, bias, running_mean, running_var, gamma=None, b
     new_b = shift if b is None else b * scale + shift
 
     out_dtype = w.dtype if w.dtype.kind == "f" else np.dtype(np.float64)
-    w_scale = _weight_scale(scale, w.shape, axis, int(groups))
+    w_scale = _weight_scale(scale, w.shape, axis, groups)
     new_w = (w.astype(np.float64) * w_scale).astype(out_dtype)
     return new_w, np.asarray(new_b, dtype=out_dtype)
 

@@ -58,10 +58,11 @@ def _fast_input(x, eps):
 
 def _fast_rows(x, ns, weight, bias, eps, backend, rms):
     """LayerNorm/RMSNorm over the last axis, or None when the general path is needed."""
-    if not _fast_input(x, eps):
+    if not _fast_input(x, eps) or x.ndim == 0:
         return None
     k = x.shape[-1]
-    if not (ns == k or ns == (k,)):
+    if not ((type(ns) is int and ns == k)
+            or (type(ns) is tuple and len(ns) == 1 and type(ns[0]) is int and ns[0] == k)):
         return None
     if not (_fast_param(weight, x.dtype, k) and _fast_param(bias, x.dtype, k)):
         return None
@@ -70,7 +71,9 @@ def _fast_rows(x, ns, weight, bias, eps, backend, rms):
 
 def _fast_batch_norm_eval(x, running_mean, running_var, weight, bias, eps, axis, backend):
     """Eval-mode BatchNorm on channels-first (axis=1) or channels-last (axis=-1) input."""
-    if not _fast_input(x, eps) or x.ndim < 2 or not (axis == -1 or axis == 1):
+    if not _fast_input(x, eps) or x.ndim < 2:
+        return None
+    if type(axis) is not int or not (axis == -1 or axis == 1):
         return None
     dt = x.dtype
     c = x.shape[axis]
@@ -155,6 +158,8 @@ def _batch_norm_args(x, running_mean, running_var, weight, bias, training, momen
     """batch_norm's arguments validated, and none of them sharing memory with ``out``."""
     x = V.as_input(x, min_ndim=2)
     ax = V.channel_axis(x, axis, "batch_norm")
+    V.check_channels(x, ax, "batch_norm", running_mean=running_mean,
+                     running_var=running_var, weight=weight, bias=bias)
     shape = (x.shape[ax],)
     running_mean = V.running_stat(running_mean, shape, "running_mean")
     running_var = V.running_stat(running_var, shape, "running_var")
@@ -233,6 +238,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=N
     """
     x = V.as_input(x, min_ndim=2)
     ax = V.channel_axis(x, axis, "group_norm", allow_batch_axis=False)
+    V.check_channels(x, ax, "group_norm", weight=weight, bias=bias)
     c = x.shape[ax]
     groups = V.num_groups(num_groups, c, x)
     w = V.as_param(weight, (c,), "weight")
@@ -277,6 +283,8 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     """
     x = V.as_input(x, min_ndim=2)
     ax = V.channel_axis(x, axis, "instance_norm", allow_batch_axis=False)
+    V.check_channels(x, ax, "instance_norm", running_mean=running_mean,
+                     running_var=running_var, weight=weight, bias=bias)
     c = x.shape[ax]
     running = (V.running_stat(running_mean, (c,), "running_mean"),
                V.running_stat(running_var, (c,), "running_var"))

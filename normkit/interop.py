@@ -21,21 +21,17 @@ ONNX conventions handled here:
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 
+from . import _onnx_safety as _safety
 from .layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
+from .layers import _torch_to_numpy
 
 __all__ = ["from_torch", "from_onnx", "onnx_constants", "fold_onnx_batch_norms"]
 
 
 # ============================================================================ torch
-def _torch_to_numpy(t):
-    t = t.detach().cpu()
-    if str(t.dtype) == "torch.bfloat16":
-        t = t.float()
-    return t.numpy()
 
 
 def _torch_norm_classes():
@@ -135,25 +131,14 @@ def from_torch(module, *, dtype=None, backend=None):
 
 
 # ============================================================================ ONNX
-def _import_onnx():
-    try:
-        import onnx
-    except ImportError as exc:   # pragma: no cover - exercised only without onnx
-        raise ImportError("this function needs the optional 'onnx' package: "
-                          "pip install onnx") from exc
-    return onnx
+# Models may come from anywhere: _onnx_safety loads and checks them (the trust model is
+# in its docstring and in docs/inference.md).
+_import_onnx = _safety.import_onnx
+_load_model = _safety.load_model
 
 
-def _load_model(model_or_path):
-    onnx = _import_onnx()
-    if isinstance(model_or_path, onnx.ModelProto):
-        return model_or_path
-    if isinstance(model_or_path, (bytes, bytearray)):
-        return onnx.load_model_from_string(bytes(model_or_path))
-    if isinstance(model_or_path, (str, os.PathLike)):
-        return onnx.load(os.fspath(model_or_path))
-    raise TypeError("expected an onnx.ModelProto, a path or serialized bytes, got "
-                    f"{type(model_or_path).__name__}")
+class _NotConstant(ValueError):
+    """A parameter that depends on a graph input: the node cannot become a layer."""
 
 
 def _onnx_opset(model):
@@ -166,14 +151,16 @@ def _onnx_opset(model):
 class _Constants:
     """Values of a graph's constant tensors, computed on demand and cached."""
 
-    def __init__(self, model):
+    def __init__(self, model, max_constant_elements=None):
         from onnx import numpy_helper
         self._nh = numpy_helper
         self._model = model
+        self._limit = _safety.constant_limit(model, max_constant_elements)
         graph = model.graph
         self._init = {t.name: t for t in graph.initializer}
         self._producer = {o: n for n in graph.node for o in n.output if o}
         self._values = {}
+        self._busy = set()          # names being evaluated (a cycle would recurse forever)
 
     def __contains__(self, name):
         try:
@@ -188,7 +175,14 @@ class _Constants:
         if name in self._init:
             value = self._nh.to_array(self._init[name])
         elif name in self._producer:
-            value = self._evaluate(self._producer[name], name)
+            if name in self._busy:
+                raise ValueError(f"tensor {name!r} depends on itself: the graph has a "
+                                 "cycle")
+            self._busy.add(name)
+            try:
+                value = self._evaluate(self._producer[name], name)
+            finally:
+                self._busy.discard(name)
         else:
             raise KeyError(f"{name!r} is a graph input, not a constant")
         self._values[name] = value
@@ -207,8 +201,9 @@ class _Constants:
         inputs = [self[i] if i else None for i in node.input]   # KeyError if not constant
         from onnx.reference import ReferenceEvaluator
         opsets = {imp.domain: imp.version for imp in self._model.opset_import}
-        evaluator = ReferenceEvaluator(node, opsets=opsets)
         feeds = {i: v for i, v in zip(node.input, inputs) if i}
+        _safety.check_output_size(node, feeds, opsets, self._limit)
+        evaluator = ReferenceEvaluator(node, opsets=opsets)
         outputs = evaluator.run(None, feeds)
         for out_name, out in zip(node.output, outputs):
             if out_name:
@@ -216,7 +211,8 @@ class _Constants:
         return self._values[name]
 
 
-def onnx_constants(model_or_path, names=None):
+def onnx_constants(model_or_path, names=None, *, base_dir=None,
+                   max_constant_elements=None):
     """Values of constant tensors of an ONNX graph, as NumPy arrays.
 
     Parameters
@@ -225,6 +221,8 @@ def onnx_constants(model_or_path, names=None):
     names : iterable of str, optional
         Which tensors (default: every initializer and every output of a node whose
         inputs are all constant).
+    base_dir, max_constant_elements : keyword-only
+        As in :func:`from_onnx`.
 
     Returns
     -------
@@ -232,8 +230,8 @@ def onnx_constants(model_or_path, names=None):
         Tensors that depend on a graph input (other than one with an initializer)
         are left out.
     """
-    model = _load_model(model_or_path)
-    consts = _Constants(model)
+    model = _load_model(model_or_path, base_dir)
+    consts = _Constants(model, max_constant_elements)
     if names is None:
         names = [t.name for t in model.graph.initializer]
         names += [o for n in model.graph.node for o in n.output if o]
@@ -241,24 +239,56 @@ def onnx_constants(model_or_path, names=None):
 
 
 class _OnnxNodeContext:
-    def __init__(self, model, dtype, backend):
+    def __init__(self, model, dtype, backend, max_constant_elements=None):
         self.model = model
         self.opset = _onnx_opset(model)
-        self.consts = _Constants(model)
+        self.consts = _Constants(model, max_constant_elements)
         self.dtype = dtype
         self.backend = backend
         self._shapes = None
 
-    def param(self, node, index, what):
+    def param(self, node, index, what, required=True):
+        """The constant value of input ``index``: a float array, or None if optional."""
         if index >= len(node.input) or not node.input[index]:
+            if required:
+                raise ValueError(f"{node.op_type} node {node.name!r}: expected input "
+                                 f"{index} ({what}), got a node with {len(node.input)} "
+                                 f"input(s) {list(node.input)}")
             return None
         name = node.input[index]
         try:
-            return self.consts[name]
+            value = self.consts[name]
         except KeyError:
-            raise ValueError(f"{node.op_type} node {node.name!r}: {what} ({name!r}) is "
-                             "not a constant of the graph (it depends on a graph "
-                             "input); normkit layers need fixed parameters") from None
+            raise _NotConstant(f"{node.op_type} node {node.name!r}: {what} ({name!r}) is "
+                               "not a constant of the graph (it depends on a graph "
+                               "input); normkit layers need fixed parameters") from None
+        value = np.asarray(value)
+        if not (value.dtype.kind == "f" or value.dtype.name == "bfloat16"):
+            raise ValueError(f"{node.op_type} node {node.name!r}: {what}: expected a float "
+                             f"tensor, got dtype {value.dtype}")
+        return value
+
+    def channel_params(self, node, named, expected=None):
+        """Check 1-D per-channel parameters: all of one shape (C,), C = the input's.
+
+        ``named`` is [(what, array or None)]; ``expected`` a count they must have
+        instead of the channel count (GroupNormalization-18: one per group).
+        """
+        shape = self.input_shape(node)
+        channels = shape[1] if shape and len(shape) >= 2 and shape[1] else None
+        first = named[0][1]
+        if expected is None:
+            expected = channels or (first.shape[0] if first.ndim == 1 else None)
+        if expected is None:
+            raise ValueError(f"{node.op_type} node {node.name!r}: {named[0][0]}: expected a "
+                             f"1-D tensor (one value per channel), got shape {first.shape}")
+        for what, a in named:
+            if a is not None and (a.ndim != 1 or a.shape[0] != expected):
+                source = (f"the channel count of input {node.input[0]!r} of shape "
+                          f"{shape}" if channels is not None else f"{named[0][0]}")
+                raise ValueError(f"{node.op_type} node {node.name!r}: {what}: expected "
+                                 f"shape ({expected},) (from {source}), got shape {a.shape}")
+        return expected
 
     def input_shape(self, node):
         """Shape of the node's first input from shape inference (None dims unknown)."""
@@ -308,7 +338,12 @@ def _onnx_batch_norm(node, ctx):
                          "per activation, opset < 9) is not supported")
     scale, bias = ctx.param(node, 1, "scale"), ctx.param(node, 2, "B")
     mean, var = ctx.param(node, 3, "mean"), ctx.param(node, 4, "var")
-    layer = BatchNorm(scale.shape[0], float(a.get("epsilon", 1e-5)),
+    channels = ctx.channel_params(node, [("scale", scale), ("B", bias), ("mean", mean),
+                                         ("var", var)])
+    if float(a.get("epsilon", 1e-5)) < 0:
+        raise ValueError(f"BatchNormalization node {node.name!r}: epsilon: expected a "
+                         f"number >= 0, got {a['epsilon']}")
+    layer = BatchNorm(channels, float(a.get("epsilon", 1e-5)),
                       1.0 - float(a.get("momentum", 0.9)), affine=True,
                       track_running_stats=True, axis=1,
                       dtype=ctx.layer_dtype(scale, mean), backend=ctx.backend)
@@ -319,7 +354,8 @@ def _onnx_batch_norm(node, ctx):
 def _onnx_instance_norm(node, ctx):
     a = _attrs(node)
     scale, bias = ctx.param(node, 1, "scale"), ctx.param(node, 2, "B")
-    layer = InstanceNorm(scale.shape[0], float(a.get("epsilon", 1e-5)), affine=True,
+    channels = ctx.channel_params(node, [("scale", scale), ("B", bias)])
+    layer = InstanceNorm(channels, float(a.get("epsilon", 1e-5)), affine=True,
                          track_running_stats=False, axis=1, dtype=ctx.layer_dtype(scale),
                          backend=ctx.backend)
     return _set(layer, weight=scale, bias=bias).eval()
@@ -327,14 +363,15 @@ def _onnx_instance_norm(node, ctx):
 
 def _onnx_group_norm(node, ctx):
     a = _attrs(node)
-    groups = int(a["num_groups"])
+    groups = a.get("num_groups")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"GroupNormalization node {node.name!r}: num_groups: expected a "
+                         f"positive int attribute, got {groups!r}")
     scale, bias = ctx.param(node, 1, "scale"), ctx.param(node, 2, "bias")
     if ctx.opset >= 21:          # GroupNormalization-21: one scale per channel
-        channels = scale.shape[0]
+        channels = ctx.channel_params(node, [("scale", scale), ("bias", bias)])
     else:                        # GroupNormalization-18: one scale per group
-        if scale.shape[0] != groups:
-            raise ValueError(f"GroupNormalization-18 node {node.name!r}: scale has shape "
-                             f"{scale.shape}, expected ({groups},) (one per group)")
+        ctx.channel_params(node, [("scale", scale), ("bias", bias)], expected=groups)
         shape = ctx.input_shape(node)
         channels = None if not shape or len(shape) < 2 else shape[1]
         if not channels:
@@ -344,6 +381,9 @@ def _onnx_group_norm(node, ctx):
         per = channels // groups
         scale = np.repeat(scale, per)
         bias = np.repeat(bias, per)
+    if channels % groups:
+        raise ValueError(f"GroupNormalization node {node.name!r}: num_groups: expected a "
+                         f"divisor of the {channels} channels, got {groups}")
     layer = GroupNorm(groups, channels, float(a.get("epsilon", 1e-5)), affine=True, axis=1,
                       dtype=ctx.layer_dtype(scale), backend=ctx.backend)
     return _set(layer, weight=scale, bias=bias).eval()
@@ -352,25 +392,42 @@ def _onnx_group_norm(node, ctx):
 def _normalized_shape(node, ctx, axis, scale):
     """The trailing shape LayerNormalization/RMSNormalization normalizes over.
 
-    ``axis=-k`` with a k-dimensional scale: the scale's shape. Otherwise (a
-    non-negative axis, or a scale broadcast over leading normalized axes) the input's
-    trailing dims from shape inference.
+    The input's trailing dims from shape inference when they are known (the scale
+    must broadcast to them); otherwise, for ``axis=-k`` with a k-dimensional scale,
+    the scale's shape.
     """
-    if axis < 0 and scale.ndim == -axis:
-        return tuple(scale.shape)
     shape = ctx.input_shape(node)
     if shape is not None and -len(shape) <= axis < len(shape) and all(shape[axis:]):
         return tuple(shape[axis:])
+    if axis < 0 and scale.ndim == -axis:
+        return tuple(scale.shape)
     raise ValueError(f"{node.op_type} node {node.name!r}: cannot tell the normalized "
                      f"shape (axis={axis}, scale shape {scale.shape}, input shape "
                      f"{shape}); give the model static input shapes")
 
 
+def _broadcasts_to(shape, target):
+    try:
+        return len(shape) <= len(target) and np.broadcast_shapes(shape, target) == target
+    except ValueError:
+        return False
+
+
+def _check_broadcast(node, ns, **params):
+    """LayerNormalization/RMSNormalization parameters must broadcast to ``ns``."""
+    for what, a in params.items():
+        if a is not None and not _broadcasts_to(a.shape, ns):
+            raise ValueError(f"{node.op_type} node {node.name!r}: {what}: expected a shape "
+                             f"that broadcasts to the normalized shape {ns}, got shape "
+                             f"{a.shape}")
+
+
 def _onnx_layer_norm(node, ctx):
     a = _attrs(node)
     axis = int(a.get("axis", -1))
-    scale, bias = ctx.param(node, 1, "Scale"), ctx.param(node, 2, "B")
+    scale, bias = ctx.param(node, 1, "Scale"), ctx.param(node, 2, "B", required=False)
     ns = _normalized_shape(node, ctx, axis, scale)
+    _check_broadcast(node, ns, Scale=scale, B=bias)
     layer = LayerNorm(ns, float(a.get("epsilon", 1e-5)), True, bias=bias is not None,
                       dtype=ctx.layer_dtype(scale), backend=ctx.backend)
     return _set(layer, weight=scale, bias=bias).eval()
@@ -381,6 +438,7 @@ def _onnx_rms_norm(node, ctx):
     axis = int(a.get("axis", -1))
     scale = ctx.param(node, 1, "scale")
     ns = _normalized_shape(node, ctx, axis, scale)
+    _check_broadcast(node, ns, scale=scale)
     layer = RMSNorm(ns, float(a.get("epsilon", 1e-5)), True,
                     dtype=ctx.layer_dtype(scale), backend=ctx.backend)
     return _set(layer, weight=scale).eval()
@@ -406,7 +464,8 @@ def _node_names(graph):
     return names
 
 
-def from_onnx(model_or_path, *, dtype=None, backend=None):
+def from_onnx(model_or_path, *, dtype=None, backend=None, base_dir=None,
+              max_constant_elements=None):
     """normkit layers for the normalization nodes of an ONNX model (needs ``onnx``).
 
     Parameters
@@ -417,6 +476,17 @@ def from_onnx(model_or_path, *, dtype=None, backend=None):
         dtype of the layers' parameters and statistics (default: the node's).
     backend : str, optional
         ``backend=`` of the new layers.
+    base_dir : str or os.PathLike, optional
+        Folder of the model's external data files. Default: the model file's folder;
+        a model given as bytes or a ``ModelProto`` that uses external data needs it.
+        External data is only ever read inside this folder.
+    max_constant_elements : int, optional
+        Cap on the elements of one tensor computed from a constant subgraph (default
+        ``2**24``, or the largest initializer the model stores if that is larger).
+
+    The model is untrusted input: it is checked with ``onnx.checker`` (full check)
+    and normkit's own checks before anything is computed, and malformed models raise
+    ``ValueError``. See "Trust model" in ``docs/inference.md``.
 
     Returns
     -------
@@ -427,8 +497,8 @@ def from_onnx(model_or_path, *, dtype=None, backend=None):
         nodes). Layers are in eval mode, except BatchNormalization nodes with
         ``training_mode=1``. Channels are on axis 1, as in ONNX.
     """
-    model = _load_model(model_or_path)
-    ctx = _OnnxNodeContext(model, dtype, backend)
+    model = _load_model(model_or_path, base_dir)
+    ctx = _OnnxNodeContext(model, dtype, backend, max_constant_elements)
     layers = {}
     for node, name in zip(model.graph.node, _node_names(model.graph)):
         convert = _ONNX_CONVERTERS.get(node.op_type)
@@ -440,7 +510,7 @@ def from_onnx(model_or_path, *, dtype=None, backend=None):
     return layers
 
 
-def fold_onnx_batch_norms(model_or_path):
+def fold_onnx_batch_norms(model_or_path, *, base_dir=None, max_constant_elements=None):
     """A copy of an ONNX model with every foldable BatchNormalization folded away.
 
     A ``BatchNormalization`` node (inference mode) is folded into the ``Conv`` or
@@ -449,14 +519,16 @@ def fold_onnx_batch_norms(model_or_path):
     (:func:`normkit.fold_batch_norm`) become new initializers named
     ``<weight>__bnfolded`` / ``<bn node>__bias``; nodes and initializers left unused are
     removed. Returns the new ``onnx.ModelProto`` (the input is not modified).
+
+    The model is checked as by :func:`from_onnx` (same keywords): a malformed model,
+    or a malformed BatchNormalization node, raises ``ValueError`` instead of being
+    folded.
     """
-    from onnx import helper, numpy_helper
-    from .folding import fold_batch_norm
-    model = _load_model(model_or_path)
+    model = _load_model(model_or_path, base_dir)
     new = type(model)()
     new.CopyFrom(model)
     graph = new.graph
-    ctx = _OnnxNodeContext(new, None, None)
+    ctx = _OnnxNodeContext(new, None, None, max_constant_elements)
     consumers = {}
     for node in graph.node:
         for name in node.input:
@@ -467,38 +539,48 @@ def fold_onnx_batch_norms(model_or_path):
     for node, name in zip(list(graph.node), _node_names(graph)):
         if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
             continue
+        try:       # every BN node is checked, foldable or not: malformed raises ValueError
+            bn = _onnx_batch_norm(node, ctx)
+        except _NotConstant:                # parameters computed from graph inputs
+            continue
         conv = producer.get(node.input[0])
         if (conv is None or conv.op_type not in ("Conv", "ConvTranspose")
                 or consumers.get(node.input[0]) != 1 or node.input[0] in outputs
-                or len([o for o in node.output if o]) != 1
-                or _attrs(node).get("training_mode", 0)):
+                or len([o for o in node.output if o]) != 1 or bn.training):
             continue
         try:
             w = ctx.consts[conv.input[1]]
             b = ctx.consts[conv.input[2]] if len(conv.input) > 2 and conv.input[2] else None
-            bn = _onnx_batch_norm(node, ctx)
-        except (KeyError, ValueError):
+        except KeyError:                    # a Conv weight computed from graph inputs
             continue
-        transposed = conv.op_type == "ConvTranspose"
-        groups = int(_attrs(conv).get("group", 1))
-        new_w, new_b = fold_batch_norm(w, b, bn, axis=1 if transposed else 0,
-                                       groups=groups if transposed else 1)
-        w_name, b_name = conv.input[1] + "__bnfolded", name + "__bias"
-        for array, tname in ((new_w, w_name), (new_b, b_name)):
-            tensor = numpy_helper.from_array(array, tname)
-            graph.initializer.append(tensor)
-            if new.ir_version < 4:     # IR < 4: every initializer is a graph input too
-                graph.input.append(helper.make_tensor_value_info(
-                    tname, tensor.data_type, array.shape))
-        while len(conv.input) < 3:
-            conv.input.append("")
-        conv.input[1], conv.input[2] = w_name, b_name
-        conv.output[0] = node.output[0]
+        _fold_into_conv(new, conv, node, name, w, b, bn)
         folded.append(node)
     for node in folded:
         graph.node.remove(node)
     _remove_unused(graph)
     return new
+
+
+def _fold_into_conv(model, conv, node, name, w, b, bn):
+    """Give ``conv`` the folded weight and bias and the BN node's output."""
+    from onnx import helper, numpy_helper
+    from .folding import fold_batch_norm
+    graph = model.graph
+    transposed = conv.op_type == "ConvTranspose"
+    groups = int(_attrs(conv).get("group", 1))
+    new_w, new_b = fold_batch_norm(w, b, bn, axis=1 if transposed else 0,
+                                   groups=groups if transposed else 1)
+    w_name, b_name = conv.input[1] + "__bnfolded", name + "__bias"
+    for array, tname in ((new_w, w_name), (new_b, b_name)):
+        tensor = numpy_helper.from_array(array, tname)
+        graph.initializer.append(tensor)
+        if model.ir_version < 4:     # IR < 4: every initializer is a graph input too
+            graph.input.append(helper.make_tensor_value_info(
+                tname, tensor.data_type, array.shape))
+    while len(conv.input) < 3:
+        conv.input.append("")
+    conv.input[1], conv.input[2] = w_name, b_name
+    conv.output[0] = node.output[0]
 
 
 def _names_used(graph):

@@ -6,24 +6,19 @@ a layer only says how to call its forward and backward functions.
 """
 from __future__ import annotations
 
-import numbers
 import types
+from collections.abc import Mapping
 
 import numpy as np
 
 from . import _renorm
+from . import _validate as V
 from . import diagnostics as _diagnostics
 from . import functional as F
 from .backends import resolve
 from .dask import _hook as _dask_hook
 
 __all__ = ["Norm", "BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "RMSNorm"]
-
-
-def _shape_tuple(shape):
-    if isinstance(shape, numbers.Integral):
-        return (int(shape),)
-    return tuple(int(d) for d in shape)
 
 
 def _check_dtype(dtype):
@@ -33,10 +28,49 @@ def _check_dtype(dtype):
     return dtype
 
 
-def _positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
+def _positive_int(value, name, what):
+    return V.int_arg(value, name, what, minimum=1)
+
+
+def _momentum(momentum, what):
+    return None if momentum is None else V.real_arg(momentum, "momentum", what)
+
+
+def _torch_to_numpy(value):
+    """A torch tensor as a NumPy array; bfloat16 (which NumPy lacks) via float32."""
+    value = value.detach().cpu()
+    if str(value.dtype) == "torch.bfloat16":
+        value = value.float()
+    return value.numpy()
+
+
+def _is_bfloat16(dtype):
+    return dtype.name == "bfloat16"         # ml_dtypes.bfloat16 (kind 'V')
+
+
+def _state_value(key, value, target):
+    """state_dict[key] as an array that can be copied into ``target``, or a clear error."""
+    original = value
+    if hasattr(value, "detach") and hasattr(value, "cpu"):     # a torch tensor
+        value = _torch_to_numpy(value)
+    V.reject_masked(value, f"state_dict[{key!r}]")
+    try:
+        value = np.asarray(value)
+    except (TypeError, ValueError):
+        value = None
+    if target.dtype.kind == "f":
+        ok = value is not None and (value.dtype.kind == "f" or _is_bfloat16(value.dtype))
+        expected = "a float array"
+    else:                                   # num_batches_tracked: an integer count
+        ok = value is not None and value.dtype.kind in "iu"
+        expected = "an integer"
+    if not ok:
+        raise TypeError(f"state_dict[{key!r}]: expected {expected} of shape "
+                        f"{target.shape}, got {V.given(original)}")
+    if value.shape != target.shape:
+        raise ValueError(f"state_dict[{key!r}]: expected shape {target.shape}, "
+                         f"got shape {value.shape}")
+    return value
 
 
 class Norm:
@@ -76,8 +110,35 @@ class Norm:
     def forward(self, x):
         if _dask_hook.is_dask(x):
             return _dask_hook.layer_forward(self, x)
-        y, self._cache = self._forward(x)
+        y, self._cache = self._forward(self._check_input(x))
         return y
+
+    # The input's minimum ndim and, for per-channel layers, where its channels are.
+    _min_ndim = 1
+
+    def _check_input(self, x):
+        """x converted once (array-likes -> ndarray) and checked against the layer.
+
+        Dask arrays pass through untouched (the functional API handles them lazily).
+        """
+        if V.is_dask(x):
+            return x
+        x = V.as_input(x, min_ndim=self._min_ndim)
+        channels = self._channels()
+        if channels is not None:
+            ax = V.channel_axis(x, self.axis, type(self).__name__)
+            if x.shape[ax] != channels:
+                raise ValueError(V.wrong_channels(x.shape, ax, channels, self._short_name(),
+                                                  "build the layer with"))
+        return x
+
+    def _channels(self):
+        """Channel count the input must have on ``self.axis``; None: not a channel layer."""
+        return None
+
+    def _short_name(self):
+        """``BatchNorm(16)``, ``GroupNorm(4, 16)``: the class and its size arguments."""
+        return f"{type(self).__name__}({self.extra_repr().split(', eps=')[0]})"
 
     __call__ = forward
 
@@ -100,23 +161,19 @@ class Norm:
         return state
 
     def load_state_dict(self, state_dict, strict: bool = True):
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"{type(self).__name__}.load_state_dict: state_dict: expected "
+                            f"a mapping of name -> array, got {V.given(state_dict)}")
         own = {**self._params, **self._buffers}
         missing = [k for k in own if k not in state_dict]
         unexpected = [k for k in state_dict if k not in own]
         if strict and (missing or unexpected):
             raise RuntimeError(f"Error loading state_dict into {type(self).__name__}: "
                                f"missing keys {missing}, unexpected keys {unexpected}")
-        for key, target in own.items():
-            if key not in state_dict:
-                continue
-            value = state_dict[key]
-            if hasattr(value, "detach"):           # a torch tensor
-                value = value.detach().cpu().numpy()
-            value = np.asarray(value)
-            if value.shape != target.shape:
-                raise ValueError(f"state_dict[{key!r}]: expected shape {target.shape}, "
-                                 f"got shape {value.shape}")
-            target[...] = value                    # in place: live arrays stay live
+        values = {key: _state_value(key, state_dict[key], target)
+                  for key, target in own.items() if key in state_dict}
+        for key, value in values.items():          # all checked first: no partial load
+            own[key][...] = value                  # in place: live arrays stay live
         return self
 
     def __repr__(self):
@@ -146,12 +203,13 @@ class _RunningStatsNorm(Norm):
     def __init__(self, num_features, eps, momentum, affine, track_running_stats, axis,
                  dtype, backend):
         super().__init__(dtype=dtype, backend=backend)
-        self.num_features = _positive_int(num_features, "num_features")
-        self.eps = float(eps)
-        self.momentum = None if momentum is None else float(momentum)
+        what = type(self).__name__
+        self.num_features = _positive_int(num_features, "num_features", what)
+        self.eps = V.real_arg(eps, "eps", what)
+        self.momentum = _momentum(momentum, what)
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
-        self.axis = int(axis)
+        self.axis = V.int_arg(axis, "axis", what)
         if self.affine:
             self._init_affine((self.num_features,))
         if self.track_running_stats:
@@ -161,6 +219,10 @@ class _RunningStatsNorm(Norm):
 
     running_mean = property(lambda self: self._buffers.get("running_mean"))
     running_var = property(lambda self: self._buffers.get("running_var"))
+    _min_ndim = 2
+
+    def _channels(self):
+        return self.num_features
 
     @property
     def num_batches_tracked(self):
@@ -356,16 +418,21 @@ class GroupNorm(Norm):
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, *, axis=1,
                  dtype=np.float32, backend=None):
         super().__init__(dtype=dtype, backend=backend)
-        self.num_groups = _positive_int(num_groups, "num_groups")
-        self.num_channels = _positive_int(num_channels, "num_channels")
+        self.num_groups = _positive_int(num_groups, "num_groups", "GroupNorm")
+        self.num_channels = _positive_int(num_channels, "num_channels", "GroupNorm")
         if self.num_channels % self.num_groups:
             raise ValueError(f"num_channels ({num_channels}) must be divisible by "
                              f"num_groups ({num_groups})")
-        self.eps = float(eps)
+        self.eps = V.real_arg(eps, "eps", "GroupNorm")
         self.affine = bool(affine)
-        self.axis = int(axis)
+        self.axis = V.int_arg(axis, "axis", "GroupNorm")
         if self.affine:
             self._init_affine((self.num_channels,))
+
+    _min_ndim = 2
+
+    def _channels(self):
+        return self.num_channels
 
     def _forward(self, x):
         y, mean, rstd = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps,
@@ -402,8 +469,8 @@ class LayerNorm(Norm):
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, *,
                  dtype=np.float32, backend=None):
         super().__init__(dtype=dtype, backend=backend)
-        self.normalized_shape = _shape_tuple(normalized_shape)
-        self.eps = float(eps)
+        self.normalized_shape = V.shape_arg(normalized_shape, "LayerNorm")
+        self.eps = V.real_arg(eps, "eps", "LayerNorm")
         self.elementwise_affine = bool(elementwise_affine)
         if self.elementwise_affine:
             self._init_affine(self.normalized_shape, bias=bool(bias))
@@ -440,8 +507,8 @@ class RMSNorm(Norm):
     def __init__(self, normalized_shape, eps=None, elementwise_affine=True, *,
                  dtype=np.float32, backend=None):
         super().__init__(dtype=dtype, backend=backend)
-        self.normalized_shape = _shape_tuple(normalized_shape)
-        self.eps = None if eps is None else float(eps)
+        self.normalized_shape = V.shape_arg(normalized_shape, "RMSNorm")
+        self.eps = None if eps is None else V.real_arg(eps, "eps", "RMSNorm")
         self.elementwise_affine = bool(elementwise_affine)
         if self.elementwise_affine:
             self._init_affine(self.normalized_shape, bias=False)

@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from . import _validate as V
 from . import functional as F
 from .dask import _hook as _dask_hook
 from .layers import BatchNorm
@@ -49,14 +50,13 @@ class _Moments:
         self.batches = 0
 
     def add(self, x, axis, c):
-        x = np.asarray(x)
-        if x.ndim < 2:
-            raise ValueError(f"a BatchNorm input needs at least 2 dimensions (N, C, ...), "
-                             f"got shape {x.shape}")
-        ax = axis % x.ndim
+        # the functional API's validation: float dtypes only (complex, object, integer
+        # and masked batches are refused), array-likes converted once, here
+        x = V.as_input(x, "batch", min_ndim=2)
+        ax = V.channel_axis(x, axis, "recalibrate")
         if x.shape[ax] != c:
-            raise ValueError(f"expected {c} channels on axis {axis}, got input shape "
-                             f"{x.shape}")
+            raise ValueError(V.wrong_channels(x.shape, ax, c, f"recalibrate: BatchNorm({c})",
+                                              "build the layer with"))
         self.batches += 1
         n = x.size // c
         if n == 0:
@@ -283,15 +283,7 @@ def recalibrate(layers_or_callable, batches, *, layers=None, num_batches=None,
     if _dask_hook.wants_dask(layers_or_callable, batches):
         return _dask_hook.recalibrate(layers_or_callable, batches, layers=layers,
                                       num_batches=num_batches, progress=progress)
-    if num_batches is not None and (isinstance(num_batches, bool) or
-                                    not isinstance(num_batches, int) or num_batches < 0):
-        raise ValueError(f"num_batches must be a non-negative int, got {num_batches!r}")
-    total = num_batches
-    if total is None and hasattr(batches, "__len__"):
-        total = len(batches)
-    elif total is not None and hasattr(batches, "__len__"):
-        total = min(total, len(batches))
-    bar = _Progress(total, progress)
+    bar = _Progress(_total(batches, num_batches), progress)
 
     def stream():
         items = batches if num_batches is None else itertools.islice(batches, num_batches)
@@ -305,16 +297,30 @@ def recalibrate(layers_or_callable, batches, *, layers=None, num_batches=None,
             return _recalibrate_callable(layers_or_callable, stream(), layers)
         if layers is not None:
             raise TypeError("layers= is only for a callable; pass the layers first")
-        named = _as_named_layers(layers_or_callable)
-        single = isinstance(layers_or_callable, BatchNorm)
-        moments = {name: (layer, _Moments()) for name, layer in named.items()}
-        for batch in stream():
-            for name, x in _batch_for(named, batch, single).items():
-                layer, mom = moments[name]
-                mom.add(x, layer.axis, layer.num_features)
-        return _finish(moments)
+        return _recalibrate_layers(layers_or_callable, stream())
     finally:
         bar.close()
+
+
+def _total(batches, num_batches):
+    """How many batches the stream will give, for the progress bar (None: unknown)."""
+    if num_batches is not None and (isinstance(num_batches, bool) or
+                                    not isinstance(num_batches, int) or num_batches < 0):
+        raise ValueError(f"num_batches must be a non-negative int, got {num_batches!r}")
+    if not hasattr(batches, "__len__"):
+        return num_batches
+    return len(batches) if num_batches is None else min(num_batches, len(batches))
+
+
+def _recalibrate_layers(layers, batches):
+    named = _as_named_layers(layers)
+    single = isinstance(layers, BatchNorm)
+    moments = {name: (layer, _Moments()) for name, layer in named.items()}
+    for batch in batches:
+        for name, x in _batch_for(named, batch, single).items():
+            layer, mom = moments[name]
+            mom.add(x, layer.axis, layer.num_features)
+    return _finish(moments)
 
 
 def _recalibrate_callable(forward, batches, layers):

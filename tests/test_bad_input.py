@@ -251,3 +251,234 @@ def test_many_threads_same_results(backend):
         t.join()
     for r, e in zip(results, expected):
         np.testing.assert_array_equal(r, e)
+
+
+# ------------------------------------------------------------------ issue 15 probes
+# One row per bad input the hostile-input probes found (issue 15 groups 1 and 3, issue
+# 11): the call, the exception type, and a regex the message must match -- naming the
+# argument, and what was expected and given. Functional rows run on every backend.
+def _x(shape=(2, C, 3, 5), dtype=np.float32):
+    return np.random.default_rng(0).standard_normal(shape).astype(dtype)
+
+
+def _stats(c=C, dtype=np.float32):
+    return np.zeros(c, dtype), np.ones(c, dtype)
+
+
+def _masked():
+    return np.ma.masked_array(_x(), mask=_x() > 1.0)
+
+
+def _layer_state(**changes):
+    return {**nk.BatchNorm(C).state_dict(), **changes}
+
+
+NHWC = (8, 32, 32, 16)
+FUNCTIONAL_ROWS = {
+    "axis=1.0": (lambda be: nk.batch_norm(_x(), *_stats(), axis=1.0, backend=be),
+                 TypeError, r"axis: expected an int, got float 1\.0"),
+    "axis=np.float64(1.0)": (
+        lambda be: nk.batch_norm(_x(), *_stats(), axis=np.float64(1.0), backend=be),
+        TypeError, r"axis: expected an int, got float64"),
+    "axis=True": (lambda be: nk.group_norm(_x(), 2, axis=True, backend=be),
+                  TypeError, r"axis: expected an int, got bool"),
+    "group_norm axis=1.0": (lambda be: nk.group_norm(_x(), 2, axis=1.0, backend=be),
+                            TypeError, r"group_norm: axis: expected an int"),
+    "eps=None": (lambda be: nk.layer_norm(_x(), 5, eps=None, backend=be),
+                 TypeError, r"eps: expected a real number, got NoneType"),
+    "eps='1e-5' (not parsed)": (lambda be: nk.layer_norm(_x(), 5, eps="1e-5", backend=be),
+                                TypeError, r"eps: expected a real number, got str '1e-5'"),
+    "batch_norm eps='1e-5'": (
+        lambda be: nk.batch_norm(_x(), *_stats(), eps="1e-5", backend=be),
+        TypeError, r"batch_norm: eps: expected a real number"),
+    "group_norm eps=True": (lambda be: nk.group_norm(_x(), 2, eps=True, backend=be),
+                            TypeError, r"eps: expected a real number, got bool"),
+    "rms_norm eps='abc'": (lambda be: nk.rms_norm(_x(), 5, eps="abc", backend=be),
+                           TypeError, r"rms_norm: eps: expected a real number"),
+    "batch_norm eval eps<0": (lambda be: nk.batch_norm(_x(), *_stats(), eps=-0.5, backend=be),
+                              ValueError, r"batch_norm: eps: expected a number >= 0"),
+    "momentum='abc'": (
+        lambda be: nk.batch_norm(_x(), None, None, training=True, momentum="abc", backend=be),
+        TypeError, r"momentum: expected a real number, got str 'abc'"),
+    "instance_norm momentum=None": (
+        lambda be: nk.instance_norm(_x(), momentum=None, backend=be),
+        ValueError, r"instance_norm: the functional form needs a float momentum"),
+    "layer_norm normalized_shape=4.0 (fast path)": (
+        lambda be: nk.layer_norm(_x((2, 4)), 4.0, backend=be),
+        TypeError, r"layer_norm: normalized_shape: expected an int or a tuple of ints, "
+                   r"got float 4\.0"),
+    "layer_norm normalized_shape=(4.0,) (fast path)": (
+        lambda be: nk.layer_norm(_x((2, 4)), (4.0,), backend=be),
+        TypeError, r"normalized_shape: expected an int or a tuple of ints.*element 0 is "
+                   r"float 4\.0"),
+    "layer_norm normalized_shape=4.0 (general path)": (
+        lambda be: nk.layer_norm(_x((2, 4)), 4.0, return_stats=True, backend=be),
+        TypeError, r"layer_norm: normalized_shape: expected an int"),
+    "rms_norm normalized_shape=4.0": (lambda be: nk.rms_norm(_x((2, 4)), 4.0, backend=be),
+                                      TypeError, r"rms_norm: normalized_shape: expected"),
+    "rms_norm normalized_shape=(4.0,) with out=": (
+        lambda be: nk.rms_norm(_x((2, 4)), (4.0,), out=np.empty((2, 4), np.float32),
+                               backend=be),
+        TypeError, r"rms_norm: normalized_shape: expected"),
+    "layer_norm normalized_shape=True": (lambda be: nk.layer_norm(_x((2, 1)), True, backend=be),
+                                         TypeError, r"normalized_shape: expected.*got bool"),
+    "layer_norm 0-d input": (lambda be: nk.layer_norm(np.array(3.0), 1, backend=be),
+                             ValueError, r"x must have at least 1 dimension.*got shape \(\)"),
+    "masked array, functional": (lambda be: nk.layer_norm(_masked(), 5, backend=be),
+                                 TypeError, r"MaskedArray.*x\.filled\(.*x\.data"),
+    "masked array, batch_norm training": (
+        lambda be: nk.batch_norm(_masked(), None, None, training=True, backend=be),
+        TypeError, r"MaskedArray.*x\.filled"),
+    "masked weight": (
+        lambda be: nk.group_norm(_x(), 2, np.ma.masked_array(np.ones(C)), backend=be),
+        TypeError, r"weight: expected a plain array, got a numpy\.ma\.MaskedArray"),
+    "channels-last input, channels-first call": (
+        lambda be: nk.batch_norm(_x(NHWC), *_stats(16), backend=be),
+        ValueError, r"running_mean: expected shape \(32,\) for the 32 channels on axis 1 "
+                    r".*\(8, 32, 32, 16\), got shape \(16,\).*pass axis=-1"),
+    "channels-last group_norm weight": (
+        lambda be: nk.group_norm(_x(NHWC), 4, np.ones(16, np.float32), backend=be),
+        ValueError, r"group_norm: weight: expected shape \(32,\).*axis 1.*pass axis=-1"),
+    "channels-first input, axis=-1": (
+        lambda be: nk.instance_norm(_x((2, 6, 5)), None, None, np.ones(6), axis=-1,
+                                    backend=be),
+        ValueError, r"weight: expected shape \(5,\).*axis 2.*axis 1 has 6.*pass axis=1"),
+}
+
+LAYER_ROWS = {
+    "LayerNorm(3.5)": (lambda: nk.LayerNorm(3.5), TypeError,
+                       r"LayerNorm: normalized_shape: expected an int or a tuple of ints, "
+                       r"got float 3\.5"),
+    "LayerNorm(None)": (lambda: nk.LayerNorm(None), TypeError,
+                        r"LayerNorm: normalized_shape: expected.*got NoneType None"),
+    "LayerNorm('abc')": (lambda: nk.LayerNorm("abc"), TypeError,
+                         r"LayerNorm: normalized_shape: expected.*got str 'abc'"),
+    "LayerNorm((-3,))": (lambda: nk.LayerNorm((-3,)), ValueError,
+                         r"LayerNorm: normalized_shape: expected non-negative dimensions, "
+                         r"got \(-3,\)"),
+    "LayerNorm(())": (lambda: nk.LayerNorm(()), ValueError,
+                      r"LayerNorm: normalized_shape: expected at least one dimension"),
+    "RMSNorm(3.5)": (lambda: nk.RMSNorm(3.5), TypeError, r"RMSNorm: normalized_shape"),
+    "RMSNorm(None)": (lambda: nk.RMSNorm(None), TypeError, r"RMSNorm: normalized_shape"),
+    "RMSNorm('abc')": (lambda: nk.RMSNorm("abc"), TypeError, r"RMSNorm: normalized_shape"),
+    "RMSNorm((-3,))": (lambda: nk.RMSNorm((-3,)), ValueError,
+                       r"RMSNorm: normalized_shape: expected non-negative"),
+    "LayerNorm eps='1e-5'": (lambda: nk.LayerNorm(3, eps="1e-5"), TypeError,
+                             r"LayerNorm: eps: expected a real number, got str"),
+    "BatchNorm momentum='abc'": (lambda: nk.BatchNorm(3, momentum="abc"), TypeError,
+                                 r"BatchNorm: momentum: expected a real number"),
+    "BatchNorm axis=1.0": (lambda: nk.BatchNorm(3, axis=1.0), TypeError,
+                           r"BatchNorm: axis: expected an int, got float 1\.0"),
+    "BatchNorm(2.0)": (lambda: nk.BatchNorm(2.0), TypeError,
+                       r"BatchNorm: num_features: expected an int, got float"),
+    "GroupNorm(0, 4)": (lambda: nk.GroupNorm(0, 4), ValueError,
+                        r"GroupNorm: num_groups: expected an int >= 1, got 0"),
+    "load_state_dict(None)": (lambda: nk.BatchNorm(C).load_state_dict(None), TypeError,
+                              r"state_dict: expected a mapping of name -> array, got "
+                              r"NoneType None"),
+    "string weight in a state dict": (
+        lambda: nk.BatchNorm(C).load_state_dict(_layer_state(weight="abc")), TypeError,
+        r"state_dict\['weight'\]: expected a float array of shape \(4,\), got str 'abc'"),
+    "masked running_var in a state dict": (
+        lambda: nk.BatchNorm(C).load_state_dict(
+            _layer_state(running_var=np.ma.masked_array(np.ones(C)))),
+        TypeError, r"state_dict\['running_var'\]: expected a plain array"),
+    "BatchNorm(16) on channels-last input": (
+        lambda: nk.BatchNorm(16)(_x(NHWC)), ValueError,
+        r"BatchNorm\(16\): expected 16 channels on axis 1, got input of shape "
+        r"\(8, 32, 32, 16\) with 32 on axis 1; its last axis has 16: .*axis=-1"),
+    "BatchNorm(16) eval on channels-last input": (
+        lambda: nk.BatchNorm(16).eval()(_x(NHWC)), ValueError,
+        r"BatchNorm\(16\): expected 16 channels on axis 1.*axis=-1"),
+    "GroupNorm(4, 16) on channels-last input": (
+        lambda: nk.GroupNorm(4, 16)(_x(NHWC)), ValueError,
+        r"GroupNorm\(4, 16\): expected 16 channels on axis 1.*its last axis has 16.*axis=-1"),
+    "InstanceNorm(16) on channels-last input": (
+        lambda: nk.InstanceNorm(16)(_x(NHWC)), ValueError,
+        r"InstanceNorm\(16\): expected 16 channels on axis 1.*axis=-1"),
+    "masked array, layer": (lambda: nk.BatchNorm(C)(_masked()), TypeError,
+                            r"MaskedArray.*x\.filled\(.*x\.data"),
+    "masked array, recalibrate": (
+        lambda: nk.recalibrate(nk.BatchNorm(C), [_masked()]), TypeError,
+        r"MaskedArray.*filled"),
+    "complex batch, recalibrate": (
+        lambda: nk.recalibrate(nk.BatchNorm(C), [np.ones((2, C), complex)]), TypeError,
+        r"batch must be a float16, float32 or float64 array, got dtype complex128"),
+    "object batch, recalibrate": (
+        lambda: nk.recalibrate(nk.BatchNorm(C), [np.ones((2, C), object)]), TypeError,
+        r"got dtype object"),
+    "channels-last batch, recalibrate": (
+        lambda: nk.recalibrate(nk.BatchNorm(16), [_x(NHWC)]), ValueError,
+        r"recalibrate: BatchNorm\(16\): expected 16 channels on axis 1.*axis=-1"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("row", list(FUNCTIONAL_ROWS))
+def test_bad_input_table_functional(row, backend):
+    call, exc, pattern = FUNCTIONAL_ROWS[row]
+    with pytest.raises(exc, match=pattern):
+        call(backend)
+
+
+@pytest.mark.parametrize("row", list(LAYER_ROWS))
+def test_bad_input_table_layers(row):
+    call, exc, pattern = LAYER_ROWS[row]
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eps_accepted_as_torch(backend):
+    """Any real eps for layer/group/instance/rms norm (negative too: NaN where var + eps
+    < 0, the caller's choice, as torch); integers and NumPy scalars are real numbers."""
+    x = np.arange(12.0).reshape(2, 2, 3)      # per-row variance 2/3: eps=-0.5 stays > 0
+    for call in (lambda e: nk.layer_norm(x, 3, eps=e, backend=backend),
+                 lambda e: nk.group_norm(x, 1, eps=e, backend=backend),
+                 lambda e: nk.instance_norm(x, eps=e, backend=backend),
+                 lambda e: nk.rms_norm(x, 3, eps=e, backend=backend)):
+        assert np.isfinite(call(-0.5)).all()
+        np.testing.assert_array_equal(call(np.float64(1e-5)), call(1e-5))
+        np.testing.assert_array_equal(call(0), call(0.0))
+    assert nk.group_norm(x, 2, axis=np.int64(1), backend=backend).shape == x.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_array_likes_everywhere(backend):
+    """A Python list works the same in every entry point (issue 11): converted once."""
+    data = [[1.0, 2.0, 3.0], [4.0, 6.0, 5.0], [0.0, 1.0, 7.0]]
+    expected = nk.batch_norm(np.array(data), None, None, training=True, backend=backend)
+    layer = nk.BatchNorm(3, dtype=np.float64, backend=backend, diagnostics=False)
+    np.testing.assert_allclose(layer(data), expected, rtol=1e-12)
+    layer = nk.BatchNorm(3, dtype=np.float64, backend=backend)     # diagnostics on
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", nk.UnstableBatchStatisticsWarning)
+        np.testing.assert_allclose(layer(data), expected, rtol=1e-12)
+    assert nk.recalibrate(nk.BatchNorm(3), [data]) == {0: 3}
+    np.testing.assert_allclose(nk.LayerNorm(3, dtype=np.float64, backend=backend)(data),
+                               nk.layer_norm(np.array(data), 3, backend=backend))
+
+
+def test_torch_bfloat16_state_dict():
+    torch = pytest.importorskip("torch")
+    t = torch.nn.BatchNorm2d(C).to(torch.bfloat16)
+    with torch.no_grad():
+        t.weight.copy_(torch.tensor([1.5, 2.0, 0.25, 3.0]))
+        t.running_var.copy_(torch.tensor([4.0, 0.5, 1.0, 2.0]))
+    layer = nk.BatchNorm(C).load_state_dict(t.state_dict())
+    np.testing.assert_array_equal(layer.weight, [1.5, 2.0, 0.25, 3.0])
+    np.testing.assert_array_equal(layer.running_var, [4.0, 0.5, 1.0, 2.0])
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    state = {k: np.asarray(v) for k, v in layer.state_dict().items()}
+    state["bias"] = np.array([1, 2, 3, 4], ml_dtypes.bfloat16)
+    layer.load_state_dict(state)
+    np.testing.assert_array_equal(layer.bias, [1, 2, 3, 4])
+
+
+def test_failed_load_changes_nothing():
+    layer = nk.BatchNorm(C)
+    good = layer.state_dict()
+    with pytest.raises(TypeError, match="running_var"):
+        layer.load_state_dict({**good, "weight": np.full(C, 7.0), "running_var": "x"})
+    np.testing.assert_array_equal(layer.weight, 1)     # checked before anything is copied

@@ -180,6 +180,34 @@ def test_shape_errors(rng):
         normkit.fold_batch_norm(np.ones((4, 1, 3, 3)), None, bn, axis=1, groups=2)
 
 
+@pytest.mark.parametrize("kwargs,exc,pattern", [
+    ({"axis": 1.0}, TypeError, r"axis: expected an int, got float 1\.0"),
+    ({"axis": True}, TypeError, r"axis: expected an int, got bool"),
+    ({"groups": 0}, ValueError, r"groups: expected an int >= 1, got 0"),
+    ({"groups": 2.5}, TypeError, r"groups: expected an int, got float 2\.5"),
+    ({"eps": "1e-5"}, TypeError, r"eps: expected a real number, got str '1e-5'"),
+    ({"eps": None}, TypeError, r"eps: expected a real number, got NoneType"),
+    ({"eps": -1.0}, ValueError, r"eps: expected a number >= 0, got -1\.0"),
+    ({"running_mean": np.ma.masked_array(np.zeros(3))}, TypeError,
+     r"running_mean: expected a plain array, got a numpy\.ma\.MaskedArray"),
+    ({"weight": None}, TypeError, r"weight: expected the weight array.*got None"),
+    ({"running_var": np.array(["a", "b", "c"])}, TypeError,
+     r"running_var must be a real numeric array, got dtype <U1"),
+])
+def test_argument_errors_name_the_argument(kwargs, exc, pattern):
+    args = {"weight": np.ones((3, 2)), "bias": None, "running_mean": np.zeros(3),
+            "running_var": np.ones(3), **kwargs}
+    with pytest.raises(exc, match=pattern):
+        normkit.fold_batch_norm_stats(**args)
+
+
+def test_bfloat16_statistics():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    var = np.array([4.0, 1.0, 0.25], ml_dtypes.bfloat16)
+    w, _ = normkit.fold_batch_norm_stats(np.ones((3, 2)), None, np.zeros(3), var, eps=0.0)
+    np.testing.assert_allclose(w[:, 0], [0.5, 1.0, 2.0], rtol=1e-15)
+
+
 # ------------------------------------------------------------------ torch cross-checks
 try:
     import torch

@@ -173,7 +173,10 @@ def _bn_model(momentum=None, name="bn", training=False, opset=15):
         attrs["momentum"] = momentum
     if training:
         attrs["training_mode"] = 1
-    node = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"],
+    # training mode needs the running statistics as outputs (ONNX Runtime and the
+    # checker refuse the node without them)
+    outputs = ["y", "rm", "rv"] if training else ["y"]
+    node = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], outputs,
                             name=name, **attrs)
     inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in
              (("s", rng.random(c) + 0.5), ("b", rng.standard_normal(c)),
@@ -490,3 +493,220 @@ def test_docs_inference_page_runs(capsys):
         if printed[0]:
             assert any(printed[0][:12] == d[:12] for d in documented), \
                 (i, printed[0], documented)
+
+
+# ====================================================================== ONNX: hostile models
+# Tiny malformed or malicious models built in memory / tmp_path. Each must be refused
+# with a ValueError whose message says what was wrong, by from_onnx and (for
+# BatchNormalization) by fold_onnx_batch_norms, as onnx.checker and ONNX Runtime do.
+def _bad_bn(inputs=("x", "s", "b", "m", "v"), c=3, x_shape=None, **params):
+    arrays = {"s": np.ones(c, np.float32), "b": np.zeros(c, np.float32),
+              "m": np.zeros(c, np.float32), "v": np.ones(c, np.float32)}
+    arrays.update(params)
+    inits = [numpy_helper.from_array(np.asarray(a), k) for k, a in arrays.items()
+             if k in inputs]
+    shape = x_shape or [1, c, 2]
+    node = helper.make_node("BatchNormalization", list(inputs), ["y"], name="bn")
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+
+
+def _with_conv(model):
+    """The BN model with a Conv in front of it (something fold_onnx_batch_norms folds)."""
+    g = model.graph
+    g.node.insert(0, helper.make_node("Conv", ["x0", "w"], ["x"], name="conv"))
+    g.initializer.append(numpy_helper.from_array(np.ones((3, 3, 1), np.float32), "w"))
+    g.input[0].name = "x0"
+    return model
+
+
+BAD_BN = {
+    "mean (1,) for C=3": (dict(m=np.zeros(1, np.float32)), r"mean|shape|Inference"),
+    "mean (4,) for C=3": (dict(m=np.zeros(4, np.float32)), r"mean|shape|Inference"),
+    "2 of 5 inputs": (dict(inputs=("x", "s")), r"input size 2|expected input"),
+    "0 inputs": (dict(inputs=()), r"input size 0|expected input"),
+    "integer scale": (dict(s=np.ones(3, np.int64)), r"scale|type"),
+    "0-d scale": (dict(s=np.array(1.0, np.float32)), r"scale|shape|Inference"),
+    "(3, 1) scale": (dict(s=np.ones((3, 1), np.float32)), r"scale|shape|Inference"),
+    "negative dim": (dict(x_shape=[1, -3, 2]), r"negative|non-negative|Inference"),
+}
+
+
+@needs_onnx
+@pytest.mark.parametrize("case", sorted(BAD_BN))
+def test_from_onnx_refuses_malformed_batch_norm(case):
+    kwargs, pattern = BAD_BN[case]
+    model = _bad_bn(**kwargs)
+    with pytest.raises(ValueError, match=pattern):
+        normkit.from_onnx(model)
+    with pytest.raises(ValueError, match=pattern):
+        normkit.fold_onnx_batch_norms(model)
+    if case != "negative dim":         # the Conv's output carries no declared dims
+        with pytest.raises(ValueError, match=pattern):
+            normkit.fold_onnx_batch_norms(_with_conv(_bad_bn(**kwargs)))
+
+
+@needs_onnx
+def test_own_checks_behind_the_checker():
+    """normkit's per-node checks, for what shape inference cannot see (unknown C)."""
+    model = _bad_bn(m=np.zeros(4, np.float32), x_shape=["N", "C", "L"])
+    with pytest.raises(ValueError, match=r"mean|Inference"):
+        normkit.from_onnx(model)
+    # the converter's own checks, called directly (bypassing onnx.checker)
+    direct = {
+        "2 inputs": (dict(inputs=("x", "s")), r"expected input 2 \(B\), got a node with 2"),
+        "0 inputs": (dict(inputs=()), r"expected input 1 \(scale\), got a node with 0"),
+        "mean (4,)": (dict(m=np.zeros(4, np.float32)),
+                      r"mean: expected shape \(3,\) \(from the channel count of input 'x'"),
+        "mean (1,), C unknown": (dict(m=np.zeros(1, np.float32), x_shape=["N", "C", "L"]),
+                                 r"mean: expected shape \(3,\) \(from scale\), got shape "
+                                 r"\(1,\)"),
+        "int scale": (dict(s=np.ones(3, np.int64)), r"scale: expected a float tensor, got "
+                                                    r"dtype int64"),
+        "0-d scale": (dict(s=np.array(1.0, np.float32)), r"scale: expected shape \(3,\)"),
+        "0-d scale, C unknown": (dict(s=np.array(1.0, np.float32), x_shape=["N", "C"]),
+                                 r"scale: expected a 1-D tensor \(one value per channel\), "
+                                 r"got shape \(\)"),
+        "(3, 1) scale": (dict(s=np.ones((3, 1), np.float32)),
+                         r"scale: expected shape \(3,\).*got shape \(3, 1\)"),
+    }
+    for kwargs, pattern in direct.values():
+        model = _bad_bn(**kwargs)
+        ctx = normkit.interop._OnnxNodeContext(model, None, None)
+        with pytest.raises(ValueError, match=pattern):
+            normkit.interop._onnx_batch_norm(model.graph.node[0], ctx)
+
+
+@needs_onnx
+def test_from_onnx_empty_and_garbage(tmp_path):
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty \(0 bytes\)"):
+        normkit.from_onnx(empty)
+    with pytest.raises(ValueError, match="empty"):
+        normkit.from_onnx(b"")
+    with pytest.raises(ValueError, match="not an ONNX model"):
+        normkit.from_onnx(b"\xff\xff\xff\xff garbage")
+    with pytest.raises(ValueError, match="no graph"):
+        normkit.from_onnx(onnx.ModelProto())
+
+
+def _constant_of_shape_model(n):
+    """BN whose scale is Slice(ConstantOfShape([n]))[:3]: tiny file, n-element constant."""
+    model = _bad_bn(inputs=("x", "s", "b", "m", "v"))
+    g = model.graph
+    del g.initializer[0]                             # "s" is computed instead
+    for name, value in (("shape", [n]), ("st", [0]), ("en", [3])):
+        g.initializer.append(numpy_helper.from_array(np.array(value, np.int64), name))
+    g.node.insert(0, helper.make_node("Slice", ["big", "st", "en"], ["s"]))
+    g.node.insert(0, helper.make_node("ConstantOfShape", ["shape"], ["big"],
+                                      value=numpy_helper.from_array(
+                                          np.array([1.0], np.float32))))
+    return model
+
+
+@needs_onnx
+def test_constant_folding_is_capped():
+    model = _constant_of_shape_model(2 ** 29)
+    assert model.ByteSize() < 1000
+    with pytest.raises(ValueError, match=r"536870912 elements.*max_constant_elements"):
+        normkit.from_onnx(model)
+    with pytest.raises(ValueError, match="max_constant_elements"):
+        normkit.fold_onnx_batch_norms(_with_conv(_constant_of_shape_model(2 ** 29)))
+    with pytest.raises(ValueError, match="max_constant_elements"):
+        normkit.interop.onnx_constants(model)
+    # under the cap (or with a larger one) it is computed
+    np.testing.assert_array_equal(
+        normkit.from_onnx(_constant_of_shape_model(1000))["bn"].weight, 1)
+    layer = normkit.from_onnx(_constant_of_shape_model(5000), max_constant_elements=5000)
+    np.testing.assert_array_equal(layer["bn"].weight, 1)
+    with pytest.raises(ValueError, match="limit of 4999"):
+        normkit.from_onnx(_constant_of_shape_model(5000), max_constant_elements=4999)
+
+
+def _external_model(location):
+    """BN whose scale lives in external data at ``location``."""
+    model = _bad_bn()
+    t = model.graph.initializer[0]
+    t.ClearField("float_data")
+    t.ClearField("raw_data")
+    t.data_location = TensorProto.EXTERNAL
+    entry = t.external_data.add()
+    entry.key, entry.value = "location", location
+    return model
+
+
+@needs_onnx
+def test_external_data_stays_in_the_model_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    scale = np.array([2.0, 3.0, 4.0], np.float32)
+    scale.tofile(folder / "scale.bin")
+    (scale * 10).tofile(tmp_path / "outside.bin")
+    os.symlink(tmp_path / "outside.bin", folder / "link.bin")
+    # next to the model: read
+    onnx.save(_external_model("scale.bin"), folder / "ok.onnx")
+    np.testing.assert_array_equal(normkit.from_onnx(folder / "ok.onnx")["bn"].weight, scale)
+    # outside the folder, absolute, or a symlink out: refused by onnx's own checks
+    for i, location in enumerate(["../outside.bin", str(tmp_path / "outside.bin"),
+                                  "link.bin", "sub/../../outside.bin"]):
+        path = folder / f"bad{i}.onnx"
+        onnx.save(_external_model(location), path)
+        with pytest.raises(ValueError, match="external data"):
+            normkit.from_onnx(path)
+        with pytest.raises(ValueError, match="external data"):
+            normkit.fold_onnx_batch_norms(path)
+    # bytes / ModelProto: never read relative to the current directory
+    monkeypatch.chdir(tmp_path)
+    (scale * 10).tofile(tmp_path / "scale.bin")
+    model = _external_model("scale.bin")
+    for source in (model, model.SerializeToString()):
+        with pytest.raises(ValueError, match="base_dir="):
+            normkit.from_onnx(source)
+        layer = normkit.from_onnx(source, base_dir=folder)["bn"]
+        np.testing.assert_array_equal(layer.weight, scale)
+    assert model.graph.initializer[0].data_location == TensorProto.EXTERNAL  # not mutated
+    with pytest.raises(ValueError, match="base_dir"):
+        normkit.from_onnx(model, base_dir=tmp_path / "missing")
+
+
+@needs_onnx
+def test_malformed_other_norms():
+    def model(op, inputs, params, opset, **attrs):
+        inits = [numpy_helper.from_array(v, k) for k, v in params.items()]
+        node = helper.make_node(op, inputs, ["y"], name="n", **attrs)
+        graph = helper.make_graph(
+            [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 3])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 3])], inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    f = np.float32
+    bad = [
+        model("InstanceNormalization", ["x", "s", "b"],
+              {"s": np.ones(3, f), "b": np.zeros(4, f)}, 22),
+        model("InstanceNormalization", ["x"], {}, 22),
+        model("LayerNormalization", ["x"], {}, 17),
+        model("LayerNormalization", ["x", "s"], {"s": np.ones(4, f)}, 17),
+        model("GroupNormalization", ["x", "s", "b"],
+              {"s": np.ones(3, f), "b": np.ones(4, f)}, 21, num_groups=2),
+        model("LayerNormalization", ["x", "s"], {"s": np.ones(3, np.int32)}, 17),
+    ]
+    for m in bad:
+        with pytest.raises(ValueError):
+            normkit.from_onnx(m)
+    with pytest.raises(ValueError, match=r"node 'n': num_groups: expected a divisor of the "
+                                         r"4 channels, got 3"):
+        normkit.from_onnx(model("GroupNormalization", ["x", "s", "b"],
+                                {"s": np.ones(4, f), "b": np.ones(4, f)}, 21, num_groups=3))
+    params = {k: np.ones(4, f) for k in "sbmv"}
+    with pytest.raises(ValueError, match=r"node 'n': epsilon: expected a number >= 0"):
+        normkit.from_onnx(model("BatchNormalization", ["x", "s", "b", "m", "v"], params, 15,
+                                epsilon=-1.0))
+    with pytest.raises(ValueError, match=r"node 'n': Scale: expected a shape that broadcasts "
+                                         r"to the normalized shape \(3,\), got shape \(4,\)"):
+        normkit.from_onnx(model("LayerNormalization", ["x", "s"], {"s": np.ones(4, f)}, 17))
+    with pytest.raises(ValueError, match=r"InstanceNormalization node 'n': scale: expected "
+                                         r"shape \(4,\) \(from the channel count"):
+        normkit.from_onnx(model("InstanceNormalization", ["x", "s", "b"],
+                                {"s": np.ones(3, f), "b": np.zeros(4, f)}, 22))
