@@ -86,6 +86,19 @@ def _h_ssd(a, lo, hi, m):
 
 
 @njit(fastmath=_FM, **_JIT)
+def _h_dev(a, lo, hi, m):
+    """(sum of deviations, sum of squared deviations) from m, float64."""
+    v = a[lo:hi]
+    s = 0.0
+    q = 0.0
+    for i in range(v.shape[0]):
+        d = v[i] - m
+        s += d
+        q += d * d
+    return s, q
+
+
+@njit(fastmath=_FM, **_JIT)
 def _h_sumsq(a, lo, hi):
     v = a[lo:hi]
     q = 0.0
@@ -343,8 +356,12 @@ def _d_rows_forward(x, w, b, eps, rms, out, mean, rstd):
             mu = 0.0
             var = _h_sumsq(xr, 0, K) / K
         else:
-            mu = _h_sum(xr, 0, K) / K
-            var = _h_ssd(xr, 0, K, mu) / K
+            # corrected two-pass: the deviations' sum fixes the rounding of the first
+            # mean (a long row's sum loses a few ulps), and the variance with it
+            m0 = _h_sum(xr, 0, K) / K
+            sd, q = _h_dev(xr, 0, K, m0)
+            mu = m0 + sd / K
+            var = (q - sd * (sd / K)) / K
         rs = 1.0 / np.sqrt(var + eps)
         mean[r] = mu
         rstd[r] = rs
