@@ -222,21 +222,22 @@ def _h_cl_gsums(dyn, xn, lo, hi, sh, p1, p2):
 def _l_act(a, r, o, sh, sc, of, res, relu):
     """o = (a - sh) * sc + of [+ r] [then ReLU], in float64, rounded once on store.
 
-    ``sh``/``sc``/``of`` are scalars (a channels-first piece) or per-channel vectors (a
-    channels-last row). Inlined in Numba IR (``inline='always'``) through
+    a/r/o are (rows, width): one row (1, L) for a channels-first piece with scalar
+    ``sh``/``sc``/``of``, or channels-last rows (S', C) with per-channel vectors. Inlined in Numba IR (``inline='always'``) through
     ``_l_act_flags``, which makes ``res``/``relu`` constants, into ``_h_act``, which
     passes the *same* array object for operands that alias (in place): the flags fold
     away and aliased operands are one pointer, so every variant vectorizes without a
     runtime overlap check (that check fails on exact aliasing and would run the scalar
     loop). ``0 if v < 0 else v`` keeps NaN (as torch.relu).
     """
-    for i in range(o.shape[0]):
-        v = (np.float64(a[i]) - _at(sh, i)) * _at(sc, i) + _at(of, i)
-        if res:
-            v = v + r[i]
-        if relu:
-            v = 0.0 if v < 0.0 else v
-        o[i] = v
+    for s in range(o.shape[0]):
+        for i in range(o.shape[1]):
+            v = (np.float64(a[s, i]) - _at(sh, i)) * _at(sc, i) + _at(of, i)
+            if res:
+                v = v + r[s, i]
+            if relu:
+                v = 0.0 if v < 0.0 else v
+            o[s, i] = v
 
 
 @njit(inline="always", **_JIT)
@@ -254,7 +255,7 @@ def _l_act_flags(a, r, o, sh, sc, of, res, relu):
 
 @njit(**_JIT)
 def _h_act(a, r, o, sh, sc, of, res, relu):
-    """``_l_act`` on equal-length vectors, passing ``o`` itself for an operand that is
+    """``_l_act`` on equal-shape 2-D arrays, passing ``o`` itself for an operand that is
     ``o`` (in place). Without a residual, ``r`` is a stand-in that is never read."""
     xo = a.ctypes.data == o.ctypes.data
     ro = res and r.ctypes.data == o.ctypes.data
@@ -270,10 +271,12 @@ def _h_act(a, r, o, sh, sc, of, res, relu):
 
 @njit(**_JIT)
 def _h_gapply(dy, x, o, sh, cdy, cx, c1):
-    """o = cdy * dy + cx * (x - sh) + c1 (scalars or per-channel vectors), float64."""
-    for i in range(o.shape[0]):
-        o[i] = (_at(cdy, i) * np.float64(dy[i])
-                + _at(cx, i) * (np.float64(x[i]) - _at(sh, i)) + _at(c1, i))
+    """o = cdy * dy + cx * (x - sh) + c1 on (rows, width) arrays; the coefficients are
+    scalars or per-column vectors (as in ``_l_act``); float64, rounded once on store."""
+    for s in range(o.shape[0]):
+        for i in range(o.shape[1]):
+            o[s, i] = (_at(cdy, i) * np.float64(dy[s, i])
+                       + _at(cx, i) * (np.float64(x[s, i]) - _at(sh, i)) + _at(c1, i))
 
 
 @njit(**_JIT)
@@ -301,6 +304,12 @@ def _h_row_dx(dy, x, w, mu, rs, a, bc, o, pw, pb):
 
 
 @njit(**_JIT)
+def _h_row2(v, lo, hi):
+    """v[lo:hi] of a contiguous vector as a (1, hi - lo) array (one row of rows)."""
+    return v[lo:hi].reshape((1, hi - lo))
+
+
+@njit(**_JIT)
 def _h_item(it, nc, C, per, S):
     """Item ``it`` of ``N * C * nc`` (channels-first; C = 1 for channels-last):
     -> (n, c, parameter row, lo, hi)."""
@@ -319,7 +328,8 @@ def _h_group_out(xr, o, lo, hi, S, c0, w, b, mu, rs):
         c = k // S
         e = min(hi, (c + 1) * S)
         a = rs * w[c0 + c]
-        _h_act(xr[k:e], xr[k:e], o[k:e], mu, a, np.float64(b[c0 + c]), False, False)
+        xv = _h_row2(xr, k, e)
+        _h_act(xv, xv, _h_row2(o, k, e), mu, a, np.float64(b[c0 + c]), False, False)
         k = e
 
 
@@ -430,17 +440,17 @@ def _d_channels_first_grad_apply(dy, x, shift, coef_dy, coef_x, coef_1, dx, nc):
     N, C, S = x.shape
     for it in prange(N * C * nc):
         n, c, pn, lo, hi = _h_item(it, nc, C, shift.shape[0], S)
-        _h_gapply(dy[n, c][lo:hi], x[n, c][lo:hi], dx[n, c][lo:hi], shift[pn, c],
-                  coef_dy[pn, c], coef_x[pn, c], coef_1[pn, c])
+        _h_gapply(_h_row2(dy[n, c], lo, hi), _h_row2(x[n, c], lo, hi),
+                  _h_row2(dx[n, c], lo, hi), shift[pn, c], coef_dy[pn, c], coef_x[pn, c],
+                  coef_1[pn, c])
 
 
 def _d_channels_last_grad_apply(dy, x, shift, coef_dy, coef_x, coef_1, dx, nc):
     N, S, C = x.shape
     for it in prange(N * nc):
         n, _, pn, lo, hi = _h_item(it, nc, 1, shift.shape[0], S)
-        for s in range(lo, hi):
-            _h_gapply(dy[n, s], x[n, s], dx[n, s], shift[pn], coef_dy[pn], coef_x[pn],
-                      coef_1[pn])
+        _h_gapply(dy[n][lo:hi], x[n][lo:hi], dx[n][lo:hi], shift[pn], coef_dy[pn],
+                  coef_x[pn], coef_1[pn])
 
 
 def _d_channels_first_group_forward(x, groups, w, b, eps, out, nc, mean, rstd):
@@ -482,17 +492,17 @@ def _d_channels_first_affine_act(x, shift, scale, offset, res, has_res, relu, ou
     N, C, S = x.shape
     for it in prange(N * C * nc):
         n, c, pn, lo, hi = _h_item(it, nc, C, shift.shape[0], S)
-        _h_act(x[n, c][lo:hi], res[n, c][lo:hi], out[n, c][lo:hi], shift[pn, c],
-               scale[pn, c], offset[pn, c], has_res, relu)
+        _h_act(_h_row2(x[n, c], lo, hi), _h_row2(res[n, c], lo, hi),
+               _h_row2(out[n, c], lo, hi), shift[pn, c], scale[pn, c], offset[pn, c],
+               has_res, relu)
 
 
 def _d_channels_last_affine_act(x, shift, scale, offset, res, has_res, relu, out, nc):
     N, S, C = x.shape
     for it in prange(N * nc):
         n, _, pn, lo, hi = _h_item(it, nc, 1, shift.shape[0], S)
-        for s in range(lo, hi):
-            _h_act(x[n, s], res[n, s], out[n, s], shift[pn], scale[pn], offset[pn],
-                   has_res, relu)
+        _h_act(x[n][lo:hi], res[n][lo:hi], out[n][lo:hi], shift[pn], scale[pn],
+               offset[pn], has_res, relu)
 
 
 # ============================================================ signatures
