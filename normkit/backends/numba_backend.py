@@ -47,8 +47,8 @@ import threading
 from collections.abc import Callable
 from typing import NamedTuple
 
-import numpy as np
 import numba
+import numpy as np
 
 from . import numba_kernels as _nk
 
