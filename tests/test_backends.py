@@ -130,9 +130,69 @@ def test_set_num_threads():
             nk.layer_norm(x, 4096, backend=name)
     finally:
         nk.set_num_threads(n)
-    for bad in (0, -2, 1.5, "2", True):
-        with pytest.raises(ValueError):
+    for bad in (0, -2, np.int64(0)):
+        with pytest.raises(ValueError, match="n must be >= 1"):
             nk.set_num_threads(bad)
+    for bad in (1.5, "2", True, np.float64(2.0), None):
+        with pytest.raises(TypeError, match="n must be an integer"):
+            nk.set_num_threads(bad)
+    assert nk.get_num_threads() == n          # a rejected value changes nothing
+
+
+def test_set_num_threads_accepts_any_integral_number():
+    n = nk.get_num_threads()
+    try:
+        nk.set_num_threads(np.int64(1))
+        assert nk.get_num_threads() == 1 and type(nk.get_num_threads()) is int
+        nk.set_num_threads(np.uint8(2))
+        assert nk.get_num_threads() == 2
+    finally:
+        nk.set_num_threads(n)
+
+
+def test_resolve_is_internal_but_importable():
+    assert "resolve" not in backends.__all__
+    from normkit.backends import resolve
+    assert resolve("numpy").NAME == "numpy"
+
+
+def test_interrupted_backend_load_is_retried_cleanly():
+    """Ctrl-C while numba is still importing: the next call loads the backend afresh."""
+    res = _run("""
+        import importlib.abc, json, sys
+        import numpy as np
+        import normkit as nk
+
+        class Interrupt(importlib.abc.MetaPathFinder):
+            fired = False
+            def find_spec(self, name, path=None, target=None):
+                if name == "numba.core.typing" and not Interrupt.fired:
+                    Interrupt.fired = True
+                    raise KeyboardInterrupt
+                return None
+
+        sys.meta_path.insert(0, Interrupt())
+        x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+        try:
+            nk.layer_norm(x, 8, backend="numba")
+            interrupted = False
+        except KeyboardInterrupt:
+            interrupted = True
+        half = sorted(m for m in sys.modules if m.startswith("normkit.backends.numba"))
+        got = nk.layer_norm(x, 8, backend="numba")
+        want = nk.layer_norm(x, 8, backend="numpy")
+        print(json.dumps({"fired": Interrupt.fired, "interrupted": interrupted,
+                          "half": half, "err": float(np.abs(got - want).max()),
+                          "status": nk.backends.backend_status()["numba"],
+                          "listed": "numba" in nk.available_backends()}))
+        """)
+    assert res.returncode == 0, res.stderr[-3000:]
+    import json
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["fired"] and out["interrupted"], out
+    assert out["half"] == [], out           # nothing half-imported was left behind
+    assert out["status"] == "available" and out["listed"], out
+    assert out["err"] < 1e-5, out
 
 
 def test_import_is_fast_and_compiles_nothing():

@@ -474,3 +474,93 @@ def test_group_forward_does_not_depend_on_thread_count():
                     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     finally:
         nb.set_num_threads(old)
+
+
+# ---------------------------------------------------------------- thread-count independence
+def _every_kernel_outputs(dtype):
+    """Every kernel on inputs big enough for the parallel twin (and for split pieces)."""
+    rng = np.random.default_rng(11)
+
+    def a(*shape):
+        return (rng.standard_normal(shape) * 2 + 1e3).astype(dtype)
+
+    planes, nchw, nhwc = a(6, 200000), a(4, 16, 9000), a(2, 9000, 16)
+    rows, w, p = a(700, 384), a(384), [a(1, 16) for _ in range(4)]
+    outs = list(nb.plane_moments(planes)) + list(nb.channels_last_moments(nhwc))
+    y = np.empty_like(rows)
+    mean, rstd = nb.rows_forward(rows, w, w, 1e-5, False, y)
+    dx = np.empty_like(rows)
+    outs += [y, mean, rstd, dx, *nb.rows_backward(rows, rows, mean, rstd, w, False, dx)]
+    for layout, x in (("first", nchw), ("last", nhwc)):
+        o1, o2, o3 = (np.empty_like(x) for _ in range(3))
+        getattr(nb, f"channels_{layout}_affine")(x, *p[:3], o1)
+        getattr(nb, f"channels_{layout}_affine_act")(x, *p[:3], x, True, o2)
+        getattr(nb, f"channels_{layout}_grad_apply")(x, x, *p, o3)
+        outs += [o1, o2, o3, *getattr(nb, f"channels_{layout}_grad_sums")(x, x, p[0])]
+    for shape, g in (((8, 64, 3136), 32), ((1, 2, 300000), 1)):
+        x = a(*shape)
+        out = np.empty_like(x)
+        outs += [out, *nb.channels_first_group_forward(x, g, a(shape[1]), a(shape[1]),
+                                                       1e-5, out)]
+    return outs
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_kernel_bit_identical_on_one_and_two_threads(dtype):
+    """The work split depends on the shape only: 1 thread (the serial twin) and 2
+    threads (the parallel twin) compute the same partials in the same order."""
+    old = nb._S.threads
+    try:
+        nb.set_num_threads(1)
+        serial = _every_kernel_outputs(dtype)
+        nb.set_num_threads(2)
+        parallel = _every_kernel_outputs(dtype)
+    finally:
+        nb.set_num_threads(old)
+    assert len(serial) == len(parallel) == 26
+    for i, (s, p) in enumerate(zip(serial, parallel)):
+        np.testing.assert_array_equal(s, p, err_msg=f"output {i}")
+
+
+# ---------------------------------------------------------------- IEEE edge cases (issue 15)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_zero_and_negative_eps_give_nan_not_exceptions(dtype):
+    """error_model='numpy': 1/sqrt(0) = Inf, sqrt(<0) = NaN, as the other backends."""
+    x = np.full((3, 16), 2.5, dtype)
+    ones, zeros = np.ones(16, dtype), np.zeros(16, dtype)
+    for eps in (0.0, -1.0):
+        for rms in (False, True):
+            out = np.empty_like(x)
+            want = np.empty(x.shape)
+            with np.errstate(all="ignore"):
+                ref.rows_forward(x, ones, zeros, eps, rms, want)
+            nb.rows_forward(x, ones, zeros, eps, rms, out)
+            np.testing.assert_array_equal(np.isnan(out), np.isnan(want))
+        xg = np.full((2, 4, 10), 7.0, dtype)
+        out = np.empty_like(xg)
+        _, rstd = nb.channels_first_group_forward(xg, 2, np.ones(4, dtype),
+                                                      np.zeros(4, dtype), eps, out)
+        assert np.isnan(out).all()
+        assert np.isinf(rstd).all() if eps == 0 else np.isnan(rstd).all()
+
+
+def test_float32_near_max_stays_finite():
+    """3e38 mixed with -3e38: x - mean would overflow float32; computed in float64 it
+    does not, and the normalized values (about +-1.22) are representable."""
+    x = np.tile(np.array([3e38, -3e38, 3e38, 3e38], np.float32), (2, 4))
+    ones, zeros = np.ones(16, np.float32), np.zeros(16, np.float32)
+    out = np.empty_like(x)
+    want = np.empty(x.shape)
+    ref.rows_forward(x, ones, zeros, 1e-5, False, want)
+    nb.rows_forward(x, ones, zeros, 1e-5, False, out)
+    assert np.isfinite(want).all() and np.isfinite(out).all()
+    # one float32 rounding of a value |v| < 2 on top of float64 work: 2**-23 relative
+    np.testing.assert_allclose(out, want, rtol=2.0 ** -22, atol=0)
+    x3 = x.reshape(2, 2, 8)
+    mean, m2 = nb.plane_moments(x3.reshape(4, 8))
+    shift = mean.reshape(2, 2).astype(np.float32)
+    scale = (1 / np.sqrt(m2.reshape(2, 2) / 8)).astype(np.float32)
+    out3 = np.empty_like(x3)
+    nb.channels_first_affine(x3, shift, scale, np.zeros((2, 2), np.float32), out3)
+    assert np.isfinite(out3).all()
+    np.testing.assert_allclose(out3, want.reshape(2, 2, 8), rtol=1e-6)

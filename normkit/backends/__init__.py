@@ -1,6 +1,8 @@
 """Backend registry: which kernel modules exist, which load here, which one a call uses.
 
-This module is the single dispatch point. ``resolve(name)`` turns a user's choice
+This module is the single dispatch point. ``resolve(name)`` (internal: used by
+``normkit.functional``, the layers and ``python -m normkit info``; not part of the
+public API, so not in ``__all__``) turns a user's choice
 (``None``, ``'auto'`` or a backend name) into a loaded kernel module that follows
 ``normkit/backends/_spec.py``; the public functions never ask which one they got.
 
@@ -11,15 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import operator
 import os
+import sys
 import threading
 
 from ._spec import MEMBERS
 
 __all__ = [
     "BackendUnavailableError", "KNOWN_BACKENDS", "available_backends", "get_backend",
-    "set_backend", "use_backend", "set_num_threads", "get_num_threads", "resolve",
-    "backend_status",
+    "set_backend", "use_backend", "set_num_threads", "get_num_threads", "backend_status",
 ]
 
 
@@ -73,13 +76,21 @@ _num_threads = _default_threads()
 
 
 def _load(name: str):
-    """Import a backend module once; remember why it failed if it did."""
+    """Import a backend module once; remember why it failed if it did.
+
+    An import interrupted by ``KeyboardInterrupt`` (or any other BaseException that is
+    not an Exception) is undone -- every module that appeared in ``sys.modules`` during
+    the attempt (the half-imported backend, and half-imported numba submodules) is
+    removed -- and recorded neither as loaded nor as failed, so the next call imports
+    it again from scratch instead of finding a half-initialized module.
+    """
     with _lock:
         if name in _loaded:
             return _loaded[name]
         if name in _failed:
             return None
         module_name, hint = _MODULES[name]
+        before = set(sys.modules)
         try:
             module = importlib.import_module(module_name)
             missing = [m for m in MEMBERS if not hasattr(module, m)]
@@ -89,12 +100,18 @@ def _load(name: str):
         except Exception as exc:  # noqa: BLE001 - any failure makes the backend unavailable
             _failed[name] = f"{type(exc).__name__}: {exc}" + (f" {hint}" if hint else "")
             return None
+        except BaseException:
+            for added in set(sys.modules) - before:
+                sys.modules.pop(added, None)
+            raise
         _loaded[name] = module
         return module
 
 
 def resolve(name=None):
-    """The kernel module a call should use: explicit name, else thread-local, else global."""
+    """Internal: the kernel module a call should use (explicit name, else thread-local,
+    else global). Public code selects backends with set_backend / use_backend /
+    ``backend=``; this stays importable for normkit's own modules."""
     if name is None:
         name = getattr(_local, "override", None) or _default
     elif not isinstance(name, str) or name not in _loaded:
@@ -155,10 +172,20 @@ def use_backend(name: str):
 
 
 def set_num_threads(n: int) -> None:
-    """Threads the parallel backends may use (all of them, from every Python thread)."""
+    """Threads the parallel backends may use (all of them, from every Python thread).
+
+    ``n`` is any integral number (``int``, ``numpy.int64``: ``operator.index``), >= 1.
+    """
     global _num_threads
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"set_num_threads expects a positive int, got {n!r}")
+    if isinstance(n, bool):
+        raise TypeError(f"set_num_threads: n must be an integer, got bool {n!r}")
+    try:
+        n = operator.index(n)
+    except TypeError:
+        raise TypeError(f"set_num_threads: n must be an integer, got "
+                        f"{type(n).__name__} {n!r}") from None
+    if n < 1:
+        raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
     with _lock:
         _num_threads = n
         for module in set(_loaded.values()):

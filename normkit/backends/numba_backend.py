@@ -2,7 +2,9 @@
 
 The kernels themselves live in ``numba_kernels.py``; this module decides, per call,
 whether a call runs on the thread pool or on the serial twin of the same kernel, how
-the work is cut into items, and keeps Numba's thread pool usable from many Python
+the work is cut into items (from the shape alone: results do not depend on the thread
+count), launches every kernel through one function driven by one table (``_TABLE``:
+driver -> work split, statistics outputs, channels-last twin), and keeps Numba's thread pool usable from many Python
 threads and after ``fork()``.
 
 Threading layer (decided here, reported by ``info()``)
@@ -39,11 +41,14 @@ so importing and configuring normkit does not make a later ``fork()`` unsafe.
 """
 from __future__ import annotations
 
+import operator
 import os
 import threading
+from collections.abc import Callable
+from typing import NamedTuple
 
-import numpy as np
 import numba
+import numpy as np
 
 from . import numba_kernels as _nk
 
@@ -57,18 +62,25 @@ NAME = "numba"
 # so 64K splits the difference. workqueue launches cost ~110 us here.
 _PAR_MIN = 1 << 16
 _PAR_MIN_WORKQUEUE = 1 << 19
-# Moments are two-pass inside a chunk; a chunk of this many elements (256 KiB in
-# float32, 512 KiB in float64) is reread from L2 rather than from memory, and few
-# enough chunks keep the serial Chan merge of their partials negligible.
+# Work split: depends on the shape only, never on the thread count, so every thread
+# count (and the serial twin) computes the same partials: bit-identical results.
+# A piece of at most _CHUNK elements (256 KiB in float32) is reread from L2 by the
+# two-pass moments; _ITEMS pieces per call balance up to ~4-8 threads (a machine with
+# many more threads gets coarser balance on small calls; results never change), and no
+# piece is smaller than _MIN_CHUNK elements, so the partial merges stay negligible.
 _CHUNK = 1 << 16
-# Element-wise passes only need enough items to balance the threads.
-_CHUNK_EW = 1 << 16
-_MIN_CHUNK = 1 << 11            # never split a row into pieces smaller than this
-_ITEMS_PER_THREAD = 4
-# GroupNorm fused forward: split a (sample, group) block across threads only when there
-# are fewer blocks than threads and a block is larger than this (one item per block is
-# then too coarse); otherwise each block is one item, read from memory once.
+_MIN_CHUNK = 1 << 11
+_ITEMS = 16
+# GroupNorm fused forward: split (sample, group) blocks into pieces only when there are
+# fewer than _GROUP_FEW blocks, each larger than _GROUP_SPLIT elements (such a block does
+# not stay in cache, so the split costs no extra read); otherwise one item per block.
+_GROUP_FEW = 8
 _GROUP_SPLIT = 1 << 18
+# rows_backward: fixed blocks of >= 8 rows and >= 32K elements (at most 64 blocks), as
+# in the Cython backend: the dweight/dbias partials do not depend on the thread count.
+_ROWS_MIN = 8
+_ROWS_BLOCK = 1 << 15
+_ROWS_MAX_BLOCKS = 64
 
 
 class _State:
@@ -92,9 +104,11 @@ _S.threads = _MAX_THREADS
 
 def set_num_threads(n: int) -> None:
     """Use at most n threads in every later call, from any Python thread."""
-    n = int(n)
+    if isinstance(n, bool):
+        raise TypeError(f"set_num_threads: n must be an integer, got bool {n!r}")
+    n = operator.index(n)
     if n < 1:
-        raise ValueError(f"set_num_threads expects a positive int, got {n!r}")
+        raise ValueError(f"set_num_threads: n must be >= 1, got {n!r}")
     _S.threads = min(n, _MAX_THREADS)
     _S.gen += 1
 
@@ -151,7 +165,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _kernel(name, dtype, par):
+def _compiled(name, dtype, par):
     key = (name, dtype, par)
     try:
         return _dispatchers[key]
@@ -176,238 +190,164 @@ def _par(size):
     return True
 
 
-def _run(fn, args):
-    lock = _S.lock
+def _chunks(length, width, outer):
+    """Pieces to cut each of `outer` runs into: a run is `length` slices of `width`
+    contiguous elements (width 1: a plane; C: channels-last rows). Shape-only."""
+    per = max(1, _CHUNK // max(width, 1))
+    nc = -(-length // per)
+    want = -(-_ITEMS // outer)
+    if want > nc:
+        nc = min(want, max(1, length * width // _MIN_CHUNK))
+    return max(1, min(nc, length))
+
+
+def _split_planes(args):
+    """(..., S) data, the last axis split: planes, rows, channels-first (N, C, S)."""
+    S = args[0].shape[-1]
+    return _chunks(S, 1, args[0].size // S)
+
+
+def _split_last(args):
+    N, S, C = args[0].shape
+    return _chunks(S, C, N)
+
+
+def _split_row_blocks(args):
+    R, K = args[0].shape
+    rows = max(_ROWS_MIN, -(-_ROWS_BLOCK // K), -(-R // _ROWS_MAX_BLOCKS))
+    return -(-R // rows)
+
+
+def _split_groups(args):
+    x, groups = args[0], args[1]
+    N, C, S = x.shape
+    if N * groups >= _GROUP_FEW or (C // groups) * S <= _GROUP_SPLIT:
+        return 1
+    return _chunks((C // groups) * S, 1, N * groups)
+
+
+class _Launch(NamedTuple):
+    """How one driver is launched (every driver takes ``*args[, nc], *stats``)."""
+    split: Callable | None        # args -> pieces per row (shape only); None: whole rows
+    stats: Callable | None        # args -> shape of the two float64 outputs; None: none
+    as_last: str | None = None    # channels-first driver: its channels-last twin for S == 1
+
+
+def _rows(a):
+    return a[0].shape[:1]
+
+
+def _nc_first(a):
+    return a[0].shape[:2]
+
+
+def _nc_last(a):
+    return (a[0].shape[0], a[0].shape[2])
+
+
+# Driver name (numba_kernels.DRIVERS) -> launch. The size deciding serial or parallel
+# is always args[0].size (x, or dy of x's shape).
+_TABLE = {
+    "plane_moments": _Launch(_split_planes, _rows),
+    "channels_last_moments": _Launch(_split_last, _nc_last),
+    "rows_forward": _Launch(None, _rows),
+    "rows_backward": _Launch(_split_row_blocks, lambda a: a[0].shape[1:]),
+    "channels_first_grad_sums": _Launch(_split_planes, _nc_first, "channels_last_grad_sums"),
+    "channels_last_grad_sums": _Launch(_split_last, _nc_last),
+    "channels_first_grad_apply": _Launch(_split_planes, None, "channels_last_grad_apply"),
+    "channels_last_grad_apply": _Launch(_split_last, None),
+    "channels_first_group_forward": _Launch(_split_groups, lambda a: (a[0].shape[0], a[1])),
+    "channels_first_affine_act": _Launch(_split_planes, None, "channels_last_affine_act"),
+    "channels_last_affine_act": _Launch(_split_last, None),
+}
+
+
+def _first_as_last(a):
+    """(N, C, 1) viewed as channels-last (N, 1, C): same memory, vectorizes along C."""
+    if isinstance(a, np.ndarray) and a.ndim == 3:
+        return a.reshape(a.shape[0], 1, a.shape[1])
+    return a
+
+
+def _launch(name, *args):
+    """The one launcher: layout shortcut, serial or parallel, split, outputs, call."""
+    launch = _TABLE[name]
+    x = args[0]
+    if launch.as_last and x.shape[2] == 1 and x.shape[1] > 1:
+        return _launch(launch.as_last, *map(_first_as_last, args))
+    par = _par(x.size)
+    fn = _compiled(name, x.dtype, par)
+    stats = () if launch.stats is None else tuple(np.empty(launch.stats(args)) for _ in "ms")
+    if launch.split is not None:
+        args += (launch.split(args),)
+    lock = _S.lock if par else None
     if lock is None:
-        fn(*args)
+        fn(*args, *stats)
     else:
         with lock:
-            fn(*args)
-
-
-def _split(length, rows, chunk, par):
-    """Chunks per row so items are <= chunk elements and, in parallel, enough of them."""
-    nc = -(-length // chunk)
-    if par:
-        want = -(-_ITEMS_PER_THREAD * _S.threads // rows)
-        if want > nc:
-            nc = min(want, max(1, length // _MIN_CHUNK))
-        nc = max(nc, 1)
-    return min(nc, length)
-
-
-def _split_rows(nrows, width, outer, chunk, par):
-    """Chunks of rows (each `width` wide) per outer index, for channels-last passes."""
-    per = max(1, chunk // max(width, 1))
-    nc = -(-nrows // per)
-    if par:
-        want = -(-_ITEMS_PER_THREAD * _S.threads // outer)
-        if want > nc:
-            nc = min(want, max(1, nrows * width // _MIN_CHUNK))
-        nc = max(nc, 1)
-    return min(nc, nrows)
+            fn(*args, *stats)
+    return stats or None
 
 
 # ============================================================ kernels (see _spec.py)
 def plane_moments(x):
-    P, S = x.shape
-    mean = np.empty(P)
-    m2 = np.empty(P)
-    par = _par(x.size)
-    nc = _split(S, P, _CHUNK, par)
-    fn = _kernel("plane_moments", x.dtype, par)
-    if par:
-        _run(fn, (x, nc, mean, m2))
-    else:
-        fn(x, nc, mean, m2)
-    return mean, m2
+    return _launch("plane_moments", x)
 
 
 def channels_last_moments(x):
     N, S, C = x.shape
     if C == 1:
-        mean, m2 = plane_moments(x.reshape(N, S))
-        return mean.reshape(N, 1), m2.reshape(N, 1)
-    mean = np.empty((N, C))
-    m2 = np.empty((N, C))
-    par = _par(x.size)
-    nc = _split_rows(S, C, N, _CHUNK, par)
-    fn = _kernel("channels_last_moments", x.dtype, par)
-    if par:
-        _run(fn, (x, nc, mean, m2))
-    else:
-        fn(x, nc, mean, m2)
-    return mean, m2
+        return tuple(s.reshape(N, 1) for s in plane_moments(x.reshape(N, S)))
+    return _launch("channels_last_moments", x)
 
 
 def rows_forward(x, weight, bias, eps, rms, out):
-    R = x.shape[0]
-    mean = np.empty(R)
-    rstd = np.empty(R)
-    par = _par(x.size)
-    fn = _kernel("rows_forward", x.dtype, par)
-    args = (x, weight, bias, float(eps), bool(rms), out, mean, rstd)
-    if par:
-        _run(fn, args)
-    else:
-        fn(*args)
-    return mean, rstd
+    return _launch("rows_forward", x, weight, bias, float(eps), bool(rms), out)
 
 
 def rows_backward(dy, x, mean, rstd, weight, rms, dx):
-    R, K = x.shape
-    dw = np.empty(K)
-    db = np.empty(K)
-    par = _par(x.size)
-    nch = min(R, _S.threads) if par else 1
-    fn = _kernel("rows_backward", x.dtype, par)
-    args = (dy, x, mean, rstd, weight, bool(rms), dx, nch, dw, db)
-    if par:
-        _run(fn, args)
-    else:
-        fn(*args)
-    return dw, db
-
-
-def _first_as_last(a):
-    """(N, C, 1) viewed as channels-last (N, 1, C): same memory, vectorizes along C."""
-    return a.reshape(a.shape[0], 1, a.shape[1])
+    return _launch("rows_backward", dy, x, mean, rstd, weight, bool(rms), dx)
 
 
 def channels_first_affine(x, shift, scale, offset, out):
-    N, C, S = x.shape
-    if S == 1 and C > 1:
-        return channels_last_affine(_first_as_last(x), shift, scale, offset,
-                                    _first_as_last(out))
-    par = _par(x.size)
-    nc = _split(S, N * C, _CHUNK_EW, par) if par else 1
-    fn = _kernel("channels_first_affine", x.dtype, par)
-    if par:
-        _run(fn, (x, shift, scale, offset, out, nc))
-    else:
-        fn(x, shift, scale, offset, out, 1)
+    _launch("channels_first_affine_act", x, shift, scale, offset, x, False, False, out)
 
 
 def channels_last_affine(x, shift, scale, offset, out):
-    N, S, C = x.shape
-    par = _par(x.size)
-    nc = _split_rows(S, C, N, _CHUNK_EW, par) if par else 1
-    fn = _kernel("channels_last_affine", x.dtype, par)
-    if par:
-        _run(fn, (x, shift, scale, offset, out, nc))
-    else:
-        fn(x, shift, scale, offset, out, 1)
+    _launch("channels_last_affine_act", x, shift, scale, offset, x, False, False, out)
 
 
 def channels_first_grad_sums(dy, x, shift):
-    N, C, S = x.shape
-    if S == 1 and C > 1:
-        return channels_last_grad_sums(_first_as_last(dy), _first_as_last(x), shift)
-    s1 = np.empty((N, C))
-    s2 = np.empty((N, C))
-    par = _par(x.size)
-    nc = _split(S, N * C, _CHUNK, par) if par else 1
-    fn = _kernel("channels_first_grad_sums", x.dtype, par)
-    if par:
-        _run(fn, (dy, x, shift, nc, s1, s2))
-    else:
-        fn(dy, x, shift, 1, s1, s2)
-    return s1, s2
+    return _launch("channels_first_grad_sums", dy, x, shift)
 
 
 def channels_last_grad_sums(dy, x, shift):
-    N, S, C = x.shape
-    s1 = np.empty((N, C))
-    s2 = np.empty((N, C))
-    par = _par(x.size)
-    nc = _split_rows(S, C, N, _CHUNK, par) if par else 1
-    fn = _kernel("channels_last_grad_sums", x.dtype, par)
-    if par:
-        _run(fn, (dy, x, shift, nc, s1, s2))
-    else:
-        fn(dy, x, shift, 1, s1, s2)
-    return s1, s2
+    return _launch("channels_last_grad_sums", dy, x, shift)
 
 
 def channels_first_grad_apply(dy, x, shift, coef_dy, coef_x, coef_1, dx):
-    N, C, S = x.shape
-    if S == 1 and C > 1:
-        return channels_last_grad_apply(_first_as_last(dy), _first_as_last(x), shift,
-                                        coef_dy, coef_x, coef_1, _first_as_last(dx))
-    par = _par(x.size)
-    nc = _split(S, N * C, _CHUNK_EW, par) if par else 1
-    fn = _kernel("channels_first_grad_apply", x.dtype, par)
-    args = (dy, x, shift, coef_dy, coef_x, coef_1, dx, nc)
-    if par:
-        _run(fn, args)
-    else:
-        fn(*args)
+    _launch("channels_first_grad_apply", dy, x, shift, coef_dy, coef_x, coef_1, dx)
 
 
 def channels_last_grad_apply(dy, x, shift, coef_dy, coef_x, coef_1, dx):
-    N, S, C = x.shape
-    par = _par(x.size)
-    nc = _split_rows(S, C, N, _CHUNK_EW, par) if par else 1
-    fn = _kernel("channels_last_grad_apply", x.dtype, par)
-    args = (dy, x, shift, coef_dy, coef_x, coef_1, dx, nc)
-    if par:
-        _run(fn, args)
-    else:
-        fn(*args)
+    _launch("channels_last_grad_apply", dy, x, shift, coef_dy, coef_x, coef_1, dx)
 
 
 def channels_first_group_forward(x, groups, weight, bias, eps, out):
-    N, C, S = x.shape
-    G = int(groups)
-    NG = N * G
-    L = (C // G) * S
-    mean = np.empty(NG)
-    rstd = np.empty(NG)
-    par = _par(x.size)
-    nc = 1
-    if par and NG < _S.threads and L > _GROUP_SPLIT:
-        nc = _split(L, NG, _CHUNK, par)
-    fn = _kernel("channels_first_group_forward", x.dtype, par)
-    args = (x, G, weight, bias, float(eps), out, nc, mean, rstd)
-    if par:
-        _run(fn, args)
-    else:
-        fn(*args)
-    return mean.reshape(N, G), rstd.reshape(N, G)
+    return _launch("channels_first_group_forward", x, int(groups), weight, bias, float(eps), out)
 
 
 def channels_first_affine_act(x, shift, scale, offset, residual, relu, out):
-    N, C, S = x.shape
-    if S == 1 and C > 1:
-        return channels_last_affine_act(
-            _first_as_last(x), shift, scale, offset,
-            None if residual is None else _first_as_last(residual), relu,
-            _first_as_last(out))
-    has_res = residual is not None
     # No residual: x stands in for it and the kernel takes its residual-free loop.
-    res = residual if has_res else x
-    par = _par(x.size)
-    nc = _split(S, N * C, _CHUNK_EW, par) if par else 1
-    fn = _kernel("channels_first_affine_act", x.dtype, par)
-    args = (x, shift, scale, offset, res, has_res, bool(relu), out, nc)
-    if par:
-        _run(fn, args)
-    else:
-        fn(*args)
+    res = x if residual is None else residual
+    _launch("channels_first_affine_act", x, shift, scale, offset, res, residual is not None,
+            bool(relu), out)
 
 
 def channels_last_affine_act(x, shift, scale, offset, residual, relu, out):
-    N, S, C = x.shape
-    has_res = residual is not None
-    res = residual if has_res else x
-    par = _par(x.size)
-    nc = _split_rows(S, C, N, _CHUNK_EW, par) if par else 1
-    fn = _kernel("channels_last_affine_act", x.dtype, par)
-    args = (x, shift, scale, offset, res, has_res, bool(relu), out, nc)
-    if par:
-        _run(fn, args)
-    else:
-        fn(*args)
+    res = x if residual is None else residual
+    _launch("channels_last_affine_act", x, shift, scale, offset, res, residual is not None,
+            bool(relu), out)
 
 
 # ============================================================ info
