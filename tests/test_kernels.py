@@ -9,14 +9,13 @@ kernels that write ``out`` are also run in place (``out`` is ``x``) and must giv
 same bits. A kernel added to ``_spec.KERNELS`` without an entry here fails the table
 test. NaN/Inf propagation has its own test over the same table.
 """
+import _cases as K
 import numpy as np
 import pytest
 
 from normkit.backends import numpy_ref as ref
 from normkit.backends import resolve
 from normkit.backends._spec import KERNELS
-
-import _cases as K
 
 EPS = 1e-5
 
@@ -156,7 +155,7 @@ def _group_forward(shape, dtype, kind, variant, seed):
     x = K.readonly(K.make(shape, dtype, kind, seed=seed))
     w, b = _params(1, c, dtype, seed + 1)[0], _params(1, c, dtype, seed + 2)[0]
     blocks = x.reshape(n * g, -1)
-    per = lambda p: p.reshape(1, g, c // g, 1)   # noqa: E731  (N, G, C/G, S) broadcast
+    per = lambda p: p.reshape(1, g, c // g, 1)
     out = K.bound_normalized(x.reshape(n, g, c // g, s), (2, 3), EPS, per(w), per(b), dtype)
     bounds = [K.bound_mean(blocks, 1).reshape(n, g),
               K.bound_rstd(blocks, 1, EPS).reshape(n, g), out.reshape(shape)]
