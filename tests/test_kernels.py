@@ -112,7 +112,7 @@ def _per_channel_inputs(shape, dtype, kind, variant, seed):
 
 
 def _affine(shape, dtype, kind, variant, seed):
-    last, kshape, x, shift, put = _per_channel_inputs(shape, dtype, kind, variant, seed)
+    _, _, x, shift, put = _per_channel_inputs(shape, dtype, kind, variant, seed)
     scale, offset = (_params(shift.shape[0], shape[1], dtype, seed + i) for i in (2, 3))
     xc = x.astype(np.float64) - put(shift)
     bound = K.bound_elementwise(dtype, xc * put(scale), put(offset))
@@ -120,7 +120,7 @@ def _affine(shape, dtype, kind, variant, seed):
 
 
 def _affine_act(shape, dtype, kind, variant, seed):
-    last, kshape, x, shift, put = _per_channel_inputs(shape, dtype, kind, variant, seed)
+    _, kshape, x, shift, put = _per_channel_inputs(shape, dtype, kind, variant, seed)
     scale, offset = (_params(shift.shape[0], shape[1], dtype, seed + i) for i in (2, 3))
     res = K.readonly(K.make(kshape, dtype, seed=seed + 4)) if "res" in variant else None
     xc = x.astype(np.float64) - put(shift)
@@ -140,7 +140,7 @@ def _grad_sums(shape, dtype, kind, variant, seed):
 
 
 def _grad_apply(shape, dtype, kind, variant, seed):
-    last, kshape, x, shift, put = _per_channel_inputs(shape, dtype, kind, variant, seed)
+    _, kshape, x, shift, put = _per_channel_inputs(shape, dtype, kind, variant, seed)
     dy = K.readonly(K.make(kshape, dtype, seed=seed + 5))
     cdy, cx, c1 = (_params(shift.shape[0], shape[1], dtype, seed + i) for i in (6, 7, 8))
     xc = x.astype(np.float64) - put(shift)
@@ -164,8 +164,9 @@ def _group_forward(shape, dtype, kind, variant, seed):
 
 # ====================================================================== the table
 PER_CHANNEL = ["first,N'=1", "first,N'=N", "last,N'=1", "last,N'=N"]
-_ACT = [f"{p},{r},{a}" for p in ("N'=1", "N'=N") for r in ("nores", "res")
-        for a in ("id", "relu")]
+# parameter rows x residual x activation, pairwise: every pair of values appears
+_ACT = ["N'=1,nores,id", "N'=N,res,relu", "N'=1,res,id", "N'=N,nores,relu",
+        "N'=1,res,relu", "N'=N,nores,id"]
 ELEMENTWISE_KINDS = ["normal", "offset"]   # constant data adds nothing without a reduction
 
 # kernel: (builder, variants, kinds)
@@ -196,7 +197,9 @@ def test_every_kernel_of_the_contract_is_in_the_table():
     assert set(KERNEL_CASES) == set(KERNELS)
 
 
-@pytest.fixture(params=K.BACKENDS)
+# the reference against itself would check nothing; its aliasing behaviour is covered
+# by test_kernels_fused.py (every backend)
+@pytest.fixture(params=[b for b in K.BACKENDS if b != "numpy"])
 def be(request):
     return resolve(request.param)
 
