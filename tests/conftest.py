@@ -6,10 +6,7 @@ so a backend registered later (numba, cython) inherits every test that uses it.
 """
 import numpy as np
 import pytest
-
-import normkit
-
-BACKENDS = normkit.available_backends()
+from _cases import BACKENDS
 
 
 @pytest.fixture(scope="session", params=BACKENDS, ids=BACKENDS)

@@ -1,174 +1,245 @@
-"""Every backend's kernels against the NumPy reference, one kernel at a time.
+"""Every kernel of the contract (``normkit.backends._spec.KERNELS``) on every backend,
+against the NumPy reference backend.
 
-This is the contract of normkit/backends/_spec.py made executable: shapes with odd
-sizes, N' = 1 and N' = N parameters, read-only inputs, in-place output, hard data
-(large mean, constants) and NaN/Inf propagation.
+One test, driven by the kernel list: ``KERNEL_CASES`` below says, for each kernel, how to
+build its inputs from a case of the table in ``_cases.py`` ((N, C, S) shapes with the odd
+sizes 1, 3, 17, 1023 and long planes; float32/float64; normal / offset / constant data)
+and the error bound of each result (``_cases.py`` derives them). Inputs are read-only;
+kernels that write ``out`` are also run in place (``out`` is ``x``) and must give the
+same bits. A kernel added to ``_spec.KERNELS`` without an entry here fails the table
+test. NaN/Inf propagation has its own test over the same table.
 """
+import _cases as K
 import numpy as np
 import pytest
 
-import normkit
 from normkit.backends import numpy_ref as ref
 from normkit.backends import resolve
+from normkit.backends._spec import KERNELS
 
-BACKENDS = normkit.available_backends()
-DTYPES = [np.float32, np.float64]
-TOL = {np.float32: dict(rtol=2e-5, atol=2e-5), np.float64: dict(rtol=1e-11, atol=1e-11)}
-
-# (N, C, S) triples: odd sizes, a single element, long planes, many channels
-SHAPES3 = [(1, 1, 1), (1, 3, 17), (2, 3, 1), (3, 17, 5), (2, 5, 1023), (17, 1, 3),
-           (1, 64, 130), (4, 1023, 3), (1, 2, 70000), (2, 7, 40000)]
-SHAPES2 = [(1, 1), (1, 8), (3, 17), (17, 3), (5, 1023), (2, 4096), (513, 33), (1, 70000)]
+EPS = 1e-5
 
 
-def _data(shape, dtype, seed, kind="normal"):
-    rng = np.random.default_rng(seed)
-    if kind == "normal":
-        a = rng.standard_normal(shape) * 2.0 + 0.5
-    elif kind == "offset":            # mean 1e4, std 1: catches E[x^2] - E[x]^2
-        a = rng.standard_normal(shape) + 1e4
-    elif kind == "constant":
-        a = np.full(shape, 1234.0)
-    a = a.astype(dtype)
-    a.setflags(write=False)           # kernels must accept read-only inputs
-    return a
-
-
-def _params(n, c, dtype, seed):
-    rng = np.random.default_rng(seed)
-    return [np.ascontiguousarray(rng.standard_normal((n, c)).astype(dtype)) for _ in range(4)]
-
-
-@pytest.fixture(params=BACKENDS)
-def be(request):
-    return resolve(request.param)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind", ["normal", "offset", "constant"])
-@pytest.mark.parametrize("shape", SHAPES2)
-def test_plane_moments(be, dtype, kind, shape):
-    x = _data(shape, dtype, 1, kind)
-    mean, m2 = be.plane_moments(x)
-    rmean, rm2 = ref.plane_moments(x)
-    assert mean.dtype == np.float64 and m2.dtype == np.float64
-    assert mean.shape == (shape[0],) and m2.shape == (shape[0],)
-    np.testing.assert_allclose(mean, rmean, rtol=1e-12, atol=1e-12)
-    # m2 relative to the number of values: the variance must be right to ~1e-9
-    np.testing.assert_allclose(m2 / shape[1], rm2 / shape[1], rtol=1e-9, atol=1e-9)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind", ["normal", "offset", "constant"])
-@pytest.mark.parametrize("shape", SHAPES3)
-def test_channels_last_moments(be, dtype, kind, shape):
-    x = _data(shape, dtype, 2, kind)
-    mean, m2 = be.channels_last_moments(x)
-    rmean, rm2 = ref.channels_last_moments(x)
-    assert mean.shape == (shape[0], shape[2]) and m2.dtype == np.float64
-    np.testing.assert_allclose(mean, rmean, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(m2 / shape[1], rm2 / shape[1], rtol=1e-9, atol=1e-9)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rms", [False, True])
-@pytest.mark.parametrize("kind", ["normal", "offset", "constant"])
-@pytest.mark.parametrize("shape", SHAPES2)
-def test_rows_forward(be, dtype, rms, kind, shape):
-    x = _data(shape, dtype, 3, kind)
-    w, b = _params(1, shape[1], dtype, 4)[:2]
-    w, b = w[0], b[0]
-    out = np.empty_like(x)
-    mean, rstd = be.rows_forward(x, w, b, 1e-5, rms, out)
-    rout = np.empty(shape, np.float64)
-    rmean, rrstd = ref.rows_forward(x, w, b, 1e-5, rms, rout)
-    np.testing.assert_allclose(mean, rmean, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(rstd, rrstd, rtol=1e-7)
-    np.testing.assert_allclose(out, rout, **TOL[dtype])
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rms", [False, True])
-@pytest.mark.parametrize("shape", SHAPES2)
-def test_rows_backward(be, dtype, rms, shape):
-    x = _data(shape, dtype, 5)
-    dy = _data(shape, dtype, 6)
-    w = _params(1, shape[1], dtype, 7)[0][0]
-    mean, rstd = ref.rows_forward(x, w, w, 1e-5, rms, np.empty(shape))
-    dx = np.empty_like(x)
-    dw, db = be.rows_backward(dy, x, mean, rstd, w, rms, dx)
-    rdx = np.empty(shape)
-    rdw, rdb = ref.rows_backward(dy, x, mean, rstd, w, rms, rdx)
-    scale = max(1.0, np.sqrt(shape[0]))
-    np.testing.assert_allclose(dx, rdx, rtol=1e-4 if dtype == np.float32 else 1e-10,
-                               atol=1e-4 if dtype == np.float32 else 1e-10)
-    np.testing.assert_allclose(dw, rdw, rtol=1e-9, atol=1e-9 * scale)
-    np.testing.assert_allclose(db, rdb, rtol=1e-9, atol=1e-9 * scale)
-
-
+# ====================================================================== input builders
 def _layout(shape, last):
     n, c, s = shape
     return (n, s, c) if last else (n, c, s)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("last", [False, True], ids=["first", "last"])
-@pytest.mark.parametrize("per_sample", [False, True], ids=["N'=1", "N'=N"])
-@pytest.mark.parametrize("shape", SHAPES3)
-def test_affine(be, dtype, last, per_sample, shape):
-    kshape = _layout(shape, last)
-    x = _data(kshape, dtype, 8, "offset")
-    shift, scale, offset, _ = _params(shape[0] if per_sample else 1, shape[1], dtype, 9)
-    shift = np.ascontiguousarray(shift + dtype(1e4))
-    fn = "channels_last_affine" if last else "channels_first_affine"
+def _params(rows, c, dtype, seed, center=0.0):
+    """A read-only (rows, C) parameter array: N(center, 1) in dtype."""
+    return K.readonly(K.make((rows, c), dtype, seed=seed) / 2 + center)
+
+
+def _shift_center(kind):
+    """Shift near the data's mean, as the callers pass it (mean 1e4 for offset data)."""
+    return {"offset": 1e4, "constant": 1234.0}.get(kind, 0.5)
+
+
+class Call:
+    """One kernel call: positional args (``out`` marked by its index), the results to
+    compare and their bounds."""
+
+    def __init__(self, args, out=None, bounds=(), inplace=True):
+        self.args, self.out, self.bounds, self.inplace = list(args), out, list(bounds), inplace
+
+
+# Each builder: (shape (N, C, S), dtype, kind, variant, seed) -> Call. ``bounds`` is a
+# list with one bound per returned result, then one for ``out`` when there is one.
+def _moments(shape, dtype, kind, variant, seed):
+    n, c, s = shape
+    if variant == "planes":
+        x = K.readonly(K.make((n * c, s), dtype, kind, seed=seed))
+        return Call([x], bounds=[K.bound_mean(x, 1), K.bound_m2(x, 1)])
+    x = K.readonly(K.make((n, s, c), dtype, kind, seed=seed))
+    return Call([x], bounds=[K.bound_mean(x, 1), K.bound_m2(x, 1)])
+
+
+def _rows_forward(shape, dtype, kind, variant, seed):
+    n, c, s = shape
+    rms = variant == "rms"
+    x = K.readonly(K.make((n * c, s), dtype, kind, seed=seed))
+    w, b = _params(1, s, dtype, seed + 1)[0], _params(1, s, dtype, seed + 2)[0]
     out = np.empty_like(x)
-    getattr(be, fn)(x, shift, scale, offset, out)
-    rout = np.empty(kshape)
-    getattr(ref, fn)(x, shift, scale, offset, rout)
-    np.testing.assert_allclose(out, rout, rtol=1e-4 if dtype == np.float32 else 1e-12,
-                               atol=1e-3 if dtype == np.float32 else 1e-9)
-    # in place: out is x
-    y = x.copy()
-    getattr(be, fn)(y, shift, scale, offset, y)
-    np.testing.assert_array_equal(y, out)
+    bounds = [0.0 if rms else K.bound_mean(x, 1), K.bound_rstd(x, 1, EPS, rms),
+              K.bound_normalized(x, 1, EPS, w, None if rms else b, dtype, rms)]
+    return Call([x, w, b, EPS, rms, out], out=5, bounds=bounds)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("last", [False, True], ids=["first", "last"])
-@pytest.mark.parametrize("per_sample", [False, True], ids=["N'=1", "N'=N"])
-@pytest.mark.parametrize("shape", SHAPES3)
-def test_grad_sums_and_apply(be, dtype, last, per_sample, shape):
+def _rows_backward(shape, dtype, kind, variant, seed):
+    n, c, s = shape
+    rms = variant == "rms"
+    x = K.readonly(K.make((n * c, s), dtype, kind, seed=seed))
+    dy = K.readonly(K.make((n * c, s), dtype, "normal", seed=seed + 1))
+    w = _params(1, s, dtype, seed + 2)[0]
+    mean, rstd = ref.rows_forward(x, w, w, EPS, rms, np.empty(x.shape))
+    return Call([dy, x, mean, rstd, w, rms, np.empty_like(x)], out=6,
+                bounds=_rows_backward_bounds(dy, x, mean, rstd, w, rms, dtype),
+                inplace=False)
+
+
+def _rows_backward_bounds(dy, x, mean, rstd, w, rms, dtype):
+    """dx = r (g - a - xhat bc), a = mean(g) (0 for RMS), bc = mean(g xhat): the two
+    float64 means of K terms, then ~6 roundings in dtype; dw, db: float64 sums over R.
+    xhat is formed from the float64 mean (to working precision of dtype, see _cases)."""
+    u = K.unit_roundoff(dtype)
+    r, mu = rstd[:, None], mean[:, None]
+    xhat = (x.astype(np.float64) - mu) * r
+    g = dy.astype(np.float64) * w.astype(np.float64)
+    k = x.shape[1]
+    gk = K.gamma(k)
+    a = 0.0 if rms else g.mean(axis=1, keepdims=True)
+    bc = (g * xhat).mean(axis=1, keepdims=True)
+    d_a = 0.0 if rms else 2 * gk * np.abs(g).mean(axis=1, keepdims=True)
+    d_bc = 2 * gk * np.abs(g * xhat).mean(axis=1, keepdims=True) + 8 * u * np.abs(bc)
+    dx = (r * (d_a + np.abs(xhat) * d_bc)
+          + 8 * u * r * (np.abs(g) + np.abs(a) + 2 * np.abs(xhat * bc))
+          + 2 * u * u * r * r * np.abs(mu * bc))
+    dw = K.bound_sum(np.abs(dy * xhat).sum(axis=0), x.shape[0])
+    db = K.bound_sum(np.abs(dy.astype(np.float64)).sum(axis=0), x.shape[0])
+    return [dw, db, dx]
+
+
+def _per_channel_inputs(shape, dtype, kind, variant, seed):
+    last = variant.startswith("last")
+    rows = shape[0] if "N'=N" in variant else 1
     kshape = _layout(shape, last)
-    x = _data(kshape, dtype, 10)
-    dy = _data(kshape, dtype, 11)
-    shift, c_dy, c_x, c_1 = _params(shape[0] if per_sample else 1, shape[1], dtype, 12)
-    prefix = "channels_last_" if last else "channels_first_"
-    s_dy, s_dyx = getattr(be, prefix + "grad_sums")(dy, x, shift)
-    r_dy, r_dyx = getattr(ref, prefix + "grad_sums")(dy, x, shift)
-    assert s_dy.shape == (shape[0], shape[1]) and s_dy.dtype == np.float64
-    tol = 1e-9 * np.sqrt(shape[2]) * 10
-    np.testing.assert_allclose(s_dy, r_dy, rtol=1e-9, atol=tol)
-    np.testing.assert_allclose(s_dyx, r_dyx, rtol=1e-9, atol=tol)
-    dx = np.empty_like(x)
-    getattr(be, prefix + "grad_apply")(dy, x, shift, c_dy, c_x, c_1, dx)
-    rdx = np.empty(kshape)
-    getattr(ref, prefix + "grad_apply")(dy, x, shift, c_dy, c_x, c_1, rdx)
-    np.testing.assert_allclose(dx, rdx, rtol=1e-5 if dtype == np.float32 else 1e-12,
-                               atol=1e-5 if dtype == np.float32 else 1e-12)
+    x = K.readonly(K.make(kshape, dtype, kind, seed=seed))
+    shift = _params(rows, shape[1], dtype, seed + 1, _shift_center(kind))
+    put = (lambda p: p.astype(np.float64)[:, None, :]) if last else \
+        (lambda p: p.astype(np.float64)[:, :, None])
+    return last, kshape, x, shift, put
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_nan_inf_propagate(be, dtype):
-    x = np.random.default_rng(0).standard_normal((4, 6, 50)).astype(dtype)
-    x[1, 2, 7] = np.nan
-    x[2, 3, 9] = np.inf
-    mean, m2 = be.plane_moments(x.reshape(24, 50))
-    assert np.isnan(m2[1 * 6 + 2]) and np.isnan(m2[2 * 6 + 3])
-    assert np.isfinite(m2[0]) and np.isfinite(m2[23])
-    mean, m2 = be.channels_last_moments(x)
-    assert np.isnan(m2[1, 7]) and np.isnan(m2[2, 9]) and np.isfinite(m2[0]).all()
-    out = np.empty((4, 300), dtype)
-    _, rstd = be.rows_forward(x.reshape(4, 300), np.ones(300, dtype), np.zeros(300, dtype),
-                              1e-5, False, out)
-    assert np.isnan(out[1]).all() and np.isnan(out[2]).all()
-    assert np.isfinite(out[0]).all() and np.isfinite(out[3]).all()
+def _affine(shape, dtype, kind, variant, seed):
+    _, _, x, shift, put = _per_channel_inputs(shape, dtype, kind, variant, seed)
+    scale, offset = (_params(shift.shape[0], shape[1], dtype, seed + i) for i in (2, 3))
+    xc = x.astype(np.float64) - put(shift)
+    bound = K.bound_elementwise(dtype, xc * put(scale), put(offset))
+    return Call([x, shift, scale, offset, np.empty_like(x)], out=4, bounds=[bound])
+
+
+def _affine_act(shape, dtype, kind, variant, seed):
+    _, kshape, x, shift, put = _per_channel_inputs(shape, dtype, kind, variant, seed)
+    scale, offset = (_params(shift.shape[0], shape[1], dtype, seed + i) for i in (2, 3))
+    res = K.readonly(K.make(kshape, dtype, seed=seed + 4)) if "res" in variant else None
+    xc = x.astype(np.float64) - put(shift)
+    bound = K.bound_elementwise(dtype, xc * put(scale), put(offset), 0.0 if res is None else res)
+    return Call([x, shift, scale, offset, res, "relu" in variant, np.empty_like(x)], out=6,
+                bounds=[bound])
+
+
+def _grad_sums(shape, dtype, kind, variant, seed):
+    last, kshape, x, shift, put = _per_channel_inputs(shape, dtype, kind, variant, seed)
+    dy = K.readonly(K.make(kshape, dtype, seed=seed + 5))
+    axis = 1 if last else 2
+    dy64 = dy.astype(np.float64)
+    terms = np.abs(dy64 * (x.astype(np.float64) - put(shift)))
+    return Call([dy, x, shift], bounds=[K.bound_sum(np.abs(dy64).sum(axis=axis), shape[2]),
+                                        K.bound_sum(terms.sum(axis=axis), shape[2])])
+
+
+def _grad_apply(shape, dtype, kind, variant, seed):
+    _, kshape, x, shift, put = _per_channel_inputs(shape, dtype, kind, variant, seed)
+    dy = K.readonly(K.make(kshape, dtype, seed=seed + 5))
+    cdy, cx, c1 = (_params(shift.shape[0], shape[1], dtype, seed + i) for i in (6, 7, 8))
+    xc = x.astype(np.float64) - put(shift)
+    bound = K.bound_elementwise(dtype, put(cdy) * dy, put(cx) * xc, put(c1))
+    return Call([dy, x, shift, cdy, cx, c1, np.empty_like(x)], out=6, bounds=[bound],
+                inplace=False)
+
+
+def _group_forward(shape, dtype, kind, variant, seed):
+    n, c, s = shape
+    g = {"G=1": 1, "G=C": c}[variant]
+    x = K.readonly(K.make(shape, dtype, kind, seed=seed))
+    w, b = _params(1, c, dtype, seed + 1)[0], _params(1, c, dtype, seed + 2)[0]
+    blocks = x.reshape(n * g, -1)
+    per = lambda p: p.reshape(1, g, c // g, 1)
+    out = K.bound_normalized(x.reshape(n, g, c // g, s), (2, 3), EPS, per(w), per(b), dtype)
+    bounds = [K.bound_mean(blocks, 1).reshape(n, g),
+              K.bound_rstd(blocks, 1, EPS).reshape(n, g), out.reshape(shape)]
+    return Call([x, g, w, b, EPS, np.empty_like(x)], out=5, bounds=bounds)
+
+
+# ====================================================================== the table
+PER_CHANNEL = ["first,N'=1", "first,N'=N", "last,N'=1", "last,N'=N"]
+# parameter rows x residual x activation, pairwise: every pair of values appears
+_ACT = ["N'=1,nores,id", "N'=N,res,relu", "N'=1,res,id", "N'=N,nores,relu",
+        "N'=1,res,relu", "N'=N,nores,id"]
+ELEMENTWISE_KINDS = ["normal", "offset"]   # constant data adds nothing without a reduction
+
+# kernel: (builder, variants, kinds)
+KERNEL_CASES = {
+    "plane_moments": (_moments, ["planes"], K.KINDS),
+    "channels_last_moments": (_moments, ["last"], K.KINDS),
+    "rows_forward": (_rows_forward, ["layer", "rms"], K.KINDS),
+    "rows_backward": (_rows_backward, ["layer", "rms"], ["normal", "offset"]),
+    "channels_first_affine": (_affine, PER_CHANNEL[:2], ELEMENTWISE_KINDS),
+    "channels_last_affine": (_affine, PER_CHANNEL[2:], ELEMENTWISE_KINDS),
+    "channels_first_grad_sums": (_grad_sums, PER_CHANNEL[:2], K.KINDS),
+    "channels_last_grad_sums": (_grad_sums, PER_CHANNEL[2:], K.KINDS),
+    "channels_first_grad_apply": (_grad_apply, PER_CHANNEL[:2], ELEMENTWISE_KINDS),
+    "channels_last_grad_apply": (_grad_apply, PER_CHANNEL[2:], ELEMENTWISE_KINDS),
+    "channels_first_group_forward": (_group_forward, ["G=1", "G=C"], K.KINDS),
+    "channels_first_affine_act": (_affine_act, ["first," + v for v in _ACT], ["offset"]),
+    "channels_last_affine_act": (_affine_act, ["last," + v for v in _ACT], ["offset"]),
+}
+
+
+def _table():
+    return [pytest.param(name, variant, kind, id=f"{name}-{variant}-{kind}")
+            for name in KERNELS for variant in KERNEL_CASES.get(name, (None, [None]))[1]
+            for kind in KERNEL_CASES.get(name, (None, None, ["normal"]))[2]]
+
+
+def test_every_kernel_of_the_contract_is_in_the_table():
+    assert set(KERNEL_CASES) == set(KERNELS)
+
+
+# the reference against itself would check nothing; its aliasing behaviour is covered
+# by test_kernels_fused.py (every backend)
+@pytest.fixture(params=[b for b in K.BACKENDS if b != "numpy"])
+def be(request):
+    return resolve(request.param)
+
+
+def _results(fn, call, args):
+    got = fn(*args)
+    got = [] if got is None else list(got)
+    return got + ([args[call.out]] if call.out is not None else [])
+
+
+def _run(be, name, call, what):
+    """The backend's and the reference's results of one call, checked against the
+    bounds; returns the backend's results."""
+    args = list(call.args)
+    if call.out is not None:
+        args[call.out] = np.empty_like(call.args[call.out])
+    got = _results(getattr(be, name), call, args)
+    ref_args = list(call.args)
+    if call.out is not None:
+        ref_args[call.out] = np.empty(call.args[call.out].shape)
+    want = _results(getattr(ref, name), call, ref_args)
+    assert len(got) == len(want) == len(call.bounds), what
+    for i, (a, r, bound) in enumerate(zip(got, want, call.bounds)):
+        if i < len(got) - (call.out is not None):       # statistics: float64
+            assert a.dtype == np.float64 and a.shape == r.shape, (what, i, a.dtype, a.shape)
+        K.assert_within(a, r, bound, f"{what} result {i}")
+    return got
+
+
+@pytest.mark.parametrize("dtype", K.KERNEL_DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("shape", K.SHAPES3, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(("name", "variant", "kind"), _table())
+def test_kernel(be, name, variant, kind, shape, dtype):
+    builder = KERNEL_CASES[name][0]
+    call = builder(shape, dtype, kind, variant, seed=sum(map(ord, name)))
+    got = _run(be, name, call, f"{name}[{variant}, {kind}, {shape}]")
+    if call.out is not None and call.inplace:
+        # in place: out is x (read before written, element by element)
+        args = list(call.args)
+        args[call.out] = args[0] = np.array(call.args[0], copy=True)
+        again = _results(getattr(be, name), call, args)
+        for a, b in zip(again, got):
+            np.testing.assert_array_equal(a, b, err_msg=f"{name} in place")

@@ -26,6 +26,8 @@ from hypothesis import strategies as st
 
 import normkit
 
+import _cases as K
+
 SETTINGS = settings(max_examples=40, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
@@ -34,23 +36,38 @@ ALL_KINDS = NORMALIZING + ["batch_eval", "instance_eval"]      # + fixed-statist
 SHIFT_INVARIANT = ["batch", "instance", "group", "layer"]      # not RMSNorm
 
 
-def _tol(dtype):
-    dtype = np.dtype(dtype)
-    if dtype == np.float64:
-        return dict(rtol=1e-10, atol=1e-10)
-    if dtype == np.float32:
-        return dict(rtol=1e-4, atol=1e-4)
-    return dict(rtol=1e-2, atol=1e-2)
+def _tol(spec, x, dtype, w=None, b=None, rm=None, rv=None, eps=1e-5):
+    """``assert_allclose`` kwargs for two computations of this norm on ``x`` in ``dtype``
+    (or one against float64), from ``_cases.tol_normalized``: n values per statistic
+    (1 in eval mode), the conditioning rstd |mean| + 1 of these groups, scale bounding
+    |w|, |b| and |y| (|xhat| <= (max|x| + |mean|) rstd). rtol: the statistics (mean,
+    rstd, running values) are within gamma_n of their own magnitude."""
+    kind = spec["kind"]
+    x64 = np.asarray(x, np.float64)
+    if kind.endswith("_eval"):
+        n, mean, rstd = 1, np.asarray(rm, np.float64), 1 / np.sqrt(np.asarray(rv, np.float64) + eps)
+    else:
+        xg = groups_of(spec, x64)
+        n = xg.shape[1]
+        mean = np.zeros(len(xg)) if kind == "rms" else xg.mean(axis=1)
+        rstd = 1 / np.sqrt(((xg - mean[:, None]) ** 2).mean(axis=1) + eps)
+    amax = lambda a: 0.0 if a is None else float(np.max(np.abs(np.asarray(a, np.float64))))  # noqa: E731
+    xhat = (amax(x64) + amax(mean)) * amax(rstd)
+    scale = max(1.0, amax(w), amax(b), xhat * max(1.0, amax(w)) + amax(b))
+    tol = K.tol_normalized(dtype, n, K.conditioning(mean, rstd), scale)
+    return dict(rtol=16 * K.gamma(n, K.unit_roundoff(np.float32) if np.dtype(dtype) !=
+                                  np.float64 else K.U64), atol=tol["atol"])
 
 
-def _tight(dtype):
-    """Same computation, different memory layout: agreement to a few ulps."""
-    dtype = np.dtype(dtype)
-    if dtype == np.float64:
-        return dict(rtol=1e-12, atol=1e-12)
-    if dtype == np.float32:
-        return dict(rtol=1e-6, atol=1e-6)
-    return dict(rtol=1e-3, atol=1e-3)
+def _xhat_scale(spec, x, w, eps):
+    """max |w| (|x| + |mean|) rstd over the groups: how far a relative change of u in
+    every value can move the output, per unit u."""
+    xg = groups_of(spec, np.asarray(x, np.float64))
+    mean = np.zeros(len(xg)) if spec["kind"] == "rms" else xg.mean(axis=1)
+    ms = (xg ** 2).mean(axis=1) if spec["kind"] == "rms" else xg.var(axis=1)
+    rstd = 1 / np.sqrt(ms + eps)
+    wmax = 1.0 if w is None else float(np.abs(w).max())
+    return float(((np.abs(xg).max(axis=1) + np.abs(mean)) * rstd).max()) * wmax
 
 
 # ------------------------------------------------------------------ drawing cases
@@ -196,20 +213,26 @@ def test_normalized_groups_have_mean_0_variance_1(kind, backend):
         assert y.dtype == x.dtype and y.shape == x.shape
         xg = groups_of(spec, x.astype(np.float64))
         yg = groups_of(spec, y.astype(np.float64))
-        tol = _tol(dtype)
+        # each y is within atol of the exact value, |y| <= scale (see _tol): a mean of y
+        # moves by <= atol, a mean square / variance by <= 2 scale atol + atol^2
+        atol = _tol(spec, x, dtype, eps=eps)["atol"]
+        ymax = max(1.0, float(np.abs(yg).max()))
+        vtol = dict(rtol=0, atol=2 * ymax * atol + atol * atol)
         if kind == "rms":
             ms = (xg ** 2).mean(axis=1)
-            np.testing.assert_allclose((yg ** 2).mean(axis=1), ms / (ms + eps), **tol)
-            big = ms > 1e3 * eps
-            np.testing.assert_allclose((yg[big] ** 2).mean(axis=1), 1.0, atol=2e-3)
+            np.testing.assert_allclose((yg ** 2).mean(axis=1), ms / (ms + eps), **vtol)
+            big = ms > 1e3 * eps     # then 1 - ms / (ms + eps) < 1e-3 exactly
+            np.testing.assert_allclose((yg[big] ** 2).mean(axis=1), 1.0,
+                                       atol=1e-3 + vtol["atol"])
             return
         var = xg.var(axis=1)
-        np.testing.assert_allclose(yg.mean(axis=1), 0.0, atol=tol["atol"])
+        np.testing.assert_allclose(yg.mean(axis=1), 0.0, atol=atol)
         # exact statement, eps included: var(y) = var(x) / (var(x) + eps)
-        np.testing.assert_allclose(yg.var(axis=1), var / (var + eps), **tol)
-        # and where eps is negligible against the data's variance: variance 1
+        np.testing.assert_allclose(yg.var(axis=1), var / (var + eps), **vtol)
+        # and where eps is negligible against the data's variance (1 - var / (var + eps)
+        # < 1e-3 exactly): variance 1
         big = var > 1e3 * eps
-        np.testing.assert_allclose(yg[big].var(axis=1), 1.0, atol=2e-3)
+        np.testing.assert_allclose(yg[big].var(axis=1), 1.0, atol=1e-3 + vtol["atol"])
 
     check()
 
@@ -228,9 +251,15 @@ def test_invariant_to_adding_a_constant(kind, backend):
         w, b, _, _ = _params(spec, affine=affine)
         y0 = forward(spec, x0, w, b, backend=backend).astype(np.float64)
         y1 = forward(spec, x1, w, b, backend=backend).astype(np.float64)
-        # float32 rounding of x + shift costs |shift| ulps of the data's spread
-        tol = _tol(dtype) if dtype == np.float64 else dict(rtol=0, atol=2e-3)
-        np.testing.assert_allclose(y1, y0, **tol)
+        # each within its bound; the exact results differ by the rounding of x + shift to
+        # dtype: u_d |x1| per value, moved into the output through |w| rstd (twice: the
+        # value and the mean)
+        t0, t1 = _tol(spec, x0, dtype, w, b), _tol(spec, x1, dtype, w, b)
+        x1g = groups_of(spec, x1.astype(np.float64))
+        rstd = 1 / np.sqrt(x1g.var(axis=1) + 1e-5)
+        wmax = 1.0 if w is None else float(np.abs(w).max())
+        shift_err = 2 * K.unit_roundoff(dtype) * float(np.abs(x1g).max() * rstd.max()) * wmax
+        np.testing.assert_allclose(y1, y0, rtol=0, atol=t0["atol"] + t1["atol"] + shift_err)
 
     check()
 
@@ -249,8 +278,13 @@ def test_invariant_to_positive_scaling(kind, backend):
         w, b, _, _ = _params(spec, affine=affine)
         y0 = forward(spec, x.astype(dtype), w, b, eps=eps, backend=backend)
         y1 = forward(spec, (a * x).astype(dtype), w, b, eps=eps * a * a, backend=backend)
-        np.testing.assert_allclose(y1.astype(np.float64), y0.astype(np.float64),
-                                   **_tol(dtype))
+        # each within its bound; a x rounded to dtype is a relative change of u_d per
+        # value, which moves xhat by <= 2 u_d (|x| + |mean|) rstd = 2 u_d xhat-scale
+        t0, t1 = _tol(spec, x.astype(dtype), dtype, w, b, eps=max(eps, 1e-300)), \
+            _tol(spec, (a * x).astype(dtype), dtype, w, b, eps=max(eps * a * a, 1e-300))
+        scale_err = 2 * K.unit_roundoff(dtype) * _xhat_scale(spec, x, w, eps)
+        np.testing.assert_allclose(y1.astype(np.float64), y0.astype(np.float64), rtol=0,
+                                   atol=t0["atol"] + t1["atol"] + scale_err)
 
     check()
 
@@ -280,9 +314,9 @@ def test_dtype_and_shape_preserved(kind, backend):
         x64 = x.astype(np.float64)
         p64 = [None if p is None else p.astype(np.float64) for p in (w, b, rm, rv)]
         y64 = forward(spec, x64, *p64, backend=backend)
+        # float16 computes in float32 and rounds the output once (u_16, in _tol)
         np.testing.assert_allclose(y.astype(np.float64), y64,
-                                   **(_tol(dtype) if dtype != np.float16
-                                      else dict(rtol=1e-2, atol=2e-2)))
+                                   atol=_tol(spec, x, dtype, w, b, rm, rv)["atol"])
 
     check()
 
@@ -356,14 +390,15 @@ def test_any_memory_layout_equals_contiguous_copy(kind, backend):
                   for i, p in enumerate((w, b, rm, rv))]
             y, m, r = forward(spec, xv, *pv, backend=backend, return_stats=True)
             assert y.shape == x.shape and y.dtype == xv.dtype, layout
+            tol = _tol(spec, x, dtype, w, b, rm, rv)
             np.testing.assert_allclose(y.astype(np.float64), y_ref.astype(np.float64),
-                                       err_msg=layout, **_tight(dtype))
-            np.testing.assert_allclose(r, r_ref, err_msg=layout, **_tight(dtype))
+                                       err_msg=layout, rtol=0, atol=tol["atol"])
+            np.testing.assert_allclose(r, r_ref, err_msg=layout, rtol=tol["rtol"])
             if m_ref is not None:
-                np.testing.assert_allclose(m, m_ref, err_msg=layout, **_tight(dtype))
+                np.testing.assert_allclose(m, m_ref, err_msg=layout, **tol)
             if training and rm is not None:   # in-place running-stat updates agree too
-                np.testing.assert_allclose(pv[2], rc[0], err_msg=layout, **_tight(dtype))
-                np.testing.assert_allclose(pv[3], rc[1], err_msg=layout, **_tight(dtype))
+                np.testing.assert_allclose(pv[2], rc[0], err_msg=layout, **tol)
+                np.testing.assert_allclose(pv[3], rc[1], err_msg=layout, **tol)
             np.testing.assert_array_equal(xv, x)   # the view itself was not written to
 
     check()
@@ -393,8 +428,8 @@ def test_out_in_place_equals_out_of_place(kind, backend):
                    else np.asfortranarray(np.empty_like(x)))
         res = forward(spec, xin, w, b, rm, rv, out=out, backend=backend)
         assert res is out
-        np.testing.assert_allclose(out.astype(np.float64), y_ref.astype(np.float64),
-                                   **_tight(dtype))
+        np.testing.assert_allclose(out.astype(np.float64), y_ref.astype(np.float64), rtol=0,
+                                   atol=_tol(spec, x, dtype, w, b, rm, rv)["atol"])
         if target == "x_strided":              # nothing outside the view was touched
             mask = np.ones(base.shape, bool)
             mask[tuple(slice(1, None, 2) for _ in base.shape)] = False
