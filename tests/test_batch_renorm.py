@@ -276,7 +276,7 @@ def test_training_errors_as_batch_norm():
     bn = normkit.BatchNorm(3, renorm=True)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         bn(np.ones((1, 3), np.float32))
-    with pytest.raises(ValueError, match=r"expected shape \(4,\), got shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"BatchNorm\(3\): expected 3 channels on axis 1, got input of shape \(2, 4\)"):
         bn(np.ones((2, 4), np.float32))
     with pytest.raises(TypeError, match="int64"):
         bn(np.ones((2, 3), np.int64))
