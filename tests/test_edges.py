@@ -505,7 +505,7 @@ NEAR_MAX = [   # (id, call on BIG (2, 4) -> (2, 4), the exact result)
 
 
 @pytest.mark.parametrize("case", NEAR_MAX, ids=[c[0] for c in NEAR_MAX])
-def test_float32_near_its_maximum(case, backend, request):
+def test_float32_near_its_maximum(case, backend):
     """Every backend matches the float64 formula where the result is representable.
 
     Tolerance: the per-channel scale 1/std (~3e-39) is a float32 subnormal when the
@@ -513,10 +513,6 @@ def test_float32_near_its_maximum(case, backend, request):
     at most 2.2e-7 at 3.2e-39; plus the float32 rounding of the output (6e-8) and a
     few float64 roundings: 1e-6 relative bounds it.
     """
-    if backend == "cython" and case[0] != "rms":    # rms has no x - mean to overflow
-        request.applymarker(pytest.mark.xfail(
-            strict=False, reason="compiled kernels form x - mean in float32, which "
-                                 "overflows to Inf here (kernel owners' fix, issue 15)"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = case[1](backend)

@@ -782,7 +782,7 @@ cdef void _row_forward(const real* x, const real* w, const real* b, real* out,
                        Py_ssize_t K, double eps, bint rms,
                        double* mean_out, double* rstd_out) noexcept nogil:
     cdef double mean = 0.0, m2, var, rstd
-    cdef real mh, ml, rs
+    cdef real mh, ml, rs, rs2
     cdef Py_ssize_t k
     if rms:
         var = _ssd(x, K, 0.0) / K
@@ -803,12 +803,16 @@ cdef void _row_forward(const real* x, const real* w, const real* b, real* out,
         # (Sterbenz), so float32 rows with |mean| >> std keep their digits.
         mh = <real>mean
         ml = <real>(mean - <double>mh)
+        rs2 = rs * <real>2     # halves, as in _affine_run: x - mean cannot overflow
         if fabs(ml * rstd) > 1e-9:
+            ml = ml * <real>0.5
+            mh = mh * <real>0.5
             for k in range(K):
-                out[k] = ((x[k] - mh) - ml) * rs * w[k] + b[k]
+                out[k] = ((x[k] * <real>0.5 - mh) - ml) * rs2 * w[k] + b[k]
         else:      # the low part shifts the output by < 1e-9: a float32 no-op
+            mh = mh * <real>0.5
             for k in range(K):
-                out[k] = (x[k] - mh) * rs * w[k] + b[k]
+                out[k] = (x[k] * <real>0.5 - mh) * rs2 * w[k] + b[k]
 
 
 cdef void _rows_forward(const real* x, const real* w, const real* b, real* out,
@@ -979,6 +983,12 @@ def rows_backward(cnp.ndarray dy not None, cnp.ndarray x not None, cnp.ndarray m
 # p % C (N' = 1). Channels-last (N, S, C): row r = n*S + s; parameter row r // S or 0.
 # Elementwise passes split the flat element (or row) range evenly between threads.
 
+cdef inline real _halfdiff(real x, real m, real a) noexcept nogil:
+    """(x - m) * a computed as (x/2 - m/2) * (2a): power-of-two scalings are exact, so
+    the same bits, but x - m cannot overflow for data near the float maximum."""
+    return (x * <real>0.5 - m * <real>0.5) * (a * <real>2)
+
+
 cdef inline void _affine_run(const real* p, real* q, const real* r, Py_ssize_t n,
                              real m, real a, real b, bint relu) noexcept nogil:
     """q = (p - m) * a + b [+ r] [then ReLU] over n values. The four loops keep the
@@ -986,20 +996,24 @@ cdef inline void _affine_run(const real* p, real* q, const real* r, Py_ssize_t n
     each element is read before it is written. ReLU: y < 0 ? 0 : y keeps NaN."""
     cdef Py_ssize_t k
     cdef real y
+    # (x/2 - m/2) * (2a): power-of-two scalings are exact, so these are the bits of
+    # (x - m) * a, but x - m cannot overflow for data near the float maximum
+    m = m * <real>0.5
+    a = a * <real>2
     if r == NULL:
         if not relu:
             for k in range(n):
-                q[k] = (p[k] - m) * a + b
+                q[k] = (p[k] * <real>0.5 - m) * a + b
         else:
             for k in range(n):
-                y = (p[k] - m) * a + b
+                y = (p[k] * <real>0.5 - m) * a + b
                 q[k] = 0 if y < 0 else y
     elif not relu:
         for k in range(n):
-            q[k] = (p[k] - m) * a + b + r[k]
+            q[k] = (p[k] * <real>0.5 - m) * a + b + r[k]
     else:
         for k in range(n):
-            y = (p[k] - m) * a + b + r[k]
+            y = (p[k] * <real>0.5 - m) * a + b + r[k]
             q[k] = 0 if y < 0 else y
 
 
@@ -1040,19 +1054,19 @@ cdef void _cl_affine_range(const real* x, real* out, const real* sh, const real*
         if res == NULL:
             if not relu:
                 for c in range(C):
-                    q[c] = (p[c] - sh[pi + c]) * sc[pi + c] + of[pi + c]
+                    q[c] = _halfdiff(p[c], sh[pi + c], sc[pi + c]) + of[pi + c]
             else:
                 for c in range(C):
-                    y = (p[c] - sh[pi + c]) * sc[pi + c] + of[pi + c]
+                    y = _halfdiff(p[c], sh[pi + c], sc[pi + c]) + of[pi + c]
                     q[c] = 0 if y < 0 else y
         else:
             rr = res + o
             if not relu:
                 for c in range(C):
-                    q[c] = (p[c] - sh[pi + c]) * sc[pi + c] + of[pi + c] + rr[c]
+                    q[c] = _halfdiff(p[c], sh[pi + c], sc[pi + c]) + of[pi + c] + rr[c]
             else:
                 for c in range(C):
-                    y = (p[c] - sh[pi + c]) * sc[pi + c] + of[pi + c] + rr[c]
+                    y = _halfdiff(p[c], sh[pi + c], sc[pi + c]) + of[pi + c] + rr[c]
                     q[c] = 0 if y < 0 else y
 
 
