@@ -1,6 +1,6 @@
 """normkit: fast, numerically careful CPU normalization layers.
 
-Public names only; the contract is ``../shared/API.md`` in the repository.
+Public names only; the contract is documented in ``docs/api.md``.
 """
 from . import diagnostics, functional
 from ._version import __version__

@@ -1,6 +1,6 @@
 """Every check of user input, and every message it raises, lives here.
 
-The error contract (``../shared/API.md``): a wrong dtype is a TypeError naming the
+The error contract (``docs/api.md``): a wrong dtype is a TypeError naming the
 dtype; a wrong shape is a ValueError naming the expected and the actual shape; a bad
 argument names the argument. Messages share one shape,
 ``"<argument>: expected <what>, got <what was given>"`` (prefixed with the function

@@ -301,7 +301,7 @@ class BatchNorm(_RunningStatsNorm):
                  diagnostics=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, axis,
                          dtype, backend)
-        self.diagnostics = _diagnostics.check_setting(diagnostics)
+        self.diagnostics = _diagnostics._check_setting(diagnostics)
         self._diag_state = None
         self.renorm = bool(renorm)
         if self.renorm:
@@ -335,7 +335,7 @@ class BatchNorm(_RunningStatsNorm):
             return _renorm.forward(self, x, self._momentum_for_step())
         batch_stats = self.training or not self.track_running_stats
         momentum = self._momentum_for_step()
-        probe = _diagnostics.start(self, x) if self.training else None
+        probe = _diagnostics._start(self, x) if self.training else None
         try:
             y, mean, rstd = F.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias, batch_stats, momentum, self.eps, axis=self.axis,
@@ -372,7 +372,7 @@ class InstanceNorm(_RunningStatsNorm):
                  diagnostics=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, axis,
                          dtype, backend)
-        self.diagnostics = _diagnostics.check_setting(diagnostics)
+        self.diagnostics = _diagnostics._check_setting(diagnostics)
         self._diag_state = None
 
     def _momentum_for_step(self):
@@ -383,7 +383,7 @@ class InstanceNorm(_RunningStatsNorm):
     def _forward(self, x):
         use_input_stats = self.training or not self.track_running_stats
         momentum = self._momentum_for_step()
-        probe = _diagnostics.start(self, x) if self.training else None
+        probe = _diagnostics._start(self, x) if self.training else None
         y, mean, rstd = F.instance_norm(
             x, self.running_mean, self.running_var, self.weight, self.bias,
             use_input_stats, momentum, self.eps, axis=self.axis, backend=self._backend,

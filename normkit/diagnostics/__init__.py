@@ -43,8 +43,3 @@ __all__ = [
 for _name in __all__:
     globals()[_name].__module__ = __name__
 del _name
-
-# Layer hooks: private. layers.py still calls them by their old names; these aliases go
-# once it calls _diagnostics._check_setting and _diagnostics._start.
-check_setting = _check_setting
-start = _start
