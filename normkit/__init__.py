@@ -2,20 +2,36 @@
 
 Public names only; the contract is documented in ``docs/api.md``.
 """
-from . import diagnostics, functional
-from ._version import __version__
-from .backends import (BackendUnavailableError, available_backends, get_backend,
-                       get_num_threads, set_backend, set_num_threads, use_backend)
-from .diagnostics import UnstableBatchStatisticsWarning
-from .functional import (batch_norm, batch_norm_backward, group_norm, group_norm_backward,
-                         instance_norm, instance_norm_backward, layer_norm,
-                         layer_norm_backward, rms_norm, rms_norm_backward)
-from .layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, Norm, RMSNorm
 # inference pipelines: folding, import from torch/ONNX, precise BN, conventions
-from . import conventions
+from . import conventions, diagnostics
+from . import functional as functional  # normkit.functional, as the API names it
+from ._version import __version__
+from .backends import (
+    BackendUnavailableError,
+    available_backends,
+    get_backend,
+    get_num_threads,
+    set_backend,
+    set_num_threads,
+    use_backend,
+)
 from .conventions import convert_momentum, convert_running_var
+from .diagnostics import UnstableBatchStatisticsWarning
 from .folding import fold_batch_norm, fold_batch_norm_stats
+from .functional import (
+    batch_norm,
+    batch_norm_backward,
+    group_norm,
+    group_norm_backward,
+    instance_norm,
+    instance_norm_backward,
+    layer_norm,
+    layer_norm_backward,
+    rms_norm,
+    rms_norm_backward,
+)
 from .interop import fold_onnx_batch_norms, from_onnx, from_torch
+from .layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, Norm, RMSNorm
 from .recalibration import recalibrate
 
 __all__ = [

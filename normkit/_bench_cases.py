@@ -805,7 +805,7 @@ def torch_runner(case, units, torch):
     fn = _sequence([p[0] for p in pairs])
     if len(pairs) == 1:
         return fn, pairs[0][1]
-    return fn, lambda rs: [a for (_, fetch), r in zip(pairs, rs) for a in fetch(r)]
+    return fn, lambda rs: [a for (_, fetch), r in zip(pairs, rs, strict=True) for a in fetch(r)]
 
 
 def onnx_units(case, units):
@@ -842,7 +842,7 @@ def max_rel_error(got, ref):
     if len(got) != len(ref):
         return math.inf
     worst = 0.0
-    for a, r in zip(got, ref):
+    for a, r in zip(got, ref, strict=True):
         if a.shape != r.shape:
             return math.inf
         a64, r64 = a.astype(np.float64), r.astype(np.float64)

@@ -59,7 +59,7 @@ def _ratios(impls, repeats):
             times[k].append(_time(fn))
     base = next(iter(impls))
     return {k: (statistics.median(v),
-                statistics.median(a / b for a, b in zip(v, times[base])))
+                statistics.median(a / b for a, b in zip(v, times[base], strict=True)))
             for k, v in times.items()}
 
 

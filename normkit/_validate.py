@@ -115,8 +115,9 @@ def as_input(x, name: str = "x", min_ndim: int = 1) -> np.ndarray:
         raise TypeError(f"{name} must be a float16, float32 or float64 array, got dtype {dt}")
     if x.ndim < min_ndim:
         layout = " (N, C, ...)" if min_ndim >= 2 else ""
-        raise ValueError(f"{name} must have at least {min_ndim} dimension{'s' * (min_ndim > 1)}: expected shape"
-                         f"{layout} with ndim >= {min_ndim}, got shape {x.shape}")
+        plural = "s" * (min_ndim > 1)
+        raise ValueError(f"{name} must have at least {min_ndim} dimension{plural}: expected "
+                         f"shape{layout} with ndim >= {min_ndim}, got shape {x.shape}")
     return x
 
 

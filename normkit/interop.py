@@ -21,12 +21,10 @@ ONNX conventions handled here:
 """
 from __future__ import annotations
 
-
 import numpy as np
 
 from . import _onnx_safety as _safety
-from .layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
-from .layers import _torch_to_numpy
+from .layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm, _torch_to_numpy
 
 __all__ = ["from_torch", "from_onnx", "onnx_constants", "fold_onnx_batch_norms"]
 
@@ -201,11 +199,11 @@ class _Constants:
         inputs = [self[i] if i else None for i in node.input]   # KeyError if not constant
         from onnx.reference import ReferenceEvaluator
         opsets = {imp.domain: imp.version for imp in self._model.opset_import}
-        feeds = {i: v for i, v in zip(node.input, inputs) if i}
+        feeds = {i: v for i, v in zip(node.input, inputs, strict=True) if i}
         _safety.check_output_size(node, feeds, opsets, self._limit)
         evaluator = ReferenceEvaluator(node, opsets=opsets)
         outputs = evaluator.run(None, feeds)
-        for out_name, out in zip(node.output, outputs):
+        for out_name, out in zip(node.output, outputs, strict=False):
             if out_name:
                 self._values[out_name] = np.asarray(out)
         return self._values[name]
@@ -500,7 +498,7 @@ def from_onnx(model_or_path, *, dtype=None, backend=None, base_dir=None,
     model = _load_model(model_or_path, base_dir)
     ctx = _OnnxNodeContext(model, dtype, backend, max_constant_elements)
     layers = {}
-    for node, name in zip(model.graph.node, _node_names(model.graph)):
+    for node, name in zip(model.graph.node, _node_names(model.graph), strict=True):
         convert = _ONNX_CONVERTERS.get(node.op_type)
         if convert is None or node.domain not in ("", "ai.onnx"):
             continue
@@ -536,7 +534,7 @@ def fold_onnx_batch_norms(model_or_path, *, base_dir=None, max_constant_elements
     outputs = {o.name for o in graph.output}
     producer = {o: n for n in graph.node for o in n.output if o}
     folded = []
-    for node, name in zip(list(graph.node), _node_names(graph)):
+    for node, name in zip(list(graph.node), _node_names(graph), strict=True):
         if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
             continue
         try:       # every BN node is checked, foldable or not: malformed raises ValueError
@@ -564,6 +562,7 @@ def fold_onnx_batch_norms(model_or_path, *, base_dir=None, max_constant_elements
 def _fold_into_conv(model, conv, node, name, w, b, bn):
     """Give ``conv`` the folded weight and bias and the BN node's output."""
     from onnx import helper, numpy_helper
+
     from .folding import fold_batch_norm
     graph = model.graph
     transposed = conv.op_type == "ConvTranspose"

@@ -338,8 +338,8 @@ class BatchNorm(_RunningStatsNorm):
         probe = _diagnostics._start(self, x) if self.training else None
         try:
             y, mean, rstd = F.batch_norm(
-                x, self.running_mean, self.running_var, self.weight, self.bias, batch_stats, momentum, self.eps, axis=self.axis,
-                backend=self._backend, return_stats=True)
+                x, self.running_mean, self.running_var, self.weight, self.bias, batch_stats,
+                momentum, self.eps, axis=self.axis, backend=self._backend, return_stats=True)
         finally:
             if probe is not None:
                 probe.release()

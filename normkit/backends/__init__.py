@@ -61,7 +61,8 @@ def _default_threads() -> int:
         try:
             n = int(env)
         except ValueError:
-            raise ValueError(f"NORMKIT_NUM_THREADS must be a positive integer, got {env!r}") from None
+            raise ValueError(
+                f"NORMKIT_NUM_THREADS must be a positive integer, got {env!r}") from None
         if n < 1:
             raise ValueError(f"NORMKIT_NUM_THREADS must be a positive integer, got {env!r}")
         return n

@@ -4,8 +4,8 @@ The kernels themselves live in ``numba_kernels.py``; this module decides, per ca
 whether a call runs on the thread pool or on the serial twin of the same kernel, how
 the work is cut into items (from the shape alone: results do not depend on the thread
 count), launches every kernel through one function driven by one table (``_TABLE``:
-driver -> work split, statistics outputs, channels-last twin), and keeps Numba's thread pool usable from many Python
-threads and after ``fork()``.
+driver -> work split, statistics outputs, channels-last twin), and keeps Numba's thread
+pool usable from many Python threads and after ``fork()``.
 
 Threading layer (decided here, reported by ``info()``)
 ------------------------------------------------------

@@ -170,11 +170,11 @@ def _h_block_moments(a, lo, hi):
     ma = 0.0
     qa = 0.0
     for j in range(npc):
-        l = lo + j * n // npc
+        b = lo + j * n // npc
         h = lo + (j + 1) * n // npc
-        nb = float(h - l)
-        mb = _h_sum(a, l, h) / nb
-        qb = _h_ssd(a, l, h, mb)
+        nb = float(h - b)
+        mb = _h_sum(a, b, h) / nb
+        qb = _h_ssd(a, b, h, mb)
         if j == 0:
             na, ma, qa = nb, mb, qb
         else:
@@ -227,7 +227,8 @@ def _l_act(a, r, o, sh, sc, of, res, relu):
     subnormal a or sh (|v| < 1.2e-38 in float32) may lose its last bit when halved.
 
     a/r/o are (rows, width): one row (1, L) for a channels-first piece with scalar
-    ``sh``/``sc``/``of``, or channels-last rows (S', C) with per-channel vectors. Inlined in Numba IR (``inline='always'``) through
+    ``sh``/``sc``/``of``, or channels-last rows (S', C) with per-channel vectors.
+    Inlined in Numba IR (``inline='always'``) through
     ``_l_act_flags``, which makes ``res``/``relu`` constants, into ``_h_act``, which
     passes the *same* array object for operands that alias (in place): the flags fold
     away and aliased operands are one pointer, so every variant vectorizes without a

@@ -61,7 +61,7 @@ def channel_range(block_info, ax):
 def _keepdims(stat, block_shape, kept):
     """A statistic of shape block_shape[kept] reshaped with 1 on the reduced axes."""
     shape = [1] * len(block_shape)
-    for k, d in zip(kept, stat.shape):
+    for k, d in zip(kept, stat.shape, strict=True):
         shape[k] = d
     return np.asarray(stat).reshape(shape)
 

@@ -70,7 +70,7 @@ def _inputs(named, batch, single):
             raise KeyError(f"batch has inputs for unknown layers {unknown}")
         return batch
     if isinstance(batch, (list, tuple)) and len(batch) == len(named):
-        return dict(zip(named, batch))
+        return dict(zip(named, batch, strict=True))
     raise TypeError("with a dict or list of layers, each batch must be a dict layer name "
                     f"-> input, or a list of {len(named)} input(s) in the layers' order "
                     f"(got {type(batch).__name__})")

@@ -27,8 +27,8 @@ from ._config import (
     get_config,
     reset_config,
 )
-from ._config import check_setting as _check_setting
-from ._layer_state import start as _start
+from ._config import check_setting as _check_setting  # noqa: F401 - layers' hook
+from ._layer_state import start as _start  # noqa: F401 - layers' hook
 from ._report import BatchStatsReport, batch_stats_report
 from ._running_stats import RunningStatsReport, check_running_stats
 
