@@ -7,18 +7,24 @@ the public code asks which backend it is talking to.
 
 Conventions shared by all kernels
 ---------------------------------
-* ``x``, ``dy``, ``out`` and ``dx`` are C-contiguous arrays of one *compute dtype*,
-  float32 or float64 (float16 is converted to float32 before a kernel sees it).
+* ``x``, ``dy``, ``out``, ``dx`` and ``residual`` (the *data*) are C-contiguous,
+  aligned, native-order arrays of one *storage dtype*: float32, float64, float16 or
+  bfloat16 (``ml_dtypes.bfloat16``, what JAX, ONNX and TensorFlow hand out).
   ``x`` and ``dy`` may be read-only; ``out`` may be the same array as ``x``
   (in-place), so an element of ``x`` must be read before the same element of
   ``out`` is written, and no kernel reads ``x`` after writing ``out``.
 * Per-channel / per-row parameters (``weight``, ``bias``, ``shift``, ``scale``,
-  ``offset``, ``coef_*``) are C-contiguous arrays of the compute dtype.
+  ``offset``, ``coef_*``) are C-contiguous arrays of the *parameter dtype*: float64
+  for float64 data, float32 for float32, float16 and bfloat16 data.
   ``(N', C)`` means the first dimension is either 1 (the same values for every
   sample: BatchNorm) or N (one row per sample: GroupNorm, InstanceNorm).
+* 16-bit data is read directly and widened in registers (exactly) to float32;
+  elementwise results are computed in float32 and narrowed once, on write, with
+  round-to-nearest-even (NaN stays NaN, float16 overflow gives +-Inf). No float32
+  copy of the data is ever made: extra memory is the per-channel/per-row arrays.
 * Statistics (``mean``, ``m2``, ``rstd`` and the gradient sums) are float64 so that
-  float32 data is accumulated in double precision, and variances are *centered*
-  (two-pass or Welford/Chan merges, never E[x^2] - E[x]^2).
+  float32 and 16-bit data is accumulated in double precision, and variances are
+  *centered* (two-pass or Welford/Chan merges, never E[x^2] - E[x]^2).
 * Arrays are never empty (the callers handle size 0).
 * NaN and Inf in the data propagate into the results; they must never crash.
 
