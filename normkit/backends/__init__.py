@@ -17,6 +17,7 @@ import operator
 import os
 import sys
 import threading
+from types import ModuleType
 
 from ._spec import MEMBERS
 
@@ -43,7 +44,7 @@ KNOWN_BACKENDS = tuple(_MODULES)          # also the order 'auto' tries them in
 _CHOICES = ("auto",) + KNOWN_BACKENDS
 
 _lock = threading.RLock()
-_loaded: dict[str, object] = {}
+_loaded: dict[str, ModuleType] = {}
 _failed: dict[str, str] = {}
 _local = threading.local()
 

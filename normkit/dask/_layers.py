@@ -110,7 +110,7 @@ def recalibrate(layers_or_callable, batches, *, layers=None, num_batches=None,
         batches = [batches]
     if num_batches is not None:
         batches = itertools.islice(batches, num_batches)
-    lazy = {name: [] for name in named}
+    lazy: dict[object, list] = {name: [] for name in named}
     for batch in batches:
         for name, x in _inputs(named, batch, single).items():
             lazy[name].append(_lazy_moments(named[name], x))
