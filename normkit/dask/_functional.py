@@ -60,6 +60,22 @@ def _check_activation(activation, residual, x):
     return like(residual, x, "residual")
 
 
+def _check_mode(what, batch_stats, momentum, running_mean, running_var, too_few, needs_running):
+    """Statistics from the batch (updating the running ones in place) or from the running
+    statistics: the checks of either mode, with normkit._validate's messages.
+    ``too_few``: the message when the batch has too few values, else None."""
+    if not batch_stats:
+        if running_mean is None or running_var is None:
+            raise ValueError(needs_running)
+        return momentum
+    momentum = V.check_momentum(momentum, what)
+    if too_few:
+        raise ValueError(too_few)
+    V.check_writable(running_mean, "running_mean")
+    V.check_writable(running_var, "running_var")
+    return momentum
+
+
 def _params(c, weight, bias):
     weight, bias = small(weight), small(bias)
     V.as_param(weight, (c,), "weight")
@@ -83,16 +99,11 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     residual = _check_activation(activation, residual, x)
     dt = compute_dtype(x)
     count = x.size // c if c else 0
-    if training:
-        momentum = V.check_momentum(momentum, "batch_norm")
-        if count <= 1:
-            raise ValueError("Expected more than 1 value per channel when training, "
-                             f"got input size {x.shape}")
-        V.check_writable(running_mean, "running_mean")
-        V.check_writable(running_var, "running_var")
-    elif running_mean is None or running_var is None:
-        raise ValueError("batch_norm: eval mode (training=False) needs running_mean and "
-                         "running_var; pass them or use training=True")
+    too_few = ("Expected more than 1 value per channel when training, got input size "
+               f"{x.shape}") if count <= 1 else None
+    momentum = _check_mode("batch_norm", training, momentum, running_mean, running_var,
+                           too_few, "batch_norm: eval mode (training=False) needs running_mean and "
+                           "running_var; pass them or use training=True")
     ctx = _blocks.task_context(backend)
     if x.size == 0:
         return _empty(x, (c,), dt, return_stats)
@@ -160,19 +171,12 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     eps = V.check_eps(eps, "instance_norm")
     no_out(out)
     spatial = x.size // (n * c) if n * c else 0
-    fixed = None
-    if use_input_stats:
-        momentum = V.check_momentum(momentum, "instance_norm")
-        if spatial <= 1 and x.size:
-            raise ValueError("Expected more than 1 spatial element when training, "
-                             f"got input size {x.shape}")
-        V.check_writable(running_mean, "running_mean")
-        V.check_writable(running_var, "running_var")
-    elif running_mean is None or running_var is None:
-        raise ValueError("instance_norm: use_input_stats=False needs running_mean and "
-                         "running_var")
-    else:
-        fixed = (running_mean.copy(), running_var.copy())
+    too_few = ("Expected more than 1 spatial element when training, got input size "
+               f"{x.shape}") if spatial <= 1 and x.size else None
+    momentum = _check_mode("instance_norm", use_input_stats, momentum, running_mean,
+                           running_var, too_few, "instance_norm: use_input_stats=False "
+                           "needs running_mean and running_var")
+    fixed = None if use_input_stats else (running_mean.copy(), running_var.copy())
     if x.size == 0:
         return _empty(x, (n, c), compute_dtype(x), return_stats)
     if use_input_stats and (running_mean is not None or running_var is not None):
