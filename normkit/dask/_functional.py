@@ -9,10 +9,12 @@
   over the whole array: they are computed *eagerly*, at call time, by the exact tree
   reduction of ``_reduce``; the running statistics are updated in place then, as for
   NumPy input; the normalized output stays lazy (one more pass over x when computed).
-* ``out=`` is not supported (ValueError): the result is a new Dask array.
+* ``out=`` (an ndarray, Zarr array, ...): the call becomes eager; the result is written
+  into ``out`` block by block and ``out`` is returned, as for NumPy input.
 """
 from __future__ import annotations
 
+import functools
 from functools import partial
 
 import numpy as np
@@ -28,16 +30,29 @@ from ._backward import (  # noqa: F401
 )
 from ._common import (
     check_input,
+    check_out,
     compute_dtype,
     like,
-    no_out,
     run_blocks,
     small,
     squeeze,
     stat_chunks,
+    store_into,
     whole,
 )
 from ._reduce import population_moments
+
+
+def _stores_out(fn):
+    """``out=``: run the lazy call, then store its result into ``out`` (``store_into``)."""
+    @functools.wraps(fn)
+    def wrapper(x, *args, out=None, **kwargs):
+        if out is None:
+            return fn(x, *args, **kwargs)
+        check_input(x)
+        check_out(out, x)
+        return store_into(fn(x, *args, **kwargs), out)
+    return wrapper
 
 
 def _update_running(running, batch_value, momentum):
@@ -84,6 +99,7 @@ def _params(c, weight, bias):
 
 
 # ====================================================================== BatchNorm
+@_stores_out
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
                training=False, momentum=0.1, eps=1e-5, *, axis=1, out=None, backend=None,
                return_stats=False, activation=None, residual=None):
@@ -95,7 +111,6 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     running_var = V.running_stat(small(running_var), (c,), "running_var")
     weight, bias = _params(c, weight, bias)
     eps = V.check_eps(eps, "batch_norm")
-    no_out(out)
     residual = _check_activation(activation, residual, x)
     dt = compute_dtype(x)
     count = x.size // c if c else 0
@@ -143,6 +158,7 @@ def _per_sample(x, ax, per, weight, bias, eps, fixed, activation, residual, back
     return y, squeeze(mean, spatial), squeeze(rstd, spatial)
 
 
+@_stores_out
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=None,
                backend=None, return_stats=False, activation=None, residual=None):
     check_input(x, 2)
@@ -151,7 +167,6 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=N
     groups = V.num_groups(num_groups, c, x)
     weight, bias = _params(c, weight, bias)
     eps = V.check_eps(eps, "group_norm")
-    no_out(out)
     residual = _check_activation(activation, residual, x)
     if x.size == 0:
         return _empty(x, (x.shape[0], groups), compute_dtype(x), return_stats)
@@ -159,6 +174,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=N
                        backend, return_stats)
 
 
+@_stores_out
 def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
                   use_input_stats=True, momentum=0.1, eps=1e-5, *, axis=1, out=None,
                   backend=None, return_stats=False):
@@ -169,7 +185,6 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     running_var = V.running_stat(small(running_var), (c,), "running_var")
     weight, bias = _params(c, weight, bias)
     eps = V.check_eps(eps, "instance_norm")
-    no_out(out)
     spatial = x.size // (n * c) if n * c else 0
     too_few = ("Expected more than 1 spatial element when training, got input size "
                f"{x.shape}") if spatial <= 1 and x.size else None
@@ -190,13 +205,12 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
 
 
 # ====================================================================== Layer / RMS
-def _rows(x, normalized_shape, weight, bias, eps, out, backend, return_stats, rms, what):
+def _rows(x, normalized_shape, weight, bias, eps, backend, return_stats, rms, what):
     check_input(x)
     ns = V.normalized_shape(normalized_shape, x, what)
     weight, bias = small(weight), small(bias)
     V.as_param(weight, ns, "weight")
     V.as_param(bias, ns, "bias")
-    no_out(out)
     ctx = _blocks.task_context(backend)
     lead = x.ndim - len(ns)
     xw = whole(x, range(lead, x.ndim))
@@ -210,16 +224,18 @@ def _rows(x, normalized_shape, weight, bias, eps, out, backend, return_stats, rm
     return y, squeeze(mean, trailing), squeeze(rstd, trailing)
 
 
+@_stores_out
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None,
                backend=None, return_stats=False):
     eps = V.check_eps(eps, "layer_norm")
-    return _rows(x, normalized_shape, weight, bias, eps, out, backend, return_stats, False,
+    return _rows(x, normalized_shape, weight, bias, eps, backend, return_stats, False,
                  "layer_norm")
 
 
+@_stores_out
 def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, backend=None,
              return_stats=False):
     check_input(x)
     eps = float(np.finfo(x.dtype).eps) if eps is None else V.check_eps(eps, "rms_norm")
-    return _rows(x, normalized_shape, weight, None, eps, out, backend, return_stats, True,
+    return _rows(x, normalized_shape, weight, None, eps, backend, return_stats, True,
                  "rms_norm")
