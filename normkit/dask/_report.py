@@ -54,7 +54,8 @@ def batch_stats_report(x, *, axis=1, kind="batch", num_groups=None, eps=1e-5,
     c = x.shape[ax]
     groups = c if kind == "instance" else checks.as_num_groups(num_groups, c)
     mean, m2, r4, n = _group_moments(x, ax, groups, backend)
-    return fm.per_sample_report(x.shape, c, kind, groups, mean, m2, r4, n, eps, thr)
+    g = n * r4 / (m2 * m2)                     # the sample kurtosis, as plane_kurtosis
+    return fm.per_sample_report(x.shape, c, kind, groups, mean, m2, g, n, eps, thr)
 
 
 def _batch_moments(x, ax, thr, backend):

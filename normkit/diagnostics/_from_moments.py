@@ -5,8 +5,8 @@
 * ``kind="batch"``: the per-(sample, channel) mean and M2 over the ``m`` positions of a
   sample (the one-way random-effects structure), and a strided subsample of each plane
   for the within-sample kurtosis (``subsample_size`` values a plane at most);
-* ``kind="instance"`` / ``"group"``: the per-(sample, statistic) mean, M2 and sum of
-  fourth powers of the deviations from that mean.
+* ``kind="instance"`` / ``"group"``: the per-(sample, statistic) mean, M2 and sample
+  kurtosis (from the sum of fourth powers of the deviations from that mean).
 
 An input that is not in memory (a Dask array: ``normkit.dask._report``) computes those
 by blocks and calls the functions here; the report is then the one the in-memory path
@@ -70,22 +70,17 @@ def batch_report(shape: tuple, mu: np.ndarray, m2: np.ndarray, m: int, sub: np.n
         unstable=bool(reasons), reasons=reasons, recommendation=rec, thresholds=thr)
 
 
-def per_statistic_kurtosis(m2: np.ndarray, r4: np.ndarray, n: int) -> np.ndarray:
-    """The shrunk kurtosis of each statistic from its M2 and sum of fourth powers of
-    deviations over ``n`` values (``noise.plane_kurtosis``, bias-corrected and shrunk)."""
-    if n <= 3:
-        return np.full_like(m2, 3.0)
-    g = n * r4 / (m2 * m2)
-    return noise.shrink_kurtosis(g * (n + 1.0) / (n - 1.0), n)
-
-
 def per_sample_report(shape: tuple, c: int, kind: str, groups: int, mean: np.ndarray,
-                      m2: np.ndarray, r4: np.ndarray, n: int, eps: float,
+                      m2: np.ndarray, g: np.ndarray, n: int, eps: float,
                       thr: Thresholds) -> rep.BatchStatsReport:
-    """The ``kind="instance"`` / ``"group"`` report from (N, G) float64 moments: mean,
-    M2 and sum of fourth powers of the deviations over the ``n`` values of each."""
+    """The ``kind="instance"`` / ``"group"`` report from (N, G) float64 moments over the
+    ``n`` values of each statistic: mean, M2 and the sample kurtosis
+    ``g = n * sum(r^4) / M2^2`` (``noise.plane_kurtosis``)."""
     var = m2 / n
-    beta = per_statistic_kurtosis(m2, r4, n)
+    if n > 3:         # bias-corrected, shrunk towards the normal 3
+        beta = noise.shrink_kurtosis(g * (n + 1.0) / (n - 1.0), n)
+    else:
+        beta = np.full_like(mean, 3.0)
     vse = noise.per_statistic_cv(beta, n)
     mse = np.full_like(mean, 1.0 / math.sqrt(n))
     fin, zero = rep._finite_and_zero(mean, var, eps, thr)
