@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from typing import Any
 
 import numpy as np
 
@@ -54,8 +55,8 @@ def _lazy_moments(layer, x):
     return population_moments(x, (ax,), backend=layer.backend)
 
 
-def recalibrate(layers_or_callable, batches, *, layers=None, num_batches=None,
-                progress=None):
+def recalibrate(layers_or_callable: Any, batches: Any, *, layers: Any = None,
+                num_batches: int | None = None, progress: bool | None = None) -> dict:
     """``normkit.recalibrate`` for Dask batches (a Dask array is one batch).
 
     Same arguments, result and warnings as :func:`normkit.recalibrate` for layers

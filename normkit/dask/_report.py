@@ -16,20 +16,25 @@ per sample and channel (2-D (N, C) input, or the channels on axis 0) the per-sam
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from .. import _moments
 from ..diagnostics import _checks as checks
 from ..diagnostics import _from_moments as fm
 from ..diagnostics import _noise_model as noise
-from ..diagnostics._config import as_thresholds
+from ..diagnostics._config import Thresholds, as_thresholds
+from ..diagnostics._report import BatchStatsReport
 from ._common import check_input
 from ._reduce import population_moments
 
 
 @checks.quiet_floating_point
-def batch_stats_report(x, *, axis=1, kind="batch", num_groups=None, eps=1e-5,
-                       thresholds=None, backend=None):
+def batch_stats_report(x: Any, *, axis: int = 1, kind: str = "batch",
+                       num_groups: int | None = None, eps: float = 1e-5,
+                       thresholds: Thresholds | dict | None = None,
+                       backend: str | None = None) -> BatchStatsReport:
     """:func:`normkit.diagnostics.batch_stats_report` of a Dask array, computed by blocks.
 
     Same arguments and result; ``backend`` picks the kernels of the moment reduction.
