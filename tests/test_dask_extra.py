@@ -256,3 +256,36 @@ def test_kernels_release_the_gil(backend):
         finally:
             nk.set_num_threads(old)
     assert inside > 0, "no Python ran in this thread while the kernel ran: it holds the GIL"
+
+
+@pytest.mark.slow
+def test_report_on_a_cluster_past_its_memory_limit():
+    """The report of an array 4x the memory limit of a 2-process LocalCluster (generated
+    on the workers, never anywhere whole): no worker killed, each worker's peak RSS
+    under its limit, and the report's statistics equal Dask's own float64 mean and
+    variance of the same array (a different summation order: n * eps64 relative, n =
+    3e7 values per channel, so rtol 1e-8)."""
+    pytest.importorskip("distributed", reason="dask.distributed is not installed "
+                        "(pip install 'normkit[dask]')")
+    from normkit import _bench_dask as bench
+    limit = round(bench.idle_worker_mib()) + 72      # idle RSS + room for a few chunks
+    with bench.local_cluster(limit) as client:
+        workers = sorted(client.scheduler_info()["workers"])
+        channels, hw, chunk = 8, 64, 16
+        n = int(4 * 2 * limit * 2 ** 20) // (channels * hw * hw * 4) + 1
+        x = da.random.default_rng(11).standard_normal(
+            (n, channels, hw, hw), dtype=np.float32, chunks=(chunk, channels, hw, hw))
+        x = x * 2 + 5
+        client.run(bench.reset_peak_rss)
+        rep = nkd.batch_stats_report(x)
+        peaks = client.run(bench.peak_rss_mib)
+        assert sorted(client.scheduler_info()["workers"]) == workers   # none restarted
+        assert max(peaks.values()) < 0.95 * limit, (peaks, limit)
+        mean, var = dask.compute(x.mean(axis=(0, 2, 3), dtype=np.float64),
+                                 x.var(axis=(0, 2, 3), dtype=np.float64))
+    assert x.nbytes >= 4 * 2 * limit * 2 ** 20
+    assert rep.values_per_channel == n * hw * hw and rep.num_samples == n
+    np.testing.assert_allclose(rep.mean, mean, rtol=1e-8)
+    np.testing.assert_allclose(rep.var, var, rtol=1e-8)
+    assert not rep.unstable, rep.reasons
+
