@@ -89,8 +89,10 @@ def test_report_equals_in_memory_report(name):
     _assert_same_report(got, want)
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float16])
+@pytest.mark.parametrize("dtype", [np.float64, np.float16, "bfloat16"])
 def test_report_nan_in_one_chunk_and_dtypes(dtype):
+    if dtype == "bfloat16":
+        dtype = pytest.importorskip("ml_dtypes", reason="ml_dtypes is not installed").bfloat16
     x = _data((6, 4, 12, 12), 1, dtype)
     x[4, 2, 11, 3] = np.nan                              # only in the last chunk
     d = da.from_array(x, chunks=(3, 2, 6, 6))

@@ -22,6 +22,10 @@ def check_input(x, min_ndim=1, name="x"):
     if x.ndim < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dimensions "
                          f"(expected shape (N, C, ...)), got shape {x.shape}")
+    return known_chunks(x, name)
+
+
+def known_chunks(x, name="x"):
     if any(math.isnan(c) for chunks in x.chunks for c in chunks):
         raise ValueError(f"{name} has unknown chunk sizes (shape {x.shape}); call "
                          f"{name}.compute_chunk_sizes() first")

@@ -24,9 +24,9 @@ from .. import _moments
 from ..diagnostics import _checks as checks
 from ..diagnostics import _from_moments as fm
 from ..diagnostics import _noise_model as noise
-from ..diagnostics._config import Thresholds, as_thresholds
+from ..diagnostics._config import Thresholds
 from ..diagnostics._report import BatchStatsReport
-from ._common import check_input
+from ._common import known_chunks, stand_in
 from ._reduce import population_moments
 
 
@@ -39,25 +39,16 @@ def batch_stats_report(x: Any, *, axis: int = 1, kind: str = "batch",
 
     Same arguments and result; ``backend`` picks the kernels of the moment reduction.
     """
-    # the in-memory checks and messages, on a stand-in with x's shape and dtype that
-    # holds one value (a zero-stride view)
-    checks.as_data(np.broadcast_to(np.zeros((), x.dtype), x.shape))
-    check_input(x, 2)
-    ax = checks.as_axis(axis, x.shape)
-    kind = checks.as_kind(kind)
-    eps = checks.as_eps(eps)
-    thr = as_thresholds(thresholds)
-    if kind != "group" and num_groups is not None:
-        raise ValueError(f"num_groups: only used with kind='group', got num_groups="
-                         f"{num_groups!r} with kind={kind!r}")
+    # the in-memory checks and messages, on a stand-in with x's shape and dtype
+    # (float16, bfloat16, float32, float64)
+    x_like = checks.as_data(stand_in(x))
+    known_chunks(x)
+    ax, kind, groups, eps, thr = fm.check_arguments(x_like, axis, kind, num_groups, eps,
+                                                    thresholds)
     if kind == "batch":
         mu, m2, m, sub = _batch_moments(x, ax, thr, backend)
         return fm.batch_report(x.shape, mu, m2, m, sub, eps, thr)
-    if ax == 0:
-        raise ValueError(f"axis: kind={kind!r} expects the channels on an axis other than "
-                         f"the batch axis 0, got axis={axis!r}")
     c = x.shape[ax]
-    groups = c if kind == "instance" else checks.as_num_groups(num_groups, c)
     mean, m2, r4, n = _group_moments(x, ax, groups, backend)
     g = n * r4 / (m2 * m2)                     # the sample kurtosis, as plane_kurtosis
     return fm.per_sample_report(x.shape, c, kind, groups, mean, m2, g, n, eps, thr)

@@ -19,9 +19,32 @@ import math
 import numpy as np
 
 from . import _advice as advice
+from . import _checks as checks
 from . import _noise_model as noise
 from . import _report as rep
-from ._config import Thresholds
+from ._config import Thresholds, as_thresholds
+
+
+def check_arguments(x: np.ndarray, axis: object, kind: object, num_groups: object,
+                    eps: object, thresholds: object) -> tuple:
+    """``batch_stats_report``'s checks of everything but the data, on ``x`` or a stand-in
+    with its shape: ``(ax, kind, groups, eps, thresholds)``, ``groups`` None for
+    ``kind="batch"`` (C for "instance")."""
+    ax = checks.as_axis(axis, x.shape)
+    kind = checks.as_kind(kind)
+    eps = checks.as_eps(eps)
+    thr = as_thresholds(thresholds)
+    if kind != "group" and num_groups is not None:
+        raise ValueError(f"num_groups: only used with kind='group', got num_groups="
+                         f"{num_groups!r} with kind={kind!r}")
+    if kind == "batch":
+        return ax, kind, None, eps, thr
+    if ax == 0:
+        raise ValueError(f"axis: kind={kind!r} expects the channels on an axis other than "
+                         f"the batch axis 0, got axis={axis!r}")
+    c = x.shape[ax]
+    groups = c if kind == "instance" else checks.as_num_groups(num_groups, c)
+    return ax, kind, groups, eps, thr
 
 
 def subsample_size(thr: Thresholds, num_samples: int, m: int) -> int:
