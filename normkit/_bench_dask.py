@@ -53,7 +53,7 @@ def _ratios(impls, repeats):
     """Median time of each impl and median ratio to the first, interleaved."""
     for fn in impls.values():           # warm-up: compile, load backends, build caches
         fn()
-    times = {k: [] for k in impls}
+    times: dict[str, list[float]] = {k: [] for k in impls}
     for _ in range(repeats):
         for k, fn in impls.items():
             times[k].append(_time(fn))

@@ -31,6 +31,7 @@ from __future__ import annotations
 import numbers
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = ["MOMENTUM_CONVENTIONS", "convert_momentum", "biased_to_unbiased_var",
            "unbiased_to_biased_var", "convert_running_var"]
@@ -55,7 +56,8 @@ def _convention(name, role):
     return MOMENTUM_CONVENTIONS[key]
 
 
-def convert_momentum(momentum, source, target="torch"):
+def convert_momentum(momentum: float | None, source: str,
+                     target: str = "torch") -> float | None:
     """Translate a BatchNorm momentum from the ``source`` to the ``target`` convention.
 
     Parameters
@@ -100,7 +102,7 @@ def _count(n):
     return int(n)
 
 
-def biased_to_unbiased_var(var, n):
+def biased_to_unbiased_var(var: ArrayLike, n: int) -> np.ndarray | float:
     """``var * n / (n - 1)``: a biased (population) variance as an unbiased one.
 
     ``n`` is the number of values per channel the variance was computed from (for a
@@ -112,14 +114,15 @@ def biased_to_unbiased_var(var, n):
     return out if out.ndim else float(out)
 
 
-def unbiased_to_biased_var(var, n):
+def unbiased_to_biased_var(var: ArrayLike, n: int) -> np.ndarray | float:
     """``var * (n - 1) / n``: the inverse of :func:`biased_to_unbiased_var`."""
     n = _count(n)
     out = np.asarray(var, dtype=np.float64) * ((n - 1) / n)
     return out if out.ndim else float(out)
 
 
-def convert_running_var(var, n, source, target="torch"):
+def convert_running_var(var: ArrayLike, n: int, source: str,
+                        target: str = "torch") -> np.ndarray | float:
     """Convert a running variance between conventions (biased <-> unbiased average).
 
     Exact when every batch had ``n`` values per channel; returns ``var`` unchanged

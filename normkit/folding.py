@@ -21,14 +21,17 @@ Everything is computed in float64 and returned in the weight's dtype.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+from numpy.typing import ArrayLike
 
 from . import _validate as V
 
 __all__ = ["fold_batch_norm", "fold_batch_norm_stats"]
 
 
-def _array(a, name):
+def _array(a: Any, name: str) -> Any:
     """NumPy view of an array-like or a torch tensor (detached, on the CPU)."""
     if a is None:
         return None
@@ -76,7 +79,8 @@ def _bn_statistics(bn):
             _array(getattr(bn, "bias", None), "bn bias"), float(bn.eps))
 
 
-def fold_batch_norm(weight, bias, bn, *, axis=0, groups=1):
+def fold_batch_norm(weight: ArrayLike, bias: ArrayLike | None, bn: Any, *, axis: int = 0,
+                    groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Fold an eval-mode BatchNorm into the preceding layer's weight and bias.
 
     Parameters
@@ -114,8 +118,11 @@ def fold_batch_norm(weight, bias, bn, *, axis=0, groups=1):
                                  groups=groups)
 
 
-def fold_batch_norm_stats(weight, bias, running_mean, running_var, gamma=None, beta=None,
-                          eps=1e-5, *, axis=0, groups=1):
+def fold_batch_norm_stats(weight: ArrayLike, bias: ArrayLike | None,
+                          running_mean: ArrayLike, running_var: ArrayLike,
+                          gamma: ArrayLike | None = None, beta: ArrayLike | None = None,
+                          eps: float = 1e-5, *, axis: int = 0,
+                          groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """:func:`fold_batch_norm` from raw statistics instead of a layer.
 
     Parameters
@@ -147,6 +154,7 @@ def fold_batch_norm_stats(weight, bias, running_mean, running_var, gamma=None, b
     if mean.ndim != 1:
         raise ValueError(f"running_mean: expected shape (C,), got shape {mean.shape}")
     c = mean.shape[0]
+    a: Any                   # the checked arrays (ndarray or None)
     for name, a in (("running_var", var), ("gamma", gamma), ("beta", beta), ("bias", b)):
         if a is not None and a.shape != (c,):
             raise ValueError(f"{name}: expected shape ({c},), got shape {a.shape}")

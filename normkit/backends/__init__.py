@@ -17,6 +17,8 @@ import operator
 import os
 import sys
 import threading
+from collections.abc import Iterator
+from types import ModuleType
 
 from ._spec import MEMBERS
 
@@ -43,7 +45,7 @@ KNOWN_BACKENDS = tuple(_MODULES)          # also the order 'auto' tries them in
 _CHOICES = ("auto",) + KNOWN_BACKENDS
 
 _lock = threading.RLock()
-_loaded: dict[str, object] = {}
+_loaded: dict[str, ModuleType] = {}
 _failed: dict[str, str] = {}
 _local = threading.local()
 
@@ -109,7 +111,7 @@ def _load(name: str):
         return module
 
 
-def resolve(name=None):
+def resolve(name: str | None = None) -> ModuleType:
     """Internal: the kernel module a call should use (explicit name, else thread-local,
     else global). Public code selects backends with set_backend / use_backend /
     ``backend=``; this stays importable for normkit's own modules."""
@@ -159,7 +161,7 @@ def set_backend(name: str) -> None:
 
 
 @contextlib.contextmanager
-def use_backend(name: str):
+def use_backend(name: str) -> Iterator[None]:
     """Temporarily use ``name`` as the default in this thread only."""
     _check_name(name)
     if name != "auto":

@@ -7,6 +7,7 @@ from functools import partial
 
 import numpy as np
 
+from .. import _validate as V
 from . import _blocks
 from ._hook import is_dask
 
@@ -21,6 +22,10 @@ def check_input(x, min_ndim=1, name="x"):
     if x.ndim < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dimensions "
                          f"(expected shape (N, C, ...)), got shape {x.shape}")
+    return known_chunks(x, name)
+
+
+def known_chunks(x, name="x"):
     if any(math.isnan(c) for chunks in x.chunks for c in chunks):
         raise ValueError(f"{name} has unknown chunk sizes (shape {x.shape}); call "
                          f"{name}.compute_chunk_sizes() first")
@@ -36,10 +41,47 @@ def small(p):
     return p.compute() if is_dask(p) else p
 
 
-def no_out(out):
-    if out is not None:
-        raise ValueError("out= is not supported for Dask input: the result is a new lazy "
-                         "Dask array (store it with dask.array.store or .to_zarr)")
+def stand_in(x):
+    """An ndarray with x's shape and dtype holding one value (a zero-stride view): for
+    the in-memory checks, which then see what they would see of x, computing nothing."""
+    return np.broadcast_to(np.zeros((), x.dtype), x.shape)
+
+
+def check_out(out, x):
+    """``out=`` for Dask input: where the result is stored, block by block (docs/dask.md).
+
+    A NumPy array gets normkit's usual checks (shape, dtype, writable); anything else
+    ``dask.array.store`` writes into (Zarr, HDF5, a memmap) needs x's shape and dtype.
+    """
+    if is_dask(out):
+        raise TypeError("out: expected an array to store the result into (NumPy, Zarr, "
+                        "HDF5, memmap), got a Dask array; without out= the result is a "
+                        "lazy Dask array")
+    if isinstance(out, np.ndarray):
+        V.check_out(out, stand_in(x))
+        return
+    if not (hasattr(out, "__setitem__") and hasattr(out, "shape") and hasattr(out, "dtype")):
+        raise TypeError("out: expected an array to store the result into (NumPy, Zarr, "
+                        f"HDF5, memmap), got {type(out).__name__}")
+    if tuple(out.shape) != x.shape:
+        raise ValueError(f"out: expected shape {x.shape}, got shape {tuple(out.shape)}")
+    if np.dtype(out.dtype) != x.dtype:
+        raise ValueError(f"out: expected dtype {x.dtype}, got dtype {out.dtype}")
+
+
+def store_into(result, out):
+    """Compute ``result`` (y, or (y, mean, rstd)), writing y into ``out`` block by block
+    (``dask.array.store``: x is never whole in memory); returns what the NumPy call
+    returns with ``out=``: ``out``, or ``(out, mean, rstd)`` with NumPy statistics."""
+    import dask
+    import dask.array as da
+    y, stats = (result[0], result[1:]) if isinstance(result, tuple) else (result, ())
+    stored = da.store(y, out, compute=False)
+    done = dask.compute(stored, *[s for s in stats if s is not None])[1:]
+    if not isinstance(result, tuple):
+        return out
+    it = iter(done)
+    return (out,) + tuple(None if s is None else next(it) for s in stats)
 
 
 def like(a, x, name):

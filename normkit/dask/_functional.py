@@ -9,10 +9,12 @@
   over the whole array: they are computed *eagerly*, at call time, by the exact tree
   reduction of ``_reduce``; the running statistics are updated in place then, as for
   NumPy input; the normalized output stays lazy (one more pass over x when computed).
-* ``out=`` is not supported (ValueError): the result is a new Dask array.
+* ``out=`` (an ndarray, Zarr array, ...): the call becomes eager; the result is written
+  into ``out`` block by block and ``out`` is returned, as for NumPy input.
 """
 from __future__ import annotations
 
+import functools
 from functools import partial
 
 import numpy as np
@@ -28,16 +30,29 @@ from ._backward import (  # noqa: F401
 )
 from ._common import (
     check_input,
+    check_out,
     compute_dtype,
     like,
-    no_out,
     run_blocks,
     small,
     squeeze,
     stat_chunks,
+    store_into,
     whole,
 )
 from ._reduce import population_moments
+
+
+def _stores_out(fn):
+    """``out=``: run the lazy call, then store its result into ``out`` (``store_into``)."""
+    @functools.wraps(fn)
+    def wrapper(x, *args, out=None, **kwargs):
+        if out is None:
+            return fn(x, *args, **kwargs)
+        check_input(x)
+        check_out(out, x)
+        return store_into(fn(x, *args, **kwargs), out)
+    return wrapper
 
 
 def _update_running(running, batch_value, momentum):
@@ -60,6 +75,22 @@ def _check_activation(activation, residual, x):
     return like(residual, x, "residual")
 
 
+def _check_mode(what, batch_stats, momentum, running_mean, running_var, too_few, needs_running):
+    """Statistics from the batch (updating the running ones in place) or from the running
+    statistics: the checks of either mode, with normkit._validate's messages.
+    ``too_few``: the message when the batch has too few values, else None."""
+    if not batch_stats:
+        if running_mean is None or running_var is None:
+            raise ValueError(needs_running)
+        return momentum
+    momentum = V.check_momentum(momentum, what)
+    if too_few:
+        raise ValueError(too_few)
+    V.check_writable(running_mean, "running_mean")
+    V.check_writable(running_var, "running_var")
+    return momentum
+
+
 def _params(c, weight, bias):
     weight, bias = small(weight), small(bias)
     V.as_param(weight, (c,), "weight")
@@ -68,6 +99,7 @@ def _params(c, weight, bias):
 
 
 # ====================================================================== BatchNorm
+@_stores_out
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
                training=False, momentum=0.1, eps=1e-5, *, axis=1, out=None, backend=None,
                return_stats=False, activation=None, residual=None):
@@ -79,20 +111,14 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     running_var = V.running_stat(small(running_var), (c,), "running_var")
     weight, bias = _params(c, weight, bias)
     eps = V.check_eps(eps, "batch_norm")
-    no_out(out)
     residual = _check_activation(activation, residual, x)
     dt = compute_dtype(x)
     count = x.size // c if c else 0
-    if training:
-        momentum = V.check_momentum(momentum, "batch_norm")
-        if count <= 1:
-            raise ValueError("Expected more than 1 value per channel when training, "
-                             f"got input size {x.shape}")
-        V.check_writable(running_mean, "running_mean")
-        V.check_writable(running_var, "running_var")
-    elif running_mean is None or running_var is None:
-        raise ValueError("batch_norm: eval mode (training=False) needs running_mean and "
-                         "running_var; pass them or use training=True")
+    too_few = ("Expected more than 1 value per channel when training, got input size "
+               f"{x.shape}") if count <= 1 else None
+    momentum = _check_mode("batch_norm", training, momentum, running_mean, running_var,
+                           too_few, "batch_norm: eval mode (training=False) needs running_mean and "
+                           "running_var; pass them or use training=True")
     ctx = _blocks.task_context(backend)
     if x.size == 0:
         return _empty(x, (c,), dt, return_stats)
@@ -132,6 +158,7 @@ def _per_sample(x, ax, per, weight, bias, eps, fixed, activation, residual, back
     return y, squeeze(mean, spatial), squeeze(rstd, spatial)
 
 
+@_stores_out
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=None,
                backend=None, return_stats=False, activation=None, residual=None):
     check_input(x, 2)
@@ -140,7 +167,6 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=N
     groups = V.num_groups(num_groups, c, x)
     weight, bias = _params(c, weight, bias)
     eps = V.check_eps(eps, "group_norm")
-    no_out(out)
     residual = _check_activation(activation, residual, x)
     if x.size == 0:
         return _empty(x, (x.shape[0], groups), compute_dtype(x), return_stats)
@@ -148,6 +174,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=N
                        backend, return_stats)
 
 
+@_stores_out
 def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
                   use_input_stats=True, momentum=0.1, eps=1e-5, *, axis=1, out=None,
                   backend=None, return_stats=False):
@@ -158,21 +185,13 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     running_var = V.running_stat(small(running_var), (c,), "running_var")
     weight, bias = _params(c, weight, bias)
     eps = V.check_eps(eps, "instance_norm")
-    no_out(out)
     spatial = x.size // (n * c) if n * c else 0
-    fixed = None
-    if use_input_stats:
-        momentum = V.check_momentum(momentum, "instance_norm")
-        if spatial <= 1 and x.size:
-            raise ValueError("Expected more than 1 spatial element when training, "
-                             f"got input size {x.shape}")
-        V.check_writable(running_mean, "running_mean")
-        V.check_writable(running_var, "running_var")
-    elif running_mean is None or running_var is None:
-        raise ValueError("instance_norm: use_input_stats=False needs running_mean and "
-                         "running_var")
-    else:
-        fixed = (running_mean.copy(), running_var.copy())
+    too_few = ("Expected more than 1 spatial element when training, got input size "
+               f"{x.shape}") if spatial <= 1 and x.size else None
+    momentum = _check_mode("instance_norm", use_input_stats, momentum, running_mean,
+                           running_var, too_few, "instance_norm: use_input_stats=False "
+                           "needs running_mean and running_var")
+    fixed = None if use_input_stats else (running_mean.copy(), running_var.copy())
     if x.size == 0:
         return _empty(x, (n, c), compute_dtype(x), return_stats)
     if use_input_stats and (running_mean is not None or running_var is not None):
@@ -186,13 +205,12 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
 
 
 # ====================================================================== Layer / RMS
-def _rows(x, normalized_shape, weight, bias, eps, out, backend, return_stats, rms, what):
+def _rows(x, normalized_shape, weight, bias, eps, backend, return_stats, rms, what):
     check_input(x)
     ns = V.normalized_shape(normalized_shape, x, what)
     weight, bias = small(weight), small(bias)
     V.as_param(weight, ns, "weight")
     V.as_param(bias, ns, "bias")
-    no_out(out)
     ctx = _blocks.task_context(backend)
     lead = x.ndim - len(ns)
     xw = whole(x, range(lead, x.ndim))
@@ -206,16 +224,18 @@ def _rows(x, normalized_shape, weight, bias, eps, out, backend, return_stats, rm
     return y, squeeze(mean, trailing), squeeze(rstd, trailing)
 
 
+@_stores_out
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None,
                backend=None, return_stats=False):
     eps = V.check_eps(eps, "layer_norm")
-    return _rows(x, normalized_shape, weight, bias, eps, out, backend, return_stats, False,
+    return _rows(x, normalized_shape, weight, bias, eps, backend, return_stats, False,
                  "layer_norm")
 
 
+@_stores_out
 def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, backend=None,
              return_stats=False):
     check_input(x)
     eps = float(np.finfo(x.dtype).eps) if eps is None else V.check_eps(eps, "rms_norm")
-    return _rows(x, normalized_shape, weight, None, eps, out, backend, return_stats, True,
+    return _rows(x, normalized_shape, weight, None, eps, backend, return_stats, True,
                  "rms_norm")

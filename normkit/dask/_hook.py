@@ -12,11 +12,11 @@ import sys
 
 __all__ = ["dask_aware", "get_task_threads", "is_dask", "set_task_threads"]
 
-_array_type = None          # dask.array.Array, once dask.array has been imported
+_array_type: type | None = None   # dask.array.Array, once dask.array has been imported
 _task_threads = 1           # kernel threads per task in a Dask worker process
 
 
-def _dask_array_type():
+def _dask_array_type() -> type | None:
     global _array_type
     if _array_type is None:
         module = sys.modules.get("dask.array")
@@ -52,9 +52,8 @@ def dask_aware(impl_name):
         def wrapper(*args, **kwargs):
             t = _array_type
             if t is None:
-                if "dask.array" not in modules or _dask_array_type() is None:
+                if "dask.array" not in modules or (t := _dask_array_type()) is None:
                     return fn(*args, **kwargs)
-                t = _array_type
             for a in args:
                 if isinstance(a, t):
                     return _dispatch(impl_name, args, kwargs)
@@ -63,7 +62,6 @@ def dask_aware(impl_name):
                     if isinstance(a, t):
                         return _dispatch(impl_name, args, kwargs)
             return fn(*args, **kwargs)
-        wrapper.__wrapped_numpy__ = fn
         return wrapper
     return decorate
 

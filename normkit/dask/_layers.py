@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from .. import _moments
+from ..layers import BatchNorm
+from ..recalibration import _as_named_layers, _batch_for
 from ._hook import is_dask
 from ._reduce import population_moments
 
@@ -40,42 +42,6 @@ def layer_forward(layer, x):
     return y
 
 
-def _named_layers(layers):
-    from ..layers import BatchNorm
-    if isinstance(layers, BatchNorm):
-        named = {0: layers}
-    elif isinstance(layers, Mapping):
-        named = dict(layers)
-    elif isinstance(layers, (list, tuple)):
-        named = dict(enumerate(layers))
-    else:
-        raise TypeError("expected a BatchNorm, a dict or list of BatchNorm layers, got "
-                        f"{type(layers).__name__}")
-    for name, layer in named.items():
-        if not isinstance(layer, BatchNorm):
-            raise TypeError(f"layer {name!r} is a {type(layer).__name__}; only BatchNorm "
-                            "layers have population statistics to recalibrate")
-        if not layer.track_running_stats:
-            raise ValueError(f"layer {name!r} has track_running_stats=False: it has no "
-                             "running statistics to recalibrate")
-    return named, isinstance(layers, BatchNorm)
-
-
-def _inputs(named, batch, single):
-    if single:
-        return {next(iter(named)): batch}
-    if isinstance(batch, Mapping):
-        unknown = [k for k in batch if k not in named]
-        if unknown:
-            raise KeyError(f"batch has inputs for unknown layers {unknown}")
-        return batch
-    if isinstance(batch, (list, tuple)) and len(batch) == len(named):
-        return dict(zip(named, batch, strict=True))
-    raise TypeError("with a dict or list of layers, each batch must be a dict layer name "
-                    f"-> input, or a list of {len(named)} input(s) in the layers' order "
-                    f"(got {type(batch).__name__})")
-
-
 def _lazy_moments(layer, x):
     import dask.array as da
     x = x if is_dask(x) else da.from_array(np.asarray(x))
@@ -89,8 +55,8 @@ def _lazy_moments(layer, x):
     return population_moments(x, (ax,), backend=layer.backend)
 
 
-def recalibrate(layers_or_callable, batches, *, layers=None, num_batches=None,
-                progress=None):
+def recalibrate(layers_or_callable: Any, batches: Any, *, layers: Any = None,
+                num_batches: int | None = None, progress: bool | None = None) -> dict:
     """``normkit.recalibrate`` for Dask batches (a Dask array is one batch).
 
     Same arguments, result and warnings as :func:`normkit.recalibrate` for layers
@@ -105,14 +71,15 @@ def recalibrate(layers_or_callable, batches, *, layers=None, num_batches=None,
     if num_batches is not None and (isinstance(num_batches, bool) or
                                     not isinstance(num_batches, int) or num_batches < 0):
         raise ValueError(f"num_batches must be a non-negative int, got {num_batches!r}")
-    named, single = _named_layers(layers_or_callable)
+    named = _as_named_layers(layers_or_callable)
+    single = isinstance(layers_or_callable, BatchNorm)
     if is_dask(batches):
         batches = [batches]
     if num_batches is not None:
         batches = itertools.islice(batches, num_batches)
-    lazy = {name: [] for name in named}
+    lazy: dict[object, list] = {name: [] for name in named}
     for batch in batches:
-        for name, x in _inputs(named, batch, single).items():
+        for name, x in _batch_for(named, batch, single).items():
             lazy[name].append(_lazy_moments(named[name], x))
     if progress:
         from dask.diagnostics import ProgressBar

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import Any
 
 import numpy as np
 
@@ -91,7 +92,8 @@ def _aggregate(pairs, axis=None, keepdims=False, computing_meta=False, **kwargs)
     return out if keepdims else out.squeeze(axis=axis)
 
 
-def population_moments(x, keep, *, backend=None, split_every=None):
+def population_moments(x: Any, keep: tuple[int, ...], *, backend: str | None = None,
+                       split_every: int | None = None) -> Any:
     """Lazy exact moments of ``x`` over every axis not in ``keep``.
 
     Returns a Dask array of shape ``x.shape[keep]`` with the structured dtype

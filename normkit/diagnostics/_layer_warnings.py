@@ -10,6 +10,7 @@ import math
 import os
 import sys
 import warnings
+from types import FrameType
 
 import numpy as np
 
@@ -24,7 +25,8 @@ _NOISE_CAUSES = ("noisy", "few_values", "single_sample")
 
 def emit(message):
     """Warn, attributed to the first caller outside normkit (the user's forward call)."""
-    frame, level = sys._getframe(1), 2
+    frame: FrameType | None = sys._getframe(1)
+    level = 2
     while frame is not None and frame.f_code.co_filename.startswith(_PKG_DIR):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, UnstableBatchStatisticsWarning, stacklevel=level)
