@@ -101,6 +101,63 @@ static void nk_shifted_f32(const float *p, Py_ssize_t n, double k,
 }
 #endif
 
+/* ---------------------------------------------------------------- 16-bit storage
+   float16 (IEEE binary16, numpy.float16) and bfloat16 (ml_dtypes.bfloat16) are read
+   and written as their bits. Widening is exact; narrowing rounds to nearest even,
+   bit for bit as NumPy's float32 -> float16 cast and ml_dtypes' float32 -> bfloat16
+   cast (NaN stays NaN, float16 overflow gives +-Inf). Written without branches --
+   selects as bit masks -- so gcc vectorizes loops that call them, at every SIMD
+   level, without -ffast-math. */
+#include <stdint.h>
+typedef uint16_t nk_f16;
+typedef uint16_t nk_bf16;
+
+static inline uint32_t nk_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float nk_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+/* c ? a : b as masks (a ternary here is turned into a branch, which stops gcc's
+   vectorizer: the float operations next to it may trap) */
+static inline uint32_t nk_sel(int c, uint32_t a, uint32_t b) {
+    uint32_t m = 0u - (uint32_t)(c != 0);
+    return (a & m) | (b & ~m);
+}
+
+static inline float nk_f16_to_f32(nk_f16 h) {
+    uint32_t em = h & 0x7fffu;                       /* exponent and mantissa */
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t normal = (em << 13) + (112u << 23);      /* rebias 15 -> 127 */
+    uint32_t special = normal + (112u << 23);         /* Inf/NaN: exponent 255, payload kept */
+    /* subnormal (or zero): em * 2^-24, exact in float32 */
+    uint32_t sub = nk_bits((float)(int32_t)em * 5.9604644775390625e-8f);
+    return nk_float(sign | nk_sel(em >= 0x7c00u, special, nk_sel(em < 0x0400u, sub, normal)));
+}
+
+static inline nk_f16 nk_f32_to_f16(float f) {
+    /* F. Giesen's float_to_half_fast3_rtne, with NumPy's NaN rule (payload kept,
+       never turned into Inf) */
+    uint32_t u = nk_bits(f);
+    uint32_t sign = (u >> 16) & 0x8000u;
+    uint32_t a = u & 0x7fffffffu;
+    /* below 2^-14 (float16 subnormal or zero): adding 0.5 lines the 10 mantissa bits
+       up at the bottom of the float and the FPU rounds them to nearest even */
+    uint32_t sub = nk_bits(nk_float(a) + 0.5f) - 0x3f000000u;
+    uint32_t normal = (a - (112u << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13;
+    uint32_t payload = (a >> 13) & 0x3ffu;
+    uint32_t nan = 0x7c00u | payload | (uint32_t)(payload == 0);
+    uint32_t big = nk_sel(a > 0x7f800000u, nan, 0x7c00u);     /* NaN, or Inf/overflow */
+    return (nk_f16)(sign | nk_sel(a >= 0x47800000u, big, nk_sel(a < 0x38800000u, sub, normal)));
+}
+
+static inline float nk_bf16_to_f32(nk_bf16 h) { return nk_float((uint32_t)h << 16); }
+
+static inline nk_bf16 nk_f32_to_bf16(float f) {
+    /* round to nearest even on the top 16 bits; NaN becomes the quiet NaN 0x7fc0 with
+       its sign, as ml_dtypes does */
+    uint32_t u = nk_bits(f);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    uint32_t nan = ((u >> 16) & 0x8000u) | 0x7fc0u;
+    return (nk_bf16)nk_sel((u & 0x7fffffffu) > 0x7f800000u, nan, rounded);
+}
+
 /* Which of setup.py's builds this CPU (and OS) can run: 0 baseline, 1 AVX2,
    2 AVX-512 (F, CD, VL, DQ, BW: the flags that build is compiled with). */
 static int nk_cpu_level(void) {
