@@ -320,6 +320,14 @@ def _views(args, data):
     return tuple(args)
 
 
+def _viewed_name(given, data_dtype):
+    """The user's name of an argument's dtype (an int16/uint16 view of 16-bit data is
+    reported as the float16/bfloat16 the caller passed)."""
+    if data_dtype.num in _VIEW_OF and given in (np.int16, np.uint16):
+        return "float16" if given == np.int16 else "bfloat16"
+    return str(given)
+
+
 def _bad_argument(name, dtype, args, fn):
     """The TypeError for a call that matches no compiled signature: it names the first
     argument that differs from the signature, what was expected and what was given."""
@@ -337,7 +345,7 @@ def _bad_argument(name, dtype, args, fn):
         given = (type(a).__name__ if not isinstance(a, np.ndarray) else
                  f"a {'' if a.flags.c_contiguous else 'non-'}C-contiguous "
                  f"{'' if a.flags.writeable else 'read-only '}{a.ndim}-d "
-                 f"{_nk.storage_name(numba.from_dtype(a.dtype))} array")
+                 f"{_viewed_name(a.dtype, dtype)} array")
         return TypeError(f"numba {name}: argument {names[i]!r} must be {expect} for "
                          f"{dtype} data, got {given}")
     return TypeError(f"numba {name}: no compiled signature matches the arguments")
