@@ -247,9 +247,9 @@ class _Launch:
         self.data = _nk.data_positions(name)     # the arguments in the storage dtype
         self.compiled: dict = {}
 
-    def fn(self, dtype, par):
+    def fn(self, dtype, par, ro=True):
         try:
-            return self.compiled[dtype.num, par]
+            return self.compiled[dtype.num, par, ro]
         except KeyError:
             pass
         if dtype.num not in _STORAGE_NUMS:
@@ -257,11 +257,11 @@ class _Launch:
                             f"must be a float32, float64, float16 or bfloat16 array, got "
                             f"{dtype}")
         with _build_lock:
-            fn = self.compiled.get((dtype.num, par))
+            fn = self.compiled.get((dtype.num, par, ro))
             if fn is None:
-                fn = _nk.build(self.name, _VIEW_OF.get(dtype.num, dtype), par)
-                self.compiled[dtype.num, par] = fn
-                _dispatchers[(self.name, dtype, bool(par))] = fn
+                fn = _nk.build(self.name, _VIEW_OF.get(dtype.num, dtype), par, ro)
+                self.compiled[dtype.num, par, ro] = fn
+                _dispatchers[(self.name, dtype, bool(par), ro)] = fn
         return fn
 
 
@@ -289,9 +289,12 @@ def _launch(launch, *args):
         return _launch(_TABLE[launch.as_last], *map(_first_as_last, args))
     dtype = x.dtype
     par = _par(x.size)
-    fn = launch.fn(dtype, par)
     if dtype.num in _VIEW_OF:
-        args = _views(args, launch.data)
+        # 16-bit: writable inputs take the twin typed writable (faster, see build())
+        args, ro = _views(args, launch.data)
+        fn = launch.fn(dtype, par, ro)
+    else:
+        fn = launch.fn(dtype, par)
     if launch.stats is None:
         stats = ()
     else:
@@ -311,13 +314,16 @@ def _launch(launch, *args):
 
 
 def _views(args, data):
-    """16-bit data arguments as their same-bits integer views (zero copy)."""
+    """16-bit data arguments as their same-bits integer views (zero copy), and whether
+    any of them is read-only."""
     args = list(args)
+    ro = False
     for i in data:
         a = args[i]
         if isinstance(a, np.ndarray) and a.dtype.num in _VIEW_OF:
             args[i] = a.view(_VIEW_OF[a.dtype.num])
-    return tuple(args)
+            ro = ro or not a.flags.writeable
+    return tuple(args), ro
 
 
 def _viewed_name(given, data_dtype):
@@ -437,8 +443,9 @@ def info() -> dict:
         "serial_reason": _S.serial_reason,
         "fork": ("in a child forked after the pool started: tbb and Intel OpenMP stay "
                  "parallel, GNU OpenMP falls back to the serial kernels"),
-        "compiled_kernels": sorted(f"{k}[{np.dtype(d).name}, {'par' if p else 'ser'}]"
-                                   for k, d, p in _dispatchers),
+        "compiled_kernels": sorted(
+            f"{k}[{np.dtype(d).name}, {'par' if p else 'ser'}{'' if ro else ', rw'}]"
+            for k, d, p, ro in _dispatchers),
         "cache_dir": cache_dir or "numba default (__pycache__ beside numba_kernels.py, "
                                   "else the user cache dir; NUMBA_CACHE_DIR overrides)",
     }
