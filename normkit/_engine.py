@@ -334,15 +334,15 @@ def channel_backward(be, view, dy, shift, rstd_nc, w, pool, count, batch_stats):
     if resid is not None:               # sums of dy * (x - mean), exactly centered
         sum_dyx = sum_dyx - resid * sum_dy
     a = rstd_nc if w is None else rstd_nc * w
-    if batch_stats:
-        coef_x = -rstd_nc ** 3 * pool(sum_dyx if w is None else sum_dyx * w) / count
-        coef_1 = -rstd_nc * pool(sum_dy if w is None else sum_dy * w) / count
-    else:
-        coef_x = np.zeros_like(a)
-        coef_1 = np.zeros_like(a)
+    dx = np.empty_like(view.data)
+    if not batch_stats:     # dx = a * dy, x not read: an Inf in x gives no 0 * Inf (torch)
+        zero = np.zeros_like(a)
+        view.call(be, "affine", dy, *coefs(dt, a.shape[0], zero, a, zero), dx)
+        return dx, sum_dy, sum_dyx
+    coef_x = -rstd_nc ** 3 * pool(sum_dyx if w is None else sum_dyx * w) / count
+    coef_1 = -rstd_nc * pool(sum_dy if w is None else sum_dy * w) / count
     if resid is not None:
         coef_1 = coef_1 - coef_x * resid
-    dx = np.empty_like(view.data)
     view.call(be, "grad_apply", dy, view.data,
               *coefs(dt, shift.shape[0], shift, a, coef_x, coef_1), dx)
     return dx, sum_dy, sum_dyx
