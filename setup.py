@@ -155,7 +155,7 @@ class BuildExt(build_ext):
             compiler_directives={"language_level": 3},
             quiet=True,
         )
-        for ext, done in zip(self.extensions, cythonized):   # keep setuptools' objects
+        for ext, done in zip(self.extensions, cythonized, strict=True):   # keep setuptools' objects
             ext.sources = done.sources
         super().run()
 

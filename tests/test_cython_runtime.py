@@ -147,13 +147,13 @@ def _f64(a):
 
 def _assert_same(a, b):
     assert len(a) == len(b)
-    for u, v in zip(a, b):
+    for u, v in zip(a, b, strict=True):
         assert u.dtype == v.dtype
         np.testing.assert_array_equal(_f64(u), _f64(v))
 
 
 def _assert_close(got, want, dtype, what=""):
-    for i, (g, w) in enumerate(zip(got, want)):
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
         np.testing.assert_allclose(_f64(g), _f64(w), **_tolerance(dtype),
                                    err_msg=f"output {i}, {np.dtype(dtype).name} {what}")
 

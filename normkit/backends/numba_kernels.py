@@ -27,11 +27,17 @@ Layout of this file
 
 Accuracy
 --------
+Data is read and written only through ``_ld`` / ``_st`` / ``_cv`` (``numba_convert.py``):
+float16 / bfloat16 data arrive as int16 / uint16 views, are widened exactly to float32
+in registers and narrowed once, RNE, on store; the same drivers are typed once per
+storage dtype, so the float32 / float64 loops are unchanged.
+
 Every statistic is accumulated in float64 (float32 values are widened on load).
 Moments are two-pass *per item* (sum, then squared deviations from the item's own mean,
 reread while the item is still in L1/L2), and items of one row are merged with Chan's
 formula, so float32 data with |mean| >> std keeps its digits and each value is read
-from memory once. Element-wise passes run in the data's dtype and centre on halves,
+from memory once. Element-wise passes run in the data's dtype (float32 for 16-bit
+data) and centre on halves,
 ``(x/2 - shift/2) * (2 scale)``: the same bits as ``(x - shift) * scale`` (scaling by 2
 is exact), but ``x - shift`` cannot overflow for data near the dtype's maximum (3e38
 mixed with -3e38 in float32). Computing in float64 instead cost 15-55% on one thread.
@@ -591,7 +597,7 @@ def _signature(driver, D, P, ro=True):
 DRIVERS = {name[3:]: fn for name, fn in list(globals().items()) if name.startswith("_d_")}
 
 # Storage dtype the kernels see -> (numba storage type, numba parameter type). float16
-# and bfloat16 data arrive as their int16 / uint16 views (numba_backend.storage_view).
+# and bfloat16 data arrive as their int16 / uint16 views (numba_backend._views).
 STORAGE = {
     np.dtype(np.float32): (types.float32, types.float32),
     np.dtype(np.float64): (types.float64, types.float64),
