@@ -87,7 +87,7 @@ HALF_DTYPES = ["float16", "bfloat16"]             # the 16-bit storage dtypes (i
 # branch), so its 16-bit rows are expected to raise TypeError -- strict xfail, never a
 # skip: once the backend accepts 16-bit data they XPASS and fail until it leaves this
 # set. The lead empties it after merging the cython and numba 16-bit work.
-PENDING_16BIT = {"cython", "numba"}
+PENDING_16BIT: set = set()
 KINDS = ["normal", "offset", "constant"]          # value kinds every kernel is run on
 LAYOUTS = ["contiguous", "strided", "negative", "fortran", "readonly", "byteswapped"]
 ODD_SIZES = (1, 3, 17, 1023)
