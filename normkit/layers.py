@@ -67,7 +67,7 @@ def _state_value(key, value, target):
         value = np.asarray(value)
     except (TypeError, ValueError):
         value = None
-    if target.dtype.kind == "f":
+    if target.dtype.kind == "f" or _is_bfloat16(target.dtype):
         ok = value is not None and (value.dtype.kind == "f" or _is_bfloat16(value.dtype))
         expected = "a float array"
     else:                                   # num_batches_tracked: an integer count
