@@ -28,6 +28,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from . import _validate as V
+from .backends.numpy_ref import narrow
 
 __all__ = ["fold_batch_norm", "fold_batch_norm_stats"]
 
@@ -181,8 +182,9 @@ def fold_batch_norm_stats(weight: ArrayLike, bias: ArrayLike | None,
     new_b = shift if b is None else b * scale + shift
 
     w_scale = _weight_scale(scale, w.shape, axis, groups)
-    new_w = (w * w_scale).astype(out_dtype)
-    return new_w, np.asarray(new_b, dtype=out_dtype)
+    # narrow: float64 -> dtype rounded once (ml_dtypes' bfloat16 cast rounds twice,
+    # through float32)
+    return narrow(w * w_scale, out_dtype), narrow(new_b, out_dtype)
 
 
 def _weight_scale(scale, wshape, axis, groups):
