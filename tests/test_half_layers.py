@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _cases import np_dtype, tol_grad, tol_normalized, unit_roundoff
 
 import normkit as nk
-from _cases import conditioning, np_dtype, tol_grad, tol_normalized, unit_roundoff
 
 torch = pytest.importorskip("torch")
 # tiny batches on purpose: the layers' small-batch warnings are not what is tested here
-pytestmark = pytest.mark.filterwarnings("ignore::normkit.diagnostics.UnstableBatchStatisticsWarning",
-                                        "ignore:Mismatch dtype between input and weight")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::normkit.diagnostics.UnstableBatchStatisticsWarning",
+    "ignore:Mismatch dtype between input and weight")
 
 HALF = ["float16", "bfloat16"]
 PARAMS = ["same", "float32"]          # parameters in x's dtype, or float32 (autocast)

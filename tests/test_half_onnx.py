@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _cases import np_dtype, tol_normalized
 
 import normkit as nk
-from _cases import np_dtype, tol_normalized
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
