@@ -38,7 +38,8 @@ def _array(a: Any, name: str) -> Any:
     if a is None:
         return None
     if hasattr(a, "detach"):                      # torch tensor, without importing torch
-        from .layers import _torch_to_numpy       # bfloat16 kept, bit for bit
+        # bfloat16 kept bit for bit (NumPy has no bfloat16 of its own)
+        from .layers import _torch_to_numpy
         a = _torch_to_numpy(a)
     V.reject_masked(a, name)
     a = np.asarray(a)

@@ -48,7 +48,8 @@ def _torch_to_numpy(value):
     ml_dtypes.bfloat16 (both are the top 16 bits of a float32)."""
     value = value.detach().cpu()
     if str(value.dtype) == "torch.bfloat16":
-        import torch                        # only reached with a torch tensor in hand
+        # torch is only imported here, with a torch tensor in hand
+        import torch
         return value.contiguous().view(torch.int16).numpy().view(V.BF16)
     return value.numpy()
 

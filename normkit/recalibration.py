@@ -31,8 +31,8 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from . import _validate as V
-from .backends.numpy_ref import narrow
 from . import functional as F
+from .backends.numpy_ref import narrow
 from .dask import _hook as _dask_hook
 from .layers import BatchNorm
 
