@@ -58,9 +58,9 @@ def _cases(dtype, rng):
     cases = [("BatchNormalization", {"s": c(6), "b": c(6), "m": c(6), "v": var}, {}, 15),
              ("GroupNormalization", {"s": c(6), "b": c(6)}, {"num_groups": 2}, 21),
              ("LayerNormalization", {"s": c(8), "b": c(8)}, {"axis": -1}, 17),
-             ("RMSNormalization", {"s": c(8)}, {"axis": -1}, 23)]
-    if dtype == "float16":      # InstanceNormalization's T has no bfloat16 (onnx checker)
-        cases.append(("InstanceNormalization", {"s": c(6), "b": c(6)}, {}, 7))
+             ("RMSNormalization", {"s": c(8)}, {"axis": -1}, 23),
+             # bfloat16 in InstanceNormalization's T from opset 22 on (6..21: no)
+             ("InstanceNormalization", {"s": c(6), "b": c(6)}, {}, 22)]
     return cases
 
 
@@ -91,7 +91,7 @@ def test_float16_onnx_model_matches_onnxruntime():
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed")
     rng = np.random.default_rng(1)
     for op, inits, attrs, opset in _cases("float16", rng):
-        model = _model(op, inits, attrs, max(opset, 7), "float16")
+        model = _model(op, inits, attrs, opset, "float16")
         layer = nk.from_onnx(model)["n0"]
         x = rng.standard_normal(SHAPE).astype(np.float16)
         sess = ort.InferenceSession(model.SerializeToString(),
@@ -122,3 +122,13 @@ def test_float16_model_external_data_outside_its_folder_is_refused(tmp_path):
     folder.mkdir()
     with pytest.raises(ValueError, match="outside"):
         nk.from_onnx(model, base_dir=folder)
+
+
+def test_bfloat16_instance_norm_before_opset_22_is_refused():
+    """ONNX allows bfloat16 InstanceNormalization only from opset 22: the full check
+    refuses an older one instead of running it."""
+    rng = np.random.default_rng(3)
+    op, inits, attrs, _ = _cases("bfloat16", rng)[-1]
+    assert op == "InstanceNormalization"
+    with pytest.raises(ValueError):
+        nk.from_onnx(_model(op, inits, attrs, 21, "bfloat16"))
