@@ -51,21 +51,22 @@ def torch_dtype(dt):
 # (torch module factory, normkit layer factory, values reduced per statistic)
 LAYERS = {
     "batch": (lambda d: torch.nn.BatchNorm1d(6, dtype=d),
-              lambda d: nk.BatchNorm(6, dtype=d), SHAPE[0] * SHAPE[2]),
+              lambda d, b=None: nk.BatchNorm(6, dtype=d, backend=b), SHAPE[0] * SHAPE[2]),
     "instance": (lambda d: torch.nn.InstanceNorm1d(6, affine=True, track_running_stats=True,
                                                    dtype=d),
-                 lambda d: nk.InstanceNorm(6, affine=True, track_running_stats=True, dtype=d),
+                 lambda d, b=None: nk.InstanceNorm(6, affine=True, track_running_stats=True,
+                                              dtype=d, backend=b),
                  SHAPE[2]),
     "group": (lambda d: torch.nn.GroupNorm(2, 6, dtype=d),
-              lambda d: nk.GroupNorm(2, 6, dtype=d), 3 * SHAPE[2]),
+              lambda d, b=None: nk.GroupNorm(2, 6, dtype=d, backend=b), 3 * SHAPE[2]),
     "layer": (lambda d: torch.nn.LayerNorm(SHAPE[2], dtype=d),
-              lambda d: nk.LayerNorm(SHAPE[2], dtype=d), SHAPE[2]),
+              lambda d, b=None: nk.LayerNorm(SHAPE[2], dtype=d, backend=b), SHAPE[2]),
     "rms": (lambda d: torch.nn.RMSNorm(SHAPE[2], dtype=d),
-            lambda d: nk.RMSNorm(SHAPE[2], dtype=d), SHAPE[2]),
+            lambda d, b=None: nk.RMSNorm(SHAPE[2], dtype=d, backend=b), SHAPE[2]),
 }
 
 
-def pair(kind, xdt, params, seed=0):
+def pair(kind, xdt, params, seed=0, backend=None):
     """A torch module and a normkit layer with the same (random) 16-bit-exact
     parameters, in the parameter dtype of the case."""
     pdt = np_dtype(xdt) if params == "same" else np.dtype(np.float32)
@@ -75,7 +76,7 @@ def pair(kind, xdt, params, seed=0):
     with torch.no_grad():
         for p in tm.parameters():
             p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
-    layer = make_n(pdt)
+    layer = make_n(pdt, backend)
     layer.load_state_dict(tm.state_dict())
     return tm, layer, n
 
@@ -91,11 +92,12 @@ def assert_close(got, want, tol, what):
                                err_msg=what, **tol)
 
 
+@pytest.mark.parametrize("backend", nk.available_backends())
 @pytest.mark.parametrize("params", PARAMS)
 @pytest.mark.parametrize("xdt", HALF)
 @pytest.mark.parametrize("kind", list(LAYERS))
-def test_train_forward_backward_vs_torch(kind, xdt, params):
-    tm, layer, n = pair(kind, xdt, params)
+def test_train_forward_backward_vs_torch(kind, xdt, params, backend):
+    tm, layer, n = pair(kind, xdt, params, backend=backend)
     x = data(xdt)
     xt = to_torch(x).requires_grad_(True)
     yt = tm(xt)
@@ -138,11 +140,12 @@ def test_train_forward_backward_vs_torch(kind, xdt, params):
         assert_close(got, want, tol, name)
 
 
+@pytest.mark.parametrize("backend", nk.available_backends())
 @pytest.mark.parametrize("params", PARAMS)
 @pytest.mark.parametrize("xdt", HALF)
 @pytest.mark.parametrize("kind", list(LAYERS))
-def test_eval_forward_backward_vs_torch(kind, xdt, params):
-    tm, layer, n = pair(kind, xdt, params, seed=3)
+def test_eval_forward_backward_vs_torch(kind, xdt, params, backend):
+    tm, layer, n = pair(kind, xdt, params, seed=3, backend=backend)
     if any(True for _ in tm.buffers()):     # give the running statistics non-trivial values
         tm(to_torch(data(xdt, seed=4)))
         layer.load_state_dict(tm.state_dict())
