@@ -209,3 +209,28 @@ def test_layer_dtype_argument_is_checked():
         nk.LayerNorm(4, dtype=np.int16)
     with pytest.raises(TypeError, match="dtype must be float16, bfloat16"):
         nk.BatchNorm(4, dtype="not a dtype")
+
+
+@pytest.mark.parametrize("xdt", HALF)
+def test_cumulative_running_stats_stay_16_bit(xdt):
+    """momentum=None (cumulative average) over several steps: the running statistics
+    stay in the 16-bit dtype and follow torch's 16-bit module. Each step rounds once
+    on each side (<= 1 ulp each) on top of the statistic's own error, and earlier
+    differences are carried with weight <= 1: after k steps, 2 k ulps + k stat bounds."""
+    dt = np_dtype(xdt)
+    tm = torch.nn.BatchNorm1d(6, momentum=None, dtype=torch_dtype(dt))
+    layer = nk.BatchNorm(6, momentum=None, dtype=dt)
+    steps, n = 4, SHAPE[0] * SHAPE[2]
+    for k in range(steps):
+        x = data(xdt, seed=10 + k)
+        tm(to_torch(x))
+        layer(x)
+    u = unit_roundoff(dt)
+    for name in ("running_mean", "running_var"):
+        got, want = layer.state_dict()[name], to_numpy(getattr(tm, name))
+        assert got.dtype == want.dtype == dt, name
+        mag = np.abs(want.astype(np.float64)).max() + 1
+        tol = tol_normalized(xdt, n, 3.0, mag)
+        tol["atol"] = steps * (tol["atol"] + 2 * 2 * u * mag)   # 2 ulps <= 2 * 2u |r|
+        assert_close(got, want, tol, name)
+    assert int(layer.state_dict()["num_batches_tracked"]) == steps
