@@ -17,7 +17,8 @@ ConvTranspose (torch, ONNX)             (in, out/g, k...)   1, with ``groups=g``
 Keras Dense / channels-last Conv        (..., in, out)      -1
 =====================================  ==================  ==========
 
-Everything is computed in float64 and returned in the weight's dtype.
+Everything is computed in float64 and returned in the weight's dtype (float16 and
+``ml_dtypes.bfloat16`` weights included: one rounding at the end).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from . import _validate as V
+from .backends.numpy_ref import narrow
 
 __all__ = ["fold_batch_norm", "fold_batch_norm_stats"]
 
@@ -36,14 +38,13 @@ def _array(a: Any, name: str) -> Any:
     if a is None:
         return None
     if hasattr(a, "detach"):                      # torch tensor, without importing torch
-        a = a.detach().cpu()
-        if str(a.dtype) == "torch.bfloat16":
-            a = a.float()
-        a = a.numpy()
+        # bfloat16 kept bit for bit (NumPy has no bfloat16 of its own)
+        from .layers import _torch_to_numpy
+        a = _torch_to_numpy(a)
     V.reject_masked(a, name)
     a = np.asarray(a)
-    if a.dtype.name == "bfloat16":                # ml_dtypes: computed in float64 anyway
-        a = a.astype(np.float32)
+    if a.dtype == V.BF16:                         # ml_dtypes: widened to float64 below
+        return a
     if a.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
     return a
@@ -102,7 +103,8 @@ def fold_batch_norm(weight: ArrayLike, bias: ArrayLike | None, bn: Any, *, axis:
     Returns
     -------
     (new_weight, new_bias) : tuple of ndarray
-        In the weight's dtype (float64 for integer weights); ``new_bias`` has shape (C,).
+        In the weight's dtype (float64 for integer weights; float16 and bfloat16 stay
+        16-bit); ``new_bias`` has shape (C,).
 
     Examples
     --------
@@ -169,17 +171,21 @@ def fold_batch_norm_stats(weight: ArrayLike, bias: ArrayLike | None,
     axis %= w.ndim
     groups = V.int_arg(groups, "groups", "fold_batch_norm", minimum=1)
 
+    out_dtype = w.dtype if w.dtype.kind == "f" or w.dtype == V.BF16 else np.dtype(np.float64)
+    # float64 throughout (16-bit values widen exactly), one rounding to out_dtype
+    w, b, mean, var, gamma, beta = (None if a is None else a.astype(np.float64)
+                                    for a in (w, b, mean, var, gamma, beta))
     with np.errstate(divide="ignore", invalid="ignore"):
-        scale = 1.0 / np.sqrt(var.astype(np.float64) + eps)
+        scale = 1.0 / np.sqrt(var + eps)
     if gamma is not None:
         scale = scale * gamma
     shift = -mean * scale if beta is None else beta - mean * scale
     new_b = shift if b is None else b * scale + shift
 
-    out_dtype = w.dtype if w.dtype.kind == "f" else np.dtype(np.float64)
     w_scale = _weight_scale(scale, w.shape, axis, groups)
-    new_w = (w.astype(np.float64) * w_scale).astype(out_dtype)
-    return new_w, np.asarray(new_b, dtype=out_dtype)
+    # narrow: float64 -> dtype rounded once (ml_dtypes' bfloat16 cast rounds twice,
+    # through float32)
+    return narrow(w * w_scale, out_dtype), narrow(new_b, out_dtype)
 
 
 def _weight_scale(scale, wshape, axis, groups):

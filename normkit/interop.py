@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _onnx_safety as _safety
+from ._validate import BF16 as _BF16
 from .layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm, _torch_to_numpy
 
 __all__ = ["from_torch", "from_onnx", "onnx_constants", "fold_onnx_batch_norms"]
@@ -50,13 +51,19 @@ def _torch_kind(module, classes):
     return None
 
 
+# torch dtype names -> the layer dtypes that keep their values bit for bit
+_TORCH_LAYER_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": _BF16,
+                       "float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
+
+
 def _layer_dtype(module, dtype):
     if dtype is not None:
-        return np.dtype(dtype)
+        return dtype                  # checked by the layer's constructor
     for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
         if t.is_floating_point():
             name = str(t.dtype).replace("torch.", "")
-            return np.dtype(name if name in ("float16", "float32", "float64") else "float32")
+            # other float types (float8 ...): float32 holds their values exactly
+            return _TORCH_LAYER_DTYPES.get(name, np.dtype(np.float32))
     return np.dtype(np.float32)
 
 
@@ -95,8 +102,9 @@ def from_torch(module, *, dtype=None, backend=None):
         A ``BatchNorm1d/2d/3d`` (or ``SyncBatchNorm``), ``InstanceNorm1d/2d/3d``,
         ``LayerNorm``, ``GroupNorm`` or ``RMSNorm``; or any module containing some.
     dtype : numpy dtype, optional
-        dtype of the new layers' parameters and statistics (default: the module's;
-        bfloat16 becomes float32).
+        dtype of the new layers' parameters and statistics (default: the module's:
+        float16 and bfloat16 modules give float16 and ``ml_dtypes.bfloat16`` layers,
+        their values copied bit for bit).
     backend : str, optional
         ``backend=`` of the new layers.
 
@@ -308,8 +316,9 @@ class _OnnxNodeContext:
     def layer_dtype(self, *arrays):
         if self.dtype is not None:
             return np.dtype(self.dtype)
-        for a in arrays:
-            if a is not None and a.dtype.kind == "f" and a.dtype.itemsize in (2, 4, 8):
+        for a in arrays:       # float16 / bfloat16 nodes stay 16-bit (issue 13)
+            if a is not None and (a.dtype == _BF16 or
+                                  (a.dtype.kind == "f" and a.dtype.itemsize in (2, 4, 8))):
                 return a.dtype
         return np.dtype(np.float32)
 

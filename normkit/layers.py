@@ -22,10 +22,17 @@ __all__ = ["Norm", "BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "RMSNo
 
 
 def _check_dtype(dtype):
-    dtype = np.dtype(dtype)
-    if dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
-        raise TypeError(f"dtype must be float16, float32 or float64, got {dtype}")
-    return dtype
+    """The layer's parameter dtype: float16, bfloat16 (ml_dtypes), float32 or float64."""
+    given = dtype
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        dtype = None
+    if dtype is None or not (_is_bfloat16(dtype) or
+                             (dtype.kind == "f" and dtype.itemsize in (2, 4, 8))):
+        raise TypeError("dtype must be float16, bfloat16 (ml_dtypes.bfloat16), float32 "
+                        f"or float64, got {given!r}")
+    return dtype.newbyteorder("=")
 
 
 def _positive_int(value, name, what):
@@ -37,10 +44,13 @@ def _momentum(momentum, what):
 
 
 def _torch_to_numpy(value):
-    """A torch tensor as a NumPy array; bfloat16 (which NumPy lacks) via float32."""
+    """A torch tensor as a NumPy array; bfloat16 (which NumPy lacks) bit for bit as
+    ml_dtypes.bfloat16 (both are the top 16 bits of a float32)."""
     value = value.detach().cpu()
     if str(value.dtype) == "torch.bfloat16":
-        value = value.float()
+        # torch is only imported here, with a torch tensor in hand
+        import torch
+        return value.contiguous().view(torch.int16).numpy().view(V.BF16)
     return value.numpy()
 
 
@@ -58,7 +68,7 @@ def _state_value(key, value, target):
         value = np.asarray(value)
     except (TypeError, ValueError):
         value = None
-    if target.dtype.kind == "f":
+    if target.dtype.kind == "f" or _is_bfloat16(target.dtype):
         ok = value is not None and (value.dtype.kind == "f" or _is_bfloat16(value.dtype))
         expected = "a float array"
     else:                                   # num_batches_tracked: an integer count

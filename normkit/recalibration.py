@@ -32,6 +32,7 @@ import numpy as np
 
 from . import _validate as V
 from . import functional as F
+from .backends.numpy_ref import narrow
 from .dask import _hook as _dask_hook
 from .layers import BatchNorm
 
@@ -237,8 +238,9 @@ def _finish(named_moments):
                           RuntimeWarning, stacklevel=3)
             continue
         with np.errstate(invalid="ignore"):
-            layer.running_mean[...] = mom.mean
-            layer.running_var[...] = mom.m2 / (mom.count - 1)
+            # float64 statistics rounded once to the buffers' dtype (16-bit included)
+            layer.running_mean[...] = narrow(mom.mean, layer.running_mean.dtype)
+            layer.running_var[...] = narrow(mom.m2 / (mom.count - 1), layer.running_var.dtype)
         layer._buffers["num_batches_tracked"] += mom.batches
     return summary
 
