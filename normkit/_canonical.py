@@ -7,11 +7,13 @@ Channel-family norms (BatchNorm, GroupNorm, InstanceNorm) work on a 3-D view:
 * ``first``: (N, C, S) -- the channel axis is followed by the spatial axes (NCHW);
 * ``last``:  (N, S, C) -- channels are the fastest axis (NHWC, or (N, C) input).
 
-Row-family norms (LayerNorm, RMSNorm) work on (rows, K). A contiguous, aligned input
-of the compute dtype in native byte order is only reshaped (no copy); anything else
-(float16, non-contiguous, negative strides, Fortran order, byte-swapped, a view at an
-odd byte offset) is copied once into a C-contiguous aligned array of the compute
-dtype. Kernels therefore only ever see C-contiguous, aligned, native-order memory.
+Row-family norms (LayerNorm, RMSNorm) work on (rows, K). The data keeps its *storage
+dtype* (its own dtype in native byte order: float16 and bfloat16 stay 16-bit, never
+widened to a float32 copy). A contiguous, aligned, native-order input is only reshaped
+(no copy); anything else (non-contiguous, negative strides, Fortran order,
+byte-swapped, a view at an odd byte offset) is copied once into a C-contiguous aligned
+array of that dtype. Kernels therefore only ever see C-contiguous, aligned,
+native-order memory.
 
 The layout decides which kernel runs: ``ChannelView.call`` is the one place that
 chooses between the ``channels_first_*`` and ``channels_last_*`` twins, including the

@@ -308,7 +308,8 @@ def test_running_statistics_stay_in_their_dtype(backend, dtype):
 
 
 @pytest.mark.parametrize("norm", NORMS)
-@pytest.mark.parametrize(("backend", "dtype"), GRID)
+@pytest.mark.parametrize(("backend", "dtype"),     # no kernel runs: no pending marks
+                         [(b, d) for b in K.BACKENDS for d in K.HALF_DTYPES])
 def test_empty_input(backend, dtype, norm):
     """An empty 16-bit batch: an empty output of x's dtype, NaN float32 statistics,
     running statistics untouched (as torch)."""
