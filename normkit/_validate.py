@@ -149,6 +149,13 @@ def param_dtype(dt: np.dtype) -> np.dtype:
     return F64 if dt.itemsize == 8 else F32
 
 
+def default_rms_eps(dt: np.dtype) -> float:
+    """rms_norm's ``eps=None``, as torch 2.13: the epsilon of the dtype the statistics
+    are computed in -- the input's own for float32/float64, float32's for 16-bit input
+    (torch takes its opmath type's epsilon there, not float16's or bfloat16's)."""
+    return float(np.finfo(param_dtype(dt)).eps)
+
+
 def compute_dtype(x: np.ndarray) -> np.dtype:
     """The dtype ``normkit.dask`` converts its blocks to (float32, or float64).
 

@@ -406,9 +406,7 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, backend=No
 
 
 def _default_rms_eps(x):
-    """torch's rms_norm eps=None: the epsilon of the statistics' dtype (float32 for
-    16-bit input, the input's own otherwise)."""
-    return float(np.finfo(V.param_dtype(x.dtype)).eps)
+    return V.default_rms_eps(x.dtype)
 
 
 # ====================================================================== backward

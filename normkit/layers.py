@@ -508,7 +508,8 @@ class RMSNorm(Norm):
     ----------
     normalized_shape : int or tuple of int
     eps : float or None
-        None: ``np.finfo`` eps of the input's dtype, as torch.
+        None: as torch, ``np.finfo`` eps of the input's dtype for float32/float64
+        input and float32's for float16/bfloat16 input (see ``rms_norm``).
     elementwise_affine : bool
         Learnable weight of shape ``normalized_shape``.
     dtype, backend : keyword-only

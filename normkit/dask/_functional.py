@@ -236,6 +236,6 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
 def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, backend=None,
              return_stats=False):
     check_input(x)
-    eps = float(np.finfo(x.dtype).eps) if eps is None else V.check_eps(eps, "rms_norm")
+    eps = V.default_rms_eps(x.dtype) if eps is None else V.check_eps(eps, "rms_norm")
     return _rows(x, normalized_shape, weight, None, eps, backend, return_stats, True,
                  "rms_norm")
