@@ -202,7 +202,17 @@ def _build_cases():
     add(_case("gn", "nchw", (1, 32, 4, 4), category="tiny", prefix="tiny_", groups=8))
     add(_case("in", "nchw", (1, 8, 8, 8), category="tiny", prefix="tiny_"))
     add(_case("ln_train_fb", "rows", (2, 4, 64), category="tiny", prefix="tiny_"))
-    # --- real models: every BN layer of ResNet-50; the LayerNorms of one BERT-base pass
+    cs += _model_cases()
+    for dtype in HALF_DTYPES:
+        cs += _half_cases(dtype)
+    names = [c.name for c in cs]
+    assert len(names) == len(set(names)), "duplicate case names"
+    return cs
+
+
+def _model_cases():
+    """Real models: every BN layer of ResNet-50; the LayerNorms of one BERT-base pass."""
+    cs = []
     for n, tier in ((1, "quick"), (8, "default")):
         units = [(n, c, hw, hw) for c, hw in RESNET50_BN_LAYERS]
         cs.append(Case(f"resnet50_bn_eval_b{n}", OPS["bn_eval"], "nchw", units, "float32",
@@ -213,10 +223,10 @@ def _build_cases():
                    [(8, 128, 768)] * BERT_BASE_LAYERNORMS, "float32", "default", "model", {},
                    [(1, 4, 768)] * BERT_BASE_LAYERNORMS,
                    "the 25 LayerNorms of one BERT-base encoder pass (batch 8, seq 128)"))
-    for dtype in HALF_DTYPES:
-        cs += _half_cases(dtype)
-    names = [c.name for c in cs]
-    assert len(names) == len(set(names)), "duplicate case names"
+    for dtype in HALF_DTYPES:        # the same models stored in 16 bits (full tier)
+        for c in cs[1:3]:
+            cs.append(Case(f"{c.name}_{short_dtype(dtype)}", c.op, c.layout, c.units, dtype,
+                           "full", "model", {}, c.smoke_units, c.description))
     return cs
 
 
