@@ -4,7 +4,10 @@ For each case of the table in :mod:`normkit._bench_cases` it prepares every
 implementation on the same arrays -- each available normkit backend, an ``np.copyto``
 of the same number of bytes (the memory-bound floor), and the peers that are installed
 (PyTorch CPU, ONNX Runtime, and on request a plain vectorized NumPy version) -- checks
-each result against the normkit ``numpy`` backend, then times them.
+each result against the float64 truth (normkit's ``numpy`` backend on float64 copies of
+the same inputs, :func:`normkit._bench_data.truth`), then times them. A 16-bit case
+also times every backend on its float32 twin, in the same rounds. The columns are
+built in :mod:`normkit._bench_columns`; the printed tables in :mod:`normkit._bench_report`.
 
 Timing: one warm-up call (JIT compilation, first-touch page faults), a calibration
 call that picks how many calls make one sample (calls of 0.5 ms or more are timed one
@@ -18,7 +21,7 @@ rounds (``time.perf_counter``, garbage collector off while a sample runs). Calls
 shorter than 10 ms get one untimed call right before each sample, so threads another
 library left spinning (OpenMP, ORT) and cold caches do not land on the next column.
 
-PyTorch and ONNX Runtime are imported here, lazily, and only when installed; ``import
+PyTorch and ONNX Runtime are imported lazily (in _bench_columns), only when installed; ``import
 normkit`` never imports them or this module. No third-party progress bar either: a
 small one is drawn on stderr (plain lines when stderr is not a terminal).
 """
@@ -61,7 +64,8 @@ __all__ = ["TIERS", "add_arguments", "main", "run"]
 #: ``--help`` text: plain words (argparse prints it as is, so no reST markup)
 DESCRIPTION = ("Time every normkit backend that loads here against a memory copy of the "
                "same bytes and the installed peers (PyTorch, ONNX Runtime), after checking "
-               "each result against normkit's numpy backend.")
+               "each result against a float64 truth. float16 and bfloat16 rows also get "
+               "a table of errors and of their time against float32.")
 
 #: (seconds of rounds per case, minimum rounds, target seconds per sample). Samples are
 #: short (calls >= 0.5 ms are timed one by one) so that the median over many samples
@@ -316,7 +320,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--min-time", type=float, metavar="SECONDS",
                    help="timing budget per case (default: 0.25 quick, 0.6, 2.0 full)")
     p.add_argument("--no-check", action="store_true",
-                   help="skip the correctness check against the numpy backend")
+                   help="skip the correctness check against the float64 truth")
     p.add_argument("--list", action="store_true", help="list the selected cases and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress output on stderr")
     p.add_argument("--retry", type=int, default=1, metavar="N",
