@@ -367,12 +367,12 @@ def run_dtypes(fast, out_dir, threads=None):
     """``python -m normkit bench --cases 16bit --json``: the 16-bit rows of docs/dtypes.md."""
     import subprocess
     target = out_dir / "bench16.json"
-    cmd = [sys.executable, "-m", "normkit", "bench", "--cases", "16bit", "--json",
+    cases = "tiny_*16" if fast else "16bit"
+    cmd = [sys.executable, "-m", "normkit", "bench", "--cases", cases, "--json",
            str(target), "--no-progress"]
     if threads is not None:
         cmd += ["--threads", str(threads)]
     if fast:
-        cmd[4] = "tiny_*16"
         cmd += ["--min-time", "0.01", "--peers", "torch"]
     print("dtypes:", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
