@@ -2,8 +2,12 @@
 
 Metadata lives in pyproject.toml; this file only adds the extension.
 
-* The .pyx is cythonized at build time (into the build directory, so no generated C
-  lands in the source tree or the sdist).
+* The extension is written as a Tempita template, ``_cython_kernels.pyx.tp`` (as
+  scikit-learn's ``sklearn/_loss/_loss.pyx.tp``), with parts ``_kernels_*.pxi.tp``
+  and C helpers in ``nk_helpers.h``. It is rendered and cythonized at build time into
+  the build directory, so no generated .pyx or C lands in the source tree or the
+  sdist; the template, its parts and the header are listed as the extension's
+  ``depends`` (a change rebuilds it, and the sdist carries them).
 * OpenMP is detected the way scikit-learn does it (sklearn/_build_utils/
   openmp_helpers.py): compile, link and run a tiny OpenMP program with the compiler
   that will build the extension. If that works the extension is built with the
@@ -12,7 +16,7 @@ Metadata lives in pyproject.toml; this file only adds the extension.
   ``-march=native`` (the binary then only runs on CPUs like the build machine).
   Never -ffast-math: NaN/Inf must propagate; reductions vectorize through explicit
   independent accumulators instead.
-* On x86 (not Windows) the same .pyx is also built with AVX2 and with AVX-512 flags
+* On x86 (not Windows) the same template is also built with AVX2 and with AVX-512 flags
   (``_cython_kernels_avx2``, ``_cython_kernels_avx512``); cython_backend.py loads the
   best one the CPU runs, so the install stays portable. ``NORMKIT_NO_SIMD_VARIANTS=1``
   skips them; ``NORMKIT_NATIVE=1`` makes them moot and skips them too.
@@ -39,7 +43,13 @@ SIMD_VARIANTS = {
     "avx2": ["-mavx2"],
     "avx512": ["-mavx512f", "-mavx512cd", "-mavx512vl", "-mavx512dq", "-mavx512bw"],
 }
-PYX = os.path.join("normkit", "backends", "_cython_kernels.pyx")
+HERE = os.path.dirname(os.path.abspath(__file__))
+BACKENDS = os.path.join("normkit", "backends")
+TEMPLATE = os.path.join(BACKENDS, "_cython_kernels.pyx.tp")
+# the template's parts and the C header: rendered or included into every build
+DEPENDS = [os.path.join(BACKENDS, name) for name in (
+    "_kernels_shared.pxi.tp", "_kernels_stats.pxi.tp", "_kernels_elementwise.pxi.tp",
+    "_kernels_api.pxi.tp", "nk_helpers.h")]
 
 OPENMP_TEST = textwrap.dedent("""\
     #include <omp.h>
@@ -104,7 +114,7 @@ class BuildExt(build_ext):
     """build_ext that cythonizes, detects OpenMP and records the build configuration.
 
     On x86 the kernels are also built with AVX2 and with AVX-512 flags (modules
-    _cython_kernels_avx2 / _avx512, from build-time copies of the .pyx);
+    _cython_kernels_avx2 / _avx512, each rendered from the template under its name);
     cython_backend.py imports the best one the CPU runs. The float32 statistics are
     accumulated in double, so they are compute-bound at SSE2's two doubles per
     instruction: one thread, 4096 x 768 LayerNorm took 1.80 ms (SSE2), 1.43 (AVX2),
@@ -116,21 +126,27 @@ class BuildExt(build_ext):
         if not self.parallel:          # the builds compile side by side
             self.parallel = min(2, os.cpu_count() or 1)
 
+    def _render(self, ext):
+        """Render the template into build_temp as <module name>.pyx (each SIMD variant
+        needs its own module name); rewrite it only when the text changed."""
+        from Cython import Tempita
+
+        src_dir = os.path.join(self.build_temp, "tempita", *ext.name.split(".")[:-1])
+        os.makedirs(src_dir, exist_ok=True)
+        pyx = os.path.join(src_dir, ext.name.split(".")[-1] + ".pyx")
+        with open(os.path.join(HERE, TEMPLATE)) as f:
+            template = Tempita.Template(f.read(), name=TEMPLATE)
+        text = template.substitute(TEMPLATE_DIR=os.path.join(HERE, BACKENDS))
+        if not os.path.exists(pyx) or open(pyx).read() != text:
+            with open(pyx, "w") as f:
+                f.write(text)
+        return pyx
+
     def run(self):
         from Cython.Build import cythonize
 
         for ext in self.extensions:
-            if getattr(ext, "normkit_variant", None):
-                # the variant needs its own module name: compile a copy named after it
-                src_dir = os.path.join(self.build_temp, "variant_src", *ext.name.split(".")[:-1])
-                os.makedirs(src_dir, exist_ok=True)
-                copy = os.path.join(src_dir, ext.name.split(".")[-1] + ".pyx")
-                with open(PYX) as f:
-                    text = f.read()
-                if not os.path.exists(copy) or open(copy).read() != text:
-                    with open(copy, "w") as f:
-                        f.write(text)
-                ext.sources = [copy]
+            ext.sources = [self._render(ext)]
         cythonized = cythonize(
             self.extensions,
             build_dir=os.path.join(self.build_temp, "cython"),
@@ -195,7 +211,7 @@ class BuildExt(build_ext):
             if old != text:      # rewrite only on change: a change forces a rebuild
                 with open(header, "w") as f:
                     f.write(text)
-            ext.include_dirs += [config_dir, numpy.get_include()]
+            ext.include_dirs += [config_dir, os.path.join(HERE, BACKENDS), numpy.get_include()]
             ext.define_macros += [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
             ext.extra_compile_args += cflags
             ext.extra_link_args += omp_ldflags
@@ -206,11 +222,11 @@ class BuildExt(build_ext):
 
 
 def _extensions():
-    exts = [Extension(EXT_NAME, [PYX])]
+    exts = [Extension(EXT_NAME, [TEMPLATE], depends=list(DEPENDS))]
     if (_x86() and sys.platform != "win32" and not _env_flag("NORMKIT_NATIVE")
             and not _env_flag("NORMKIT_NO_SIMD_VARIANTS")):
         for variant in SIMD_VARIANTS:
-            ext = Extension(f"{EXT_NAME}_{variant}", [PYX])
+            ext = Extension(f"{EXT_NAME}_{variant}", [TEMPLATE], depends=list(DEPENDS))
             ext.normkit_variant = variant
             exts.append(ext)
     return exts

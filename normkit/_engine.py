@@ -16,6 +16,11 @@ Shared steps, each in one function:
 * the channel backward: ``channel_backward``;
 * the capture hook ``capture`` read by ``normkit.diagnostics``.
 
+dtypes (``backends/_spec.py``): the data (x, dy, out, dx, residual) stays in its
+*storage dtype* -- float16 and bfloat16 included, never copied to float32 -- and the
+per-channel parameters handed to kernels are in the *parameter dtype*
+(``_validate.param_dtype``: float64 for float64 data, float32 otherwise).
+
 NumPy floating-point warnings never leave this module: NaN/Inf in the data, a negative
 running variance or eps == 0 on constant data are results (NaN/Inf), not warnings.
 """
@@ -36,6 +41,8 @@ from ._canonical import (
     rows_result,
     rows_view,
 )
+from ._validate import param_dtype, storage_dtype
+from .backends.numpy_ref import narrow
 
 # Private hook for normkit.diagnostics: while ``capture.on`` is true in this thread,
 # batch_moments leaves the unmerged per-plane moments it computed anyway (and the
@@ -79,13 +86,13 @@ def rstd(var, eps):
 
 
 def stat_out(a, dtype, shape=None):
-    """Statistics handed back to users: the compute dtype (float32 for float16 input)."""
+    """Statistics handed back to users: the parameter dtype (float32 for 16-bit input)."""
     a = np.array(a, dtype=dtype)   # a copy: never hand out a live running statistic
     return a if shape is None else a.reshape(shape)
 
 
 def coefs(dtype, n_rows, *arrays):
-    """(N', C) contiguous aligned arrays of the compute dtype, all with the same N'."""
+    """(N', C) contiguous aligned arrays of the parameter dtype, all with the same N'."""
     result = []
     for a in arrays:
         if a.ndim == 1:
@@ -97,13 +104,14 @@ def coefs(dtype, n_rows, *arrays):
 
 
 def split_shift(mean, dtype):
-    """The mean as a compute-dtype shift plus the float64 residual it rounded away.
+    """The mean as a parameter-dtype shift plus the float64 residual it rounded away.
 
-    Kernels compute (x - shift) in the compute dtype; with x close to shift that
-    difference is exact, so adding the residual's effect back in float64 (folded into
-    an offset) keeps float32 outputs accurate even at |mean| >> std, at no extra pass.
+    Kernels compute (x - shift) in the parameter dtype (float32 for 16-bit data); with
+    x close to shift that difference is exact, so adding the residual's effect back in
+    float64 (folded into an offset) keeps float32 and 16-bit outputs accurate even at
+    |mean| >> std, at no extra pass.
     """
-    if mean.dtype == dtype:             # already exact in the compute dtype
+    if mean.dtype == dtype:             # already exact in the parameter dtype
         return mean, None
     shift = mean.astype(dtype)          # inf - inf below where a channel holds an Inf
     return shift, mean - shift.astype(np.float64)
@@ -117,8 +125,10 @@ def offset(bias, resid, scale):
 
 
 def update_running(running, batch_value, momentum):
-    """running <- (1 - momentum) * running + momentum * batch, in place, in its own dtype."""
-    running[...] = (1.0 - momentum) * running.astype(np.float64) + momentum * batch_value
+    """running <- (1 - momentum) * running + momentum * batch, in place, in its own dtype
+    (computed in float64, rounded once: bfloat16 too, see ``numpy_ref.narrow``)."""
+    running[...] = narrow((1.0 - momentum) * running.astype(np.float64)
+                          + momentum * batch_value, storage_dtype(running.dtype))
 
 
 def empty_result(x, out, stats_shape, dtype, return_stats, with_mean=True):
@@ -196,7 +206,7 @@ def affine(be, view, coef, res, residual, relu):
 
 def normalize(be, view, mean, rstd_, w, b, n_rows, out, epilogue=(None, False)):
     """Write (x - mean) * rstd * w + b [+ residual] [ReLU] for (N', C) statistics."""
-    dt = view.data.dtype
+    dt = param_dtype(view.data.dtype)
     scale = rstd_ if w is None else w * rstd_
     shift, resid = split_shift(mean, dt)
     res = view.empty(out)
@@ -213,8 +223,9 @@ def batch_norm(be, view, running, w, b, training, momentum, eps, out, epilogue):
         mean, m2 = batch_moments(be, view)
         count = view.n * view.s
         var = m2 / count
-    else:
-        mean = running_mean          # its own dtype: exact as a shift when it is dt's
+    else:       # the running mean as it is when it is a parameter-dtype shift already
+        pdt = param_dtype(view.data.dtype)
+        mean = running_mean if running_mean.dtype == pdt else running_mean.astype(np.float64)
         var = running_var.astype(np.float64)
     r = rstd(var, eps)
     res = normalize(be, view, mean, r, w, b, 1, out, epilogue)
@@ -236,7 +247,7 @@ def per_sample_forward(be, view, groups, w, b, eps, out, fixed_stats=None,
     Returns (result in the view's layout, mean (N, G), rstd (N, G), M2 or None);
     M2 is the centred sum from the moments (``need_m2`` asks for it).
     """
-    n, c, dt = view.n, view.c, view.data.dtype
+    n, c, dt = view.n, view.c, param_dtype(view.data.dtype)
     if (fixed_stats is None and not need_m2 and view.layout == "first"
             and epilogue[0] is None and not epilogue[1]):
         # one kernel: each (sample, group) block is normalized while still in cache
@@ -258,9 +269,11 @@ def per_sample_forward(be, view, groups, w, b, eps, out, fixed_stats=None,
     return res, mean, r, m2
 
 
-def rows_forward(be, x, k, w, b, eps, out, rms):
-    """LayerNorm / RMSNorm: returns (y in x's shape into ``out``, mean, rstd) per row."""
-    dt = w.dtype
+def rows_forward(be, x, k, w, b, eps, out, rms, dt):
+    """LayerNorm / RMSNorm: returns (y in x's shape into ``out``, mean, rstd) per row.
+
+    ``dt`` is the storage dtype of x (its dtype in native order); w and b are of the
+    parameter dtype."""
     xr = rows_view(x, k, dt)
     res = rows_result(out, xr)
     mean, r = be.rows_forward(xr, w, b, eps, rms, res)
@@ -268,9 +281,10 @@ def rows_forward(be, x, k, w, b, eps, out, rms):
 
 
 def fast_rows(be, x, w, b, eps, rms):
-    """rows_forward on a validated contiguous x of the compute dtype, without ``out``."""
+    """rows_forward on a validated contiguous native x, parameters of its parameter dtype,
+    without ``out``."""
     k = x.shape[-1]
-    dt = x.dtype
+    dt = param_dtype(x.dtype)
     out = np.empty_like(x)
     be.rows_forward(x.reshape(-1, k), constant(1.0, k, dt) if w is None else w,
                     constant(0.0, k, dt) if b is None else b, eps, rms, out.reshape(-1, k))
@@ -278,12 +292,13 @@ def fast_rows(be, x, w, b, eps, rms):
 
 
 def fast_batch_norm_eval(be, x, axis, running_mean, running_var, weight, bias, eps):
-    """Eval BatchNorm on validated contiguous, aligned x and parameters of x's dtype.
+    """Eval BatchNorm on validated contiguous, aligned native x and parameters of its
+    parameter dtype.
 
     Returns None (the caller takes the general path) when var + eps <= 0 somewhere,
     so the NaN/Inf that follows is produced under the general path's errstate.
     """
-    dt = x.dtype
+    dt = param_dtype(x.dtype)
     c = x.shape[axis]
     # float64 for the coefficients, then one cast, in the general path's order of
     # operations (so both paths give bit-identical results), in as few ufunc calls as
@@ -312,22 +327,22 @@ def channel_backward(be, view, dy, shift, rstd_nc, w, pool, count, batch_stats):
     shares one statistic and broadcasts back to (N', C); ``count`` is how many values
     share one statistic. With fixed statistics (eval) dx is just weight * rstd * dy.
     """
-    dt = view.data.dtype
+    dt = param_dtype(view.data.dtype)
     shift, resid = split_shift(shift, dt)
     sum_dy, sum_dyx = view.call(be, "grad_sums", dy, view.data,
                                 *coefs(dt, shift.shape[0], shift))
     if resid is not None:               # sums of dy * (x - mean), exactly centered
         sum_dyx = sum_dyx - resid * sum_dy
     a = rstd_nc if w is None else rstd_nc * w
-    if batch_stats:
-        coef_x = -rstd_nc ** 3 * pool(sum_dyx if w is None else sum_dyx * w) / count
-        coef_1 = -rstd_nc * pool(sum_dy if w is None else sum_dy * w) / count
-    else:
-        coef_x = np.zeros_like(a)
-        coef_1 = np.zeros_like(a)
+    dx = np.empty_like(view.data)
+    if not batch_stats:     # dx = a * dy, x not read: an Inf in x gives no 0 * Inf (torch)
+        zero = np.zeros_like(a)
+        view.call(be, "affine", dy, *coefs(dt, a.shape[0], zero, a, zero), dx)
+        return dx, sum_dy, sum_dyx
+    coef_x = -rstd_nc ** 3 * pool(sum_dyx if w is None else sum_dyx * w) / count
+    coef_1 = -rstd_nc * pool(sum_dy if w is None else sum_dy * w) / count
     if resid is not None:
         coef_1 = coef_1 - coef_x * resid
-    dx = np.empty_like(view.data)
     view.call(be, "grad_apply", dy, view.data,
               *coefs(dt, shift.shape[0], shift, a, coef_x, coef_1), dx)
     return dx, sum_dy, sum_dyx
@@ -358,9 +373,9 @@ def per_sample_backward(be, view, dy, groups, mean, rstd_, w, batch_stats):
     return dx, (sum_dyx * rstd_nc).sum(axis=0), sum_dy.sum(axis=0)
 
 
-def rows_backward(be, dy, x, k, mean, rstd_, w, rms):
-    """LayerNorm / RMSNorm backward: (dx in x's shape and dtype, grad_w, grad_b) per K."""
-    dt = w.dtype
+def rows_backward(be, dy, x, k, mean, rstd_, w, rms, dt):
+    """LayerNorm / RMSNorm backward: (dx in x's shape and dtype, grad_w, grad_b) per K;
+    ``dt`` is x's storage dtype, w of the parameter dtype."""
     dx = np.empty((math.prod(x.shape) // k, k), dt)
     gw, gb = be.rows_backward(rows_view(dy, k, dt), rows_view(x, k, dt), mean, rstd_, w,
                               rms, dx)

@@ -102,12 +102,12 @@ def forward(layer, x, momentum):
         raise ValueError("Expected more than 1 value per channel when training, "
                          f"got input size {x.shape}")
     E.check_training_eps(layer.eps)
-    dt = V.compute_dtype(x)
+    dt = V.param_dtype(x.dtype)
     if x.size == 0:        # as BatchNorm: an empty output, the statistics untouched
         nan = np.full(c, np.nan)
         return np.empty(x.shape, x.dtype), RenormCache(x, nan, nan, np.ones(c), np.zeros(c))
     be = resolve(layer._backend)
-    view = batch_view(x, ax, dt)
+    view = batch_view(x, ax, V.storage_dtype(x.dtype))
     mean, m2 = E.batch_moments(be, view)
 
     eps = layer.eps

@@ -12,11 +12,17 @@ from __future__ import annotations
 import numbers
 import operator
 
+import ml_dtypes
 import numpy as np
 
 _FLOAT_SIZES = (2, 4, 8)
+F16 = np.dtype(np.float16)
 F32 = np.dtype(np.float32)
 F64 = np.dtype(np.float64)
+# ml_dtypes' bfloat16 (NumPy kind "V", its type number assigned at import): recognised
+# by dtype identity, here and nowhere else, never by its name
+BF16 = np.dtype(ml_dtypes.bfloat16)
+HALF_DTYPES = (F16, BF16)
 
 
 # ---------------------------------------------------------------- describing values
@@ -111,8 +117,9 @@ def as_input(x, name: str = "x", min_ndim: int = 1) -> np.ndarray:
             raise TypeError(f"{name}: expected an array-like of floats, got "
                             f"{type(x).__name__} that NumPy cannot convert ({exc})") from None
     dt = x.dtype
-    if dt.kind != "f" or dt.itemsize not in _FLOAT_SIZES:
-        raise TypeError(f"{name} must be a float16, float32 or float64 array, got dtype {dt}")
+    if not is_float(dt):
+        raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 array, "
+                        f"got dtype {dt}")
     if x.ndim < min_ndim:
         layout = " (N, C, ...)" if min_ndim >= 2 else ""
         plural = "s" * (min_ndim > 1)
@@ -121,9 +128,34 @@ def as_input(x, name: str = "x", min_ndim: int = 1) -> np.ndarray:
     return x
 
 
+def is_float(dt: np.dtype) -> bool:
+    """float16/32/64 in either byte order, or bfloat16: the dtypes normkit takes."""
+    return (dt.kind == "f" and dt.itemsize in _FLOAT_SIZES) or dt == BF16
+
+
+def is_half(dt: np.dtype) -> bool:
+    """float16 (either byte order) or bfloat16."""
+    return dt.itemsize == 2 and is_float(dt)
+
+
+def storage_dtype(dt: np.dtype) -> np.dtype:
+    """The dtype kernels read and write for data of dtype ``dt``: itself, native order."""
+    return dt if dt.isnative else dt.newbyteorder("=")
+
+
+def param_dtype(dt: np.dtype) -> np.dtype:
+    """The kernels' parameter dtype (and that of returned statistics) for data of dtype
+    ``dt``: float64 for float64 data, float32 for float32, float16 and bfloat16."""
+    return F64 if dt.itemsize == 8 else F32
+
+
 def compute_dtype(x: np.ndarray) -> np.dtype:
-    """float16 (and float32) compute in float32; float64 in float64; always native order."""
-    return F64 if x.dtype.itemsize == 8 else F32
+    """The dtype ``normkit.dask`` converts its blocks to (float32, or float64).
+
+    Kept for ``normkit.dask`` only: the eager engine hands 16-bit data to the kernels
+    as it is (``storage_dtype``) with ``param_dtype`` parameters.
+    """
+    return param_dtype(x.dtype)
 
 
 def channel_axis(x: np.ndarray, axis, what: str, allow_batch_axis: bool = True) -> int:
@@ -181,7 +213,7 @@ def as_param(p, shape: tuple, name: str, dtype=F64):
     if type(p) is not np.ndarray:
         reject_masked(p, name)
         p = np.asarray(p)
-    if p.dtype.kind != "f":
+    if p.dtype.kind != "f" and p.dtype != BF16:     # any float dtype, bfloat16 included
         raise TypeError(f"{name} must be a float array, got dtype {p.dtype}")
     if p.shape != shape:
         raise ValueError(f"{name}: expected shape {shape}, got shape {p.shape}")
@@ -195,7 +227,7 @@ def running_stat(p, shape: tuple, name: str):
     if not isinstance(p, np.ndarray) or isinstance(p, np.ma.MaskedArray):
         raise TypeError(f"{name} must be a NumPy array (it is updated in place), "
                         f"got {type(p).__name__}")
-    if p.dtype.kind != "f":
+    if p.dtype.kind != "f" and p.dtype != BF16:     # any float dtype, bfloat16 included
         raise TypeError(f"{name} must be a float array, got dtype {p.dtype}")
     if p.shape != shape:
         raise ValueError(f"{name}: expected shape {shape}, got shape {p.shape}")

@@ -20,6 +20,7 @@ from . import _engine as E
 from . import _validate as V
 from ._canonical import batch_view, kernel_array, sample_view
 from .backends import resolve
+from .backends.numpy_ref import narrow
 from .dask._hook import dask_aware
 
 __all__ = [
@@ -37,12 +38,13 @@ __all__ = [
 
 
 # ---------------------------------------------------------------- fast paths
-# The common inference call (contiguous aligned float32/float64 input, parameters of
-# the same dtype, no out=, no stats) skips the general validation and view machinery:
-# per-call overhead dominates on small inputs. Anything else takes the general path,
-# which validates fully; so must the fast path never accept what the general path
-# rejects.
-_FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# The common inference call (contiguous aligned native float16/bfloat16/float32/float64
+# input, parameters of its parameter dtype -- float32 for 16-bit data, as torch's
+# autocast layout --, no out=, no stats) skips the general validation and view
+# machinery: per-call overhead dominates on small inputs. Anything else takes the
+# general path, which validates fully; so must the fast path never accept what the
+# general path rejects.
+_FAST_DTYPES = (V.F32, V.F64, V.F16, V.BF16)
 
 
 def _fast_param(p, dtype, n):
@@ -64,7 +66,8 @@ def _fast_rows(x, ns, weight, bias, eps, backend, rms):
     if not ((type(ns) is int and ns == k)
             or (type(ns) is tuple and len(ns) == 1 and type(ns[0]) is int and ns[0] == k)):
         return None
-    if not (_fast_param(weight, x.dtype, k) and _fast_param(bias, x.dtype, k)):
+    pdt = V.param_dtype(x.dtype)
+    if not (_fast_param(weight, pdt, k) and _fast_param(bias, pdt, k)):
         return None
     return E.fast_rows(resolve(backend), x, weight, bias, eps, rms)
 
@@ -75,7 +78,7 @@ def _fast_batch_norm_eval(x, running_mean, running_var, weight, bias, eps, axis,
         return None
     if type(axis) is not int or not (axis == -1 or axis == 1):
         return None
-    dt = x.dtype
+    dt = V.param_dtype(x.dtype)
     c = x.shape[axis]
     if not (running_mean is not None and running_var is not None
             and _fast_param(running_mean, dt, c) and _fast_param(running_var, dt, c)
@@ -107,7 +110,9 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     Parameters
     ----------
     x : ndarray
-        Input of float16/32/64 dtype and ndim >= 2, channels on ``axis``.
+        Input of float16/bfloat16/float32/float64 dtype and ndim >= 2, channels on
+        ``axis``. 16-bit data is read and written as it is (no float32 copy);
+        ``weight``, ``bias`` and the running statistics may be of any float dtype.
     running_mean, running_var : ndarray of shape (C,), optional
         Running statistics. Used in eval mode (required there); updated in place in
         training mode (``running_var`` with the unbiased batch variance), as torch.
@@ -189,11 +194,11 @@ def _batch_norm_args(x, running_mean, running_var, weight, bias, training, momen
 
 def _batch_norm_run(x, ax, running, w, b, training, momentum, eps, out, backend,
                     return_stats, epilogue):
-    dt = V.compute_dtype(x)
+    dt = V.param_dtype(x.dtype)
     be = resolve(backend)
     if x.size == 0:
         return E.empty_result(x, out, (x.shape[ax],), dt, return_stats)
-    view = batch_view(x, ax, dt)
+    view = batch_view(x, ax, V.storage_dtype(x.dtype))
     res, mean, rstd = E.batch_norm(be, view, running, w, b, training, momentum, eps, out,
                                    epilogue)
     y = view.to_user(res, out, x.dtype)
@@ -248,11 +253,11 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=N
     residual, relu = _check_activation(activation, residual, x)
     w, b, residual = E.apart_from_out(out, [("weight", w), ("bias", b),
                                             ("residual", residual)])
-    dt = V.compute_dtype(x)
+    dt = V.param_dtype(x.dtype)
     be = resolve(backend)
     if x.size == 0:
         return E.empty_result(x, out, (x.shape[0], groups), dt, return_stats)
-    view = sample_view(x, ax, dt)
+    view = sample_view(x, ax, V.storage_dtype(x.dtype))
     res, mean, rstd, _ = E.per_sample_forward(be, view, groups, w, b, eps, out,
                                               epilogue=(residual, relu))
     y = view.to_user(res, out, x.dtype)
@@ -311,11 +316,11 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
 
 def _instance_norm_run(x, ax, running, w, b, use_input_stats, momentum, eps, out, backend,
                        return_stats):
-    dt = V.compute_dtype(x)
+    dt = V.param_dtype(x.dtype)
     be = resolve(backend)
     if x.size == 0:
         return E.empty_result(x, out, (x.shape[0], x.shape[ax]), dt, return_stats)
-    view = sample_view(x, ax, dt)
+    view = sample_view(x, ax, V.storage_dtype(x.dtype))
     running_mean, running_var = running
     fixed = None if use_input_stats else (running_mean.astype(np.float64),
                                           running_var.astype(np.float64))
@@ -334,7 +339,7 @@ def _instance_norm_run(x, ax, running, w, b, use_input_stats, momentum, eps, out
 def _rows_forward(x, ns, weight, bias, eps, out, backend, return_stats, rms):
     k = math.prod(ns)
     stats_shape = x.shape[:x.ndim - len(ns)]
-    dt = V.compute_dtype(x)
+    dt = V.param_dtype(x.dtype)
     w = V.as_param(weight, ns, "weight", dt)
     b = V.as_param(bias, ns, "bias", dt)
     out = V.check_out(out, x)
@@ -344,7 +349,7 @@ def _rows_forward(x, ns, weight, bias, eps, out, backend, return_stats, rms):
         return E.empty_result(x, out, stats_shape, dt, return_stats, with_mean=not rms)
     w = E.constant(1.0, k, dt) if w is None else kernel_array(w, dt).reshape(k)
     b = E.constant(0.0, k, dt) if b is None else kernel_array(b, dt).reshape(k)
-    y, mean, rstd = E.rows_forward(be, x, k, w, b, eps, out, rms)
+    y, mean, rstd = E.rows_forward(be, x, k, w, b, eps, out, rms, V.storage_dtype(x.dtype))
     if return_stats:
         return (y, None if rms else E.stat_out(mean, dt, stats_shape),
                 E.stat_out(rstd, dt, stats_shape))
@@ -382,26 +387,35 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, backend=No
              return_stats=False):
     """Root-mean-square normalization over the trailing ``normalized_shape`` axes.
 
-    ``eps=None`` uses ``np.finfo(x.dtype).eps`` of the input's dtype, as torch; a
-    negative eps is used as given (NaN where mean(x^2) + eps < 0).
+    ``eps=None`` uses the machine epsilon of the dtype the statistics are computed in,
+    as torch: ``np.finfo(x.dtype).eps`` for float32 and float64 input, float32's for
+    float16 and bfloat16 input (torch 2.13 takes its opmath type's epsilon there);
+    a negative eps is used as given (NaN where mean(x^2) + eps < 0).
     With ``return_stats=True`` returns ``(y, None, rstd)``.
     """
     if out is None and not return_stats and type(x) is np.ndarray and x.dtype in _FAST_DTYPES:
         y = _fast_rows(x, normalized_shape, weight, None,
-                       float(np.finfo(x.dtype).eps) if eps is None else eps, backend, True)
+                       _default_rms_eps(x) if eps is None else eps, backend, True)
         if y is not None:
             return y
     x = V.as_input(x)
     ns = V.normalized_shape(normalized_shape, x, "rms_norm")
-    eps = (float(np.finfo(x.dtype).eps) if eps is None
+    eps = (_default_rms_eps(x) if eps is None
            else _eps(eps, "rms_norm", negative_ok=True))
     return _rows_forward(x, ns, weight, None, eps, out, backend, return_stats, True)
 
 
+def _default_rms_eps(x):
+    """torch's rms_norm eps=None: the epsilon of the statistics' dtype (float32 for
+    16-bit input, the input's own otherwise)."""
+    return float(np.finfo(V.param_dtype(x.dtype)).eps)
+
+
 # ====================================================================== backward
 def _grads_out(gw, gb, weight, dt):
+    """grad_weight, grad_bias in the weight's dtype (else ``dt``), each rounded once."""
     dtype = weight.dtype if isinstance(weight, np.ndarray) else dt
-    return np.asarray(gw, dtype=dtype), np.asarray(gb, dtype=dtype)
+    return narrow(gw, dtype), narrow(gb, dtype)
 
 
 @dask_aware("batch_norm_backward")
@@ -447,12 +461,12 @@ def _channel_grads(what, grad_out, x, axis, stats, weight, backend, batch_stats,
     mean = V.as_param(stats[0], stats_shape, "mean")
     rstd = V.as_param(stats[1], stats_shape, "rstd")
     w = V.as_param(weight, (c,), "weight")
-    dt = V.compute_dtype(x)
+    dt = V.param_dtype(x.dtype)
     be = resolve(backend)
     if x.size == 0:
         return np.zeros_like(x), *_grads_out(np.zeros(c), np.zeros(c), weight, dt)
-    view = (sample_view if per_sample else batch_view)(x, ax, dt)
-    dyv = view.like(dy, dt)
+    view = (sample_view if per_sample else batch_view)(x, ax, V.storage_dtype(x.dtype))
+    dyv = view.like(dy, view.data.dtype)
     if per_sample:
         dx, gw, gb = E.per_sample_backward(be, view, dyv, groups, mean, rstd, w, batch_stats)
     else:
@@ -489,7 +503,7 @@ def _rows_backward(what, grad_out, x, normalized_shape, mean, rstd, weight, back
     ns = V.normalized_shape(normalized_shape, x, what)
     k = math.prod(ns)
     stats_shape = x.shape[:x.ndim - len(ns)]
-    dt = V.compute_dtype(x)
+    dt = V.param_dtype(x.dtype)
     rows = math.prod(stats_shape)
     mean = np.zeros(rows) if rms else V.as_param(mean, stats_shape, "mean").reshape(rows)
     rstd = V.as_param(rstd, stats_shape, "rstd").reshape(rows)
@@ -498,7 +512,7 @@ def _rows_backward(what, grad_out, x, normalized_shape, mean, rstd, weight, back
     if x.size == 0:
         return np.zeros_like(x), *_grads_out(np.zeros(ns), np.zeros(ns), weight, dt)
     w = E.constant(1.0, k, dt) if w is None else kernel_array(w, dt).reshape(k)
-    dx, gw, gb = E.rows_backward(be, dy, x, k, mean, rstd, w, rms)
+    dx, gw, gb = E.rows_backward(be, dy, x, k, mean, rstd, w, rms, V.storage_dtype(x.dtype))
     return (dx, *_grads_out(gw.reshape(ns), gb.reshape(ns), weight, dt))
 
 

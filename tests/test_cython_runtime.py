@@ -14,6 +14,7 @@ import sys
 import textwrap
 import threading
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -43,20 +44,33 @@ def parallel_everywhere():
 
 
 # ---------------------------------------------------------------- one call of everything
+BF16 = ml_dtypes.bfloat16
+DTYPES = [np.float32, np.float64, np.float16, BF16]
+HALF = [np.float16, BF16]
+
+
+def _param_dtype(dtype):
+    """The kernels' parameter dtype for data of `dtype` (normkit/backends/_spec.py)."""
+    return np.float64 if dtype == np.float64 else np.float32
+
+
 def _inputs(dtype, seed=0, n=3, c=5, s=2500, rows=40, k=777):
     rng = np.random.default_rng(seed)
 
-    def arr(*shape, loc=0.5):
-        a = (rng.standard_normal(shape) * 2 + loc).astype(dtype)
+    def arr(*shape, loc=0.5, dt=dtype):
+        a = (rng.standard_normal(shape) * 2 + loc).astype(dt)
         a.setflags(write=False)
         return a
+
+    def par(*shape):
+        return arr(*shape, dt=_param_dtype(dtype))
     d = dict(
         x3=arr(n, c, s, loc=100.0), dy3=arr(n, c, s),
         # channels-last with N == 1 and a long S: the BatchNorm NHWC statistics split
         x3l=arr(1, 9000, c, loc=100.0), dy3l=arr(1, 9000, c),
-        x2=arr(rows, k), dy2=arr(rows, k), w=arr(k), b=arr(k),
-        p1=arr(1, c), p2=arr(1, c), p3=arr(1, c), p4=arr(1, c),
-        pn=arr(n, c), long=arr(2, 70000),
+        x2=arr(rows, k), dy2=arr(rows, k), w=par(k), b=par(k),
+        p1=par(1, c), p2=par(1, c), p3=par(1, c), p4=par(1, c),
+        pn=par(n, c), long=arr(2, 70000),
     )
     mean, rstd = ref.rows_forward(d["x2"], d["w"], d["b"], 1e-5, False, np.empty((rows, k)))
     d["mean"], d["rstd"] = mean, rstd
@@ -112,16 +126,36 @@ def _tolerance(dtype):
     <= 70000 values by blocks). 2e-4 leaves a 5x margin for FMA contraction or not.
     float64: the reductions run over n <= 70000 values with blockwise pairwise
     accumulation, error <= ~log2(n) * n_block * eps * sum|x| ~ 1e-11 relative;
-    1e-9 covers it with and without FMA."""
+    1e-9 covers it with and without FMA.
+    16-bit data: the reference computes in float64 from the same (exactly widened)
+    inputs and rounds its outputs once to the 16-bit dtype; ours are computed in
+    float32 and rounded once: the two differ by at most one unit in the last place of
+    the 16-bit output (<= eps * |output|), plus the float32 rounding of terms up to
+    ~250 in size (~250 * 2**-24 = 1.5e-5, absolute) that a cancelling output can keep.
+    The float64 statistics come from exactly widened data: far inside these bounds."""
     if dtype == np.float32:
         return dict(rtol=2e-4, atol=2e-4)
+    if dtype in HALF:
+        eps = float(ml_dtypes.finfo(dtype).eps)
+        return dict(rtol=eps, atol=max(eps * 1e-3, 3e-5))
     return dict(rtol=1e-9, atol=1e-9)
+
+
+def _f64(a):
+    return np.asarray(a, np.float64)
 
 
 def _assert_same(a, b):
     assert len(a) == len(b)
     for u, v in zip(a, b):
-        np.testing.assert_array_equal(u, v)
+        assert u.dtype == v.dtype
+        np.testing.assert_array_equal(_f64(u), _f64(v))
+
+
+def _assert_close(got, want, dtype, what=""):
+    for i, (g, w) in enumerate(zip(got, want)):
+        np.testing.assert_allclose(_f64(g), _f64(w), **_tolerance(dtype),
+                                   err_msg=f"output {i}, {np.dtype(dtype).name} {what}")
 
 
 # ---------------------------------------------------------------- build record
@@ -179,7 +213,7 @@ def test_set_num_threads_from_another_thread(parallel_everywhere):
 
 
 @needs_cython
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_results_do_not_depend_on_thread_count(parallel_everywhere, dtype):
     d = _inputs(dtype)
     cy.set_num_threads(1)
@@ -190,14 +224,11 @@ def test_results_do_not_depend_on_thread_count(parallel_everywhere, dtype):
 
 
 @needs_cython
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_parallel_paths_match_reference(parallel_everywhere, dtype):
     cy.set_num_threads(2)
     d = _inputs(dtype, seed=1)
-    got = _run_all(cy, d)
-    want = _run_all(ref, d)
-    for g, w in zip(got, want):
-        np.testing.assert_allclose(g, w, **_tolerance(dtype))
+    _assert_close(_run_all(cy, d), _run_all(ref, d), dtype)
 
 
 @needs_cython
@@ -399,12 +430,11 @@ _LEVEL_CHILD = textwrap.dedent("""
     assert cy.info()["module"] == sys.argv[2], (cy.info()["module"], sys.argv[2])
     cy._ext._set_parallel_min(0)
     cy.set_num_threads(2)
-    for dtype in (np.float32, np.float64):
+    for dtype in t.DTYPES:
         d = t._inputs(dtype, seed=3)
-        # tolerances: see test_parallel_paths_match_reference
-        tol = t._tolerance(dtype)
-        for i, (g, w) in enumerate(zip(t._run_all(cy, d), t._run_all(ref, d))):
-            np.testing.assert_allclose(g, w, **tol, err_msg=f"output {i}, {dtype.__name__}")
+        # tolerances: see _tolerance
+        t._assert_close(t._run_all(cy, d), t._run_all(ref, d), dtype)
+    t._check_conversions(cy._ext)
     print("ok", cy.info()["module"], cy.info()["simd"])
 """)
 
@@ -434,6 +464,86 @@ def test_picks_the_best_build():
     levels = _runnable_levels()
     assert levels[0] == "baseline"
     assert cy.info()["module"] == _build_name(levels[-1])
+
+
+# ---------------------------------------------------------------- 16-bit conversions
+def _conversion_sample():
+    """float32 bit patterns: every sign/exponent/top-7-mantissa-bit combination (all
+    2**16 high halves, so every exponent incl. subnormals, Inf and NaN) with low halves
+    that make the float16 and bfloat16 rounding ties (odd and even), the values just
+    off them, and the extremes; plus 2**20 random patterns."""
+    high = np.arange(1 << 16, dtype=np.uint32) << 16
+    low = np.array([0x0000, 0x0001, 0x0fff, 0x1000, 0x1001, 0x1fff, 0x2000, 0x3000, 0x4000,
+                    0x5000, 0x6000, 0x7000, 0x7fff, 0x8000, 0x8001, 0x9000, 0xb000, 0xd000,
+                    0xf000, 0xffff], np.uint32)
+    rand = np.random.default_rng(0).integers(0, 1 << 32, 1 << 20, dtype=np.uint64)
+    return np.concatenate([(high[:, None] | low).ravel(), rand.astype(np.uint32)])
+
+
+def _check_conversions(ext):
+    """The kernels' narrowing is NumPy's float32 -> float16 cast and ml_dtypes'
+    float32 -> bfloat16 cast bit for bit (round to nearest even, NaN kept, float16
+    overflow to Inf); widening every 16-bit pattern is exact, bit for bit."""
+    f = _conversion_sample().view(np.float32)
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    for row, dtype in (("f16", np.float16), ("bf16", BF16)):
+        with np.errstate(over="ignore", invalid="ignore"):
+            want = f.astype(dtype).view(np.uint16)
+        got = ext._convert(row, f, True)
+        bad = np.flatnonzero(got != want)
+        assert bad.size == 0, (row, [hex(v) for v in f.view(np.uint32)[bad[:5]]],
+                               [hex(v) for v in got[bad[:5]]], [hex(v) for v in want[bad[:5]]])
+        wide = ext._convert(row, every, False).view(np.uint32)
+        np.testing.assert_array_equal(wide, every.view(dtype).astype(np.float32).view(np.uint32))
+
+
+@needs_cython
+def test_half_conversions_are_numpy_casts():
+    _check_conversions(cy._ext)
+
+
+@needs_cython
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_special_values(dtype):
+    """NaN stays NaN, Inf propagates, float16 overflow gives Inf, and an in-place call
+    works, on the 16-bit paths."""
+    x = np.array([[1.0, np.nan, 3.0, np.inf, -2.0, 0.5, 7.0]], np.float32).astype(dtype)
+    w, b = np.ones(7, np.float32), np.zeros(7, np.float32)
+    out = np.empty_like(x)
+    cy.rows_forward(x, w, b, 1e-5, False, out)
+    assert np.isnan(_f64(out)).all()                 # NaN in a row: the whole row is NaN
+    x3 = np.array([[[60000.0, -60000.0, 1.0, np.nan, -np.inf]]], np.float32).astype(dtype)
+    p = [np.zeros((1, 1), np.float32), np.full((1, 1), 2.0, np.float32),
+         np.zeros((1, 1), np.float32)]
+    y = np.empty_like(x3)
+    cy.channels_first_affine(x3, *p, y)
+    with np.errstate(over="ignore"):
+        want = (_f64(x3) * 2).astype(np.float32).astype(dtype)     # 120000: Inf in float16
+    np.testing.assert_array_equal(_f64(y), _f64(want))
+    cy.channels_first_affine(x3.copy(), *p, x3)                # in place
+    np.testing.assert_array_equal(_f64(x3), _f64(want))
+
+
+@needs_cython
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_argument_errors_name_the_argument(dtype):
+    name = np.dtype(dtype).name
+    x = np.ones((4, 8), dtype)
+    w16 = np.ones(8, dtype)
+    f32 = np.ones(8, np.float32)
+    with pytest.raises(TypeError, match=f"weight must be float32 .*{name} data.* got {name}"):
+        cy.rows_forward(x, w16, f32, 1e-5, False, np.empty_like(x))
+    with pytest.raises(TypeError, match=f"out must be {name}"):
+        cy.rows_forward(x, f32, f32, 1e-5, False, np.empty((4, 8), np.float32))
+    with pytest.raises(TypeError, match="x must be float32 or float64 or float16 or bfloat16"):
+        cy.plane_moments(np.ones((4, 8), np.int16))
+    x3 = np.ones((2, 3, 5), dtype)
+    p64 = np.ones((1, 3))
+    with pytest.raises(TypeError, match=f"shift must be float32 .*{name} data.* got float64"):
+        cy.channels_first_affine(x3, p64, p64, p64, np.empty_like(x3))
+    if dtype == np.float16:
+        with pytest.raises(TypeError, match="native byte order"):
+            cy.plane_moments(x.astype(">f2"))
 
 
 # ---------------------------------------------------------------- extension missing

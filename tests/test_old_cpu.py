@@ -32,9 +32,11 @@ pytestmark = [
                        reason="the Cython extension is not built"),
 ]
 
-# Runs under the emulator: every kernel of the contract, float32 and float64, serial
-# and through the OpenMP path, compared with the float64 NumPy reference.
+# Runs under the emulator: every kernel of the contract, float32, float64, float16 and
+# bfloat16 (the portable bit conversions: no F16C there), serial and through the
+# OpenMP path, compared with the float64 NumPy reference.
 CHILD_ALL_KERNELS = textwrap.dedent("""
+    import ml_dtypes
     import numpy as np
     from normkit.backends import _spec
     from normkit.backends import cython_backend as cy
@@ -44,12 +46,13 @@ CHILD_ALL_KERNELS = textwrap.dedent("""
 
     def cases(dtype):
         rng = np.random.default_rng(0)
-        def a(*shape, loc=0.5):
-            return (rng.standard_normal(shape) + loc).astype(dtype)
-        x2, dy2, w, b = a(5, 37), a(5, 37), a(37), a(37)
+        pdt = np.float64 if dtype == np.float64 else np.float32     # the parameter dtype
+        def a(*shape, loc=0.5, dt=dtype):
+            return (rng.standard_normal(shape) + loc).astype(dt)
+        x2, dy2, w, b = a(5, 37), a(5, 37), a(37, dt=pdt), a(37, dt=pdt)
         x3, dy3, x3l, dy3l = a(2, 4, 29, loc=3.0), a(2, 4, 29), a(2, 29, 4, loc=3.0), a(2, 29, 4)
-        p = [a(1, 4) for _ in range(4)]
-        pn = [a(2, 4) for _ in range(4)]
+        p = [a(1, 4, dt=pdt) for _ in range(4)]
+        pn = [a(2, 4, dt=pdt) for _ in range(4)]
         mean, rstd = ref.rows_forward(x2, w, b, 1e-5, False, np.empty(x2.shape))
         e = np.empty_like
         yield "plane_moments", (x2,)
@@ -78,24 +81,29 @@ CHILD_ALL_KERNELS = textwrap.dedent("""
     for parallel_min in (1 << 30, 0):          # serial, then forced through OpenMP
         cy._ext._set_parallel_min(parallel_min)
         cy.set_num_threads(2)
-        for dtype in (np.float32, np.float64):
+        for dtype in (np.float32, np.float64, np.float16, ml_dtypes.bfloat16):
             # Every output is a few (<= 8) roundings of eps/2 away from the float64
             # truth, relative to the size of the terms it is made of; for this data
             # (O(1) values, |x - shift| * |scale| <= ~10 * |output scale|) 64 eps of
             # the largest output value bounds it with margin, with or without FMA.
             # Statistics are accumulated in double: their error is far below that.
-            eps = np.finfo(dtype).eps
+            # 16-bit data: computed in float32 and rounded once (<= 1 ulp of the
+            # 16-bit output from the reference, which rounds its float64 result), so
+            # the 16-bit eps in the same bound covers it with the same margin.
+            eps = float(ml_dtypes.finfo(dtype).eps)
             for name, args in cases(dtype):
-                called.add(name)
+                called.add((name, np.dtype(dtype).name))
                 ref_args = [np.array(v) if isinstance(v, np.ndarray) else v for v in args]
                 got = outputs(name, getattr(cy, name)(*args), args)
                 want = outputs(name, getattr(ref, name)(*ref_args), ref_args)
                 assert len(got) == len(want) > 0, name
                 for g, w_ in zip(got, want):
+                    g, w_ = np.asarray(g, np.float64), np.asarray(w_, np.float64)
                     tol = 64 * eps * max(1.0, float(np.abs(w_).max()))
                     np.testing.assert_allclose(g, w_, rtol=64 * eps, atol=tol,
-                                               err_msg=f"{name} {dtype.__name__}")
-    missing = set(_spec.KERNELS) - called
+                                               err_msg=f"{name} {np.dtype(dtype).name}")
+    missing = {(k, t) for k in _spec.KERNELS
+               for t in ("float32", "float64", "float16", "bfloat16")} - called
     assert not missing, f"kernels not exercised: {sorted(missing)}"
     print("all kernels ok", cy._ext._cpu_simd_level(), cy.info()["simd"])
 """)

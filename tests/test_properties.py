@@ -7,15 +7,17 @@
   changes nothing; scaling x by ``a > 0`` changes nothing when eps is scaled by ``a**2``
   (all five, RMSNorm included), an identity that holds exactly, eps and all (eps = 0
   among the drawn values gives the plain ``norm(a * x) == norm(x)``).
-* Output dtype and shape equal the input's (float16/32/64, any parameter dtype), and
-  ``return_stats`` shapes follow API.md.
+* Output dtype and shape equal the input's (float16/bfloat16/float32/float64, any
+  parameter dtype), and ``return_stats`` shapes follow API.md.
 * Non-contiguous, negative-stride, Fortran-order, byte-swapped and read-only inputs
   (and parameters) give the results of a contiguous copy.
 * ``out=x`` (in place) and ``out=<other array>`` equal the out-of-place result.
 * Inputs are never modified (forward and backward), except running statistics in
   training mode, which are updated exactly as on a contiguous copy.
 
-Every test runs on every backend through the ``backend`` fixture.
+Every test runs on every backend through the ``backend`` fixture, or through the
+(backend, dtype) grid of ``_cases.backend_dtype_params`` where the data dtype is a
+parameter (16-bit rows of a backend in ``_cases.PENDING_16BIT``: strict xfail).
 """
 import math
 
@@ -30,6 +32,10 @@ import _cases as K
 
 SETTINGS = settings(max_examples=40, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
+# per data dtype (the dtype a pytest parameter): about the examples one test drew
+# over all dtypes before
+DTYPE_SETTINGS = settings(SETTINGS, max_examples=12)
+DATA_DTYPES = K.backend_dtype_params()           # (backend, dtype) incl. 16-bit
 
 NORMALIZING = ["batch", "instance", "group", "layer", "rms"]   # use their own statistics
 ALL_KINDS = NORMALIZING + ["batch_eval", "instance_eval"]      # + fixed-statistics modes
@@ -111,7 +117,7 @@ def specs(draw, kind, min_group=2):
 
 def _data(spec, dtype, scale=1.0, offset=0.0):
     rng = np.random.default_rng(spec["seed"])
-    return (offset + scale * rng.standard_normal(spec["shape"])).astype(dtype)
+    return (offset + scale * rng.standard_normal(spec["shape"])).astype(K.np_dtype(dtype))
 
 
 def _channels(spec):
@@ -293,15 +299,17 @@ def test_invariant_to_positive_scaling(kind, backend):
 
 
 # ------------------------------------------------------------------ dtype / shape
-FLOATS = [np.float16, np.float32, np.float64]
+FLOATS = [np.float16, np.float32, np.float64, K.np_dtype("bfloat16")]
 
 
 @pytest.mark.parametrize("kind", ALL_KINDS)
-def test_dtype_and_shape_preserved(kind, backend):
-    @SETTINGS
-    @given(spec=specs(kind), dtype=st.sampled_from(FLOATS),
-           pdtype=st.sampled_from(FLOATS), affine=st.booleans())
-    def check(spec, dtype, pdtype, affine):
+@pytest.mark.parametrize(("backend", "dtype"), DATA_DTYPES)
+def test_dtype_and_shape_preserved(kind, backend, dtype):
+    dtype = K.np_dtype(dtype)
+
+    @DTYPE_SETTINGS
+    @given(spec=specs(kind), pdtype=st.sampled_from(FLOATS), affine=st.booleans())
+    def check(spec, pdtype, affine):
         x = _data(spec, dtype, 2.0, 1.0)
         w, b, rm, rv = _params(spec, pdtype, affine=affine)
         y, mean, rstd = forward(spec, x, w, b, rm, rv, backend=backend, return_stats=True)
@@ -317,7 +325,7 @@ def test_dtype_and_shape_preserved(kind, backend):
         x64 = x.astype(np.float64)
         p64 = [None if p is None else p.astype(np.float64) for p in (w, b, rm, rv)]
         y64 = forward(spec, x64, *p64, backend=backend)
-        # float16 computes in float32 and rounds the output once (u_16, in _tol)
+        # 16-bit data computes in float32 and rounds the output once (u_16, in _tol)
         np.testing.assert_allclose(y.astype(np.float64), y64,
                                    atol=_tol(spec, x, dtype, w, b, rm, rv)["atol"])
 
@@ -409,11 +417,14 @@ def test_any_memory_layout_equals_contiguous_copy(kind, backend):
 
 # ------------------------------------------------------------------ out=
 @pytest.mark.parametrize("kind", ALL_KINDS)
-def test_out_in_place_equals_out_of_place(kind, backend):
-    @SETTINGS
-    @given(spec=specs(kind), dtype=st.sampled_from([np.float16, np.float32, np.float64]),
-           target=st.sampled_from(["x", "x_strided", "other", "other_fortran"]))
-    def check(spec, dtype, target):
+@pytest.mark.parametrize(("backend", "dtype"), DATA_DTYPES)
+def test_out_in_place_equals_out_of_place(kind, backend, dtype):
+    dtype = K.np_dtype(dtype)
+
+    @DTYPE_SETTINGS
+    @given(spec=specs(kind), target=st.sampled_from(["x", "x_strided", "other",
+                                                     "other_fortran"]))
+    def check(spec, target):
         x = _data(spec, dtype, 1.5, 0.25)
         w, b, rm, rv = _params(spec)
         y_ref = forward(spec, x, w, b, rm, rv, backend=backend)
@@ -445,11 +456,13 @@ def test_out_in_place_equals_out_of_place(kind, backend):
 
 # ------------------------------------------------------------------ inputs untouched
 @pytest.mark.parametrize("kind", ALL_KINDS)
-def test_inputs_are_never_modified(kind, backend):
-    @SETTINGS
-    @given(spec=specs(kind), dtype=st.sampled_from([np.float16, np.float32, np.float64]),
-           affine=st.booleans(), nonfinite=st.booleans())
-    def check(spec, dtype, affine, nonfinite):
+@pytest.mark.parametrize(("backend", "dtype"), DATA_DTYPES)
+def test_inputs_are_never_modified(kind, backend, dtype):
+    dtype = K.np_dtype(dtype)
+
+    @DTYPE_SETTINGS
+    @given(spec=specs(kind), affine=st.booleans(), nonfinite=st.booleans())
+    def check(spec, affine, nonfinite):
         x = _data(spec, dtype, 1.5, 0.25)
         if nonfinite:                           # NaN/Inf must not change the rule
             x.reshape(-1)[0] = np.nan
@@ -468,7 +481,7 @@ def test_inputs_are_never_modified(kind, backend):
         assert gx.shape == x.shape and gx.dtype == x.dtype
         for name, a in dict(x=x, w=w, b=b, g=g).items():
             if a is not None:
-                np.testing.assert_array_equal(a, before[name], err_msg=name)
+                K.assert_same(a, before[name], err_msg=name)
         if mean is not None:
             np.testing.assert_array_equal(mean, stats_before[0])
         np.testing.assert_array_equal(rstd, stats_before[1])
@@ -498,8 +511,8 @@ def _nonfinite_case(kind, axis, dtype):
 
 
 @pytest.mark.parametrize("axis", [1, -1])
-@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("kind", ALL_KINDS)
+@pytest.mark.parametrize(("backend", "dtype"), DATA_DTYPES)
 def test_nonfinite_input_propagates_as_torch(kind, dtype, axis, backend):
     """A group holding NaN/Inf normalizes to all-NaN (mean/variance are NaN there);
     every other group stays finite. With fixed statistics it stays elementwise. RMSNorm
@@ -531,8 +544,8 @@ def test_nonfinite_input_propagates_as_torch(kind, dtype, axis, backend):
         assert np.isnan(yg[bad]).all()
 
 
-@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("kind", ALL_KINDS)
+@pytest.mark.parametrize(("backend", "dtype"), DATA_DTYPES)
 def test_nonfinite_input_does_not_warn(kind, dtype, backend):
     """The NumPy reference kernels silence floating-point warnings on purpose (NaN/Inf
     are data to propagate); the functional layer must not add its own. (Regression:

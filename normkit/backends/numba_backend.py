@@ -44,9 +44,8 @@ from __future__ import annotations
 import operator
 import os
 import threading
-from collections.abc import Callable
-from typing import NamedTuple
 
+import ml_dtypes
 import numba
 import numpy as np
 
@@ -165,22 +164,6 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _compiled(name, dtype, par):
-    key = (name, dtype, par)
-    try:
-        return _dispatchers[key]
-    except KeyError:
-        pass
-    if dtype not in (np.float32, np.float64):
-        raise TypeError(f"normkit numba kernels take float32 or float64 arrays, got {dtype}")
-    with _build_lock:
-        fn = _dispatchers.get(key)
-        if fn is None:
-            fn = _nk.build(name, dtype, par)
-            _dispatchers[key] = fn
-    return fn
-
-
 def _par(size):
     """Run this call in parallel? (and if so, apply the thread count in this thread)"""
     if size < _S.par_min or _S.threads < 2 or _S.serial_only:
@@ -226,13 +209,6 @@ def _split_groups(args):
     return _chunks((C // groups) * S, 1, N * groups)
 
 
-class _Launch(NamedTuple):
-    """How one driver is launched (every driver takes ``*args[, nc], *stats``)."""
-    split: Callable | None        # args -> pieces per row (shape only); None: whole rows
-    stats: Callable | None        # args -> shape of the two float64 outputs; None: none
-    as_last: str | None = None    # channels-first driver: its channels-last twin for S == 1
-
-
 def _rows(a):
     return a[0].shape[:1]
 
@@ -245,23 +221,6 @@ def _nc_last(a):
     return (a[0].shape[0], a[0].shape[2])
 
 
-# Driver name (numba_kernels.DRIVERS) -> launch. The size deciding serial or parallel
-# is always args[0].size (x, or dy of x's shape).
-_TABLE = {
-    "plane_moments": _Launch(_split_planes, _rows),
-    "channels_last_moments": _Launch(_split_last, _nc_last),
-    "rows_forward": _Launch(None, _rows),
-    "rows_backward": _Launch(_split_row_blocks, lambda a: a[0].shape[1:]),
-    "channels_first_grad_sums": _Launch(_split_planes, _nc_first, "channels_last_grad_sums"),
-    "channels_last_grad_sums": _Launch(_split_last, _nc_last),
-    "channels_first_grad_apply": _Launch(_split_planes, None, "channels_last_grad_apply"),
-    "channels_last_grad_apply": _Launch(_split_last, None),
-    "channels_first_group_forward": _Launch(_split_groups, lambda a: (a[0].shape[0], a[1])),
-    "channels_first_affine_act": _Launch(_split_planes, None, "channels_last_affine_act"),
-    "channels_last_affine_act": _Launch(_split_last, None),
-}
-
-
 def _first_as_last(a):
     """(N, C, 1) viewed as channels-last (N, 1, C): same memory, vectorizes along C."""
     if isinstance(a, np.ndarray) and a.ndim == 3:
@@ -269,85 +228,192 @@ def _first_as_last(a):
     return a
 
 
-def _launch(name, *args):
+# float16 / bfloat16 data reach the kernels as same-bits integer views (zero copy; see
+# numba_convert.py): Numba has no float16 on the CPU and no bfloat16 at all.
+_VIEW_OF = {np.dtype(np.float16).num: np.dtype(np.int16),
+            np.dtype(ml_dtypes.bfloat16).num: np.dtype(np.uint16)}
+_STORAGE_NUMS = {np.dtype(np.float32).num, np.dtype(np.float64).num, *_VIEW_OF}
+
+
+class _Launch:
+    """How one driver is launched (every driver takes ``*args[, nc], *stats``) and its
+    compiled twins, built on first use: ``compiled[dtype.num, par]``."""
+
+    def __init__(self, name, split, stats, as_last=None):
+        self.name = name
+        self.split = split          # args -> pieces per row (shape only); None: whole rows
+        self.stats = stats          # args -> shape of the two float64 outputs; None: none
+        self.as_last = as_last      # channels-first driver: its channels-last twin, S == 1
+        self.data = _nk.data_positions(name)     # the arguments in the storage dtype
+        self.compiled: dict = {}
+
+    def fn(self, dtype, par):
+        try:
+            return self.compiled[dtype.num, par]
+        except KeyError:
+            pass
+        if dtype.num not in _STORAGE_NUMS:
+            raise TypeError(f"numba {self.name}: argument {_nk.arg_names(self.name)[0]!r} "
+                            f"must be a float32, float64, float16 or bfloat16 array, got "
+                            f"{dtype}")
+        with _build_lock:
+            fn = self.compiled.get((dtype.num, par))
+            if fn is None:
+                fn = _nk.build(self.name, _VIEW_OF.get(dtype.num, dtype), par)
+                self.compiled[dtype.num, par] = fn
+                _dispatchers[(self.name, dtype, bool(par))] = fn
+        return fn
+
+
+# Driver name (numba_kernels.DRIVERS) -> launch. The size deciding serial or parallel
+# is always args[0].size (x, or dy of x's shape).
+_TABLE = {name: _Launch(name, *how) for name, how in {
+    "plane_moments": (_split_planes, _rows),
+    "channels_last_moments": (_split_last, _nc_last),
+    "rows_forward": (None, _rows),
+    "rows_backward": (_split_row_blocks, lambda a: a[0].shape[1:]),
+    "channels_first_grad_sums": (_split_planes, _nc_first, "channels_last_grad_sums"),
+    "channels_last_grad_sums": (_split_last, _nc_last),
+    "channels_first_grad_apply": (_split_planes, None, "channels_last_grad_apply"),
+    "channels_last_grad_apply": (_split_last, None),
+    "channels_first_group_forward": (_split_groups, lambda a: (a[0].shape[0], a[1])),
+    "channels_first_affine_act": (_split_planes, None, "channels_last_affine_act"),
+    "channels_last_affine_act": (_split_last, None),
+}.items()}
+
+
+def _launch(launch, *args):
     """The one launcher: layout shortcut, serial or parallel, split, outputs, call."""
-    launch = _TABLE[name]
     x = args[0]
     if launch.as_last and x.shape[2] == 1 and x.shape[1] > 1:
-        return _launch(launch.as_last, *map(_first_as_last, args))
+        return _launch(_TABLE[launch.as_last], *map(_first_as_last, args))
+    dtype = x.dtype
     par = _par(x.size)
-    fn = _compiled(name, x.dtype, par)
-    stats = () if launch.stats is None else tuple(np.empty(launch.stats(args)) for _ in "ms")
+    fn = launch.fn(dtype, par)
+    if dtype.num in _VIEW_OF:
+        args = _views(args, launch.data)
+    if launch.stats is None:
+        stats = ()
+    else:
+        shape = launch.stats(args)
+        stats = (np.empty(shape), np.empty(shape))
     if launch.split is not None:
         args += (launch.split(args),)
-    lock = _S.lock if par else None
-    if lock is None:
-        fn(*args, *stats)
-    else:
-        with lock:
+    try:
+        if par and _S.lock is not None:
+            with _S.lock:
+                fn(*args, *stats)
+        else:
             fn(*args, *stats)
+    except TypeError as exc:
+        raise _bad_argument(launch.name, dtype, args, fn) from exc
     return stats or None
 
 
+def _views(args, data):
+    """16-bit data arguments as their same-bits integer views (zero copy)."""
+    args = list(args)
+    for i in data:
+        a = args[i]
+        if isinstance(a, np.ndarray) and a.dtype.num in _VIEW_OF:
+            args[i] = a.view(_VIEW_OF[a.dtype.num])
+    return tuple(args)
+
+
+def _viewed_name(given, data_dtype):
+    """The user's name of an argument's dtype (an int16/uint16 view of 16-bit data is
+    reported as the float16/bfloat16 the caller passed)."""
+    if data_dtype.num in _VIEW_OF and given in (np.int16, np.uint16):
+        return "float16" if given == np.int16 else "bfloat16"
+    return str(given)
+
+
+def _bad_argument(name, dtype, args, fn):
+    """The TypeError for a call that matches no compiled signature: it names the first
+    argument that differs from the signature, what was expected and what was given."""
+    names = _nk.arg_names(name)
+    for i, (a, want) in enumerate(zip(args, fn.signatures[0], strict=False)):
+        if not isinstance(want, numba.types.Array):
+            continue
+        ok = (isinstance(a, np.ndarray) and a.dtype == numba.np.numpy_support.as_dtype(
+            want.dtype) and a.ndim == want.ndim and a.flags.c_contiguous
+            and (a.flags.writeable or not want.mutable))
+        if ok:
+            continue
+        expect = (f"a C-contiguous {'writable ' if want.mutable else ''}{want.ndim}-d "
+                  f"{_nk.storage_name(want.dtype)} array")
+        given = (type(a).__name__ if not isinstance(a, np.ndarray) else
+                 f"a {'' if a.flags.c_contiguous else 'non-'}C-contiguous "
+                 f"{'' if a.flags.writeable else 'read-only '}{a.ndim}-d "
+                 f"{_viewed_name(a.dtype, dtype)} array")
+        return TypeError(f"numba {name}: argument {names[i]!r} must be {expect} for "
+                         f"{dtype} data, got {given}")
+    return TypeError(f"numba {name}: no compiled signature matches the arguments")
+
+
 # ============================================================ kernels (see _spec.py)
+_K = _TABLE
+
+
 def plane_moments(x):
-    return _launch("plane_moments", x)
+    return _launch(_K["plane_moments"], x)
 
 
 def channels_last_moments(x):
     N, S, C = x.shape
     if C == 1:
         return tuple(s.reshape(N, 1) for s in plane_moments(x.reshape(N, S)))
-    return _launch("channels_last_moments", x)
+    return _launch(_K["channels_last_moments"], x)
 
 
 def rows_forward(x, weight, bias, eps, rms, out):
-    return _launch("rows_forward", x, weight, bias, float(eps), bool(rms), out)
+    return _launch(_K["rows_forward"], x, weight, bias, float(eps), bool(rms), out)
 
 
 def rows_backward(dy, x, mean, rstd, weight, rms, dx):
-    return _launch("rows_backward", dy, x, mean, rstd, weight, bool(rms), dx)
+    return _launch(_K["rows_backward"], dy, x, mean, rstd, weight, bool(rms), dx)
 
 
 def channels_first_affine(x, shift, scale, offset, out):
-    _launch("channels_first_affine_act", x, shift, scale, offset, x, False, False, out)
+    _launch(_K["channels_first_affine_act"], x, shift, scale, offset, x, False, False, out)
 
 
 def channels_last_affine(x, shift, scale, offset, out):
-    _launch("channels_last_affine_act", x, shift, scale, offset, x, False, False, out)
+    _launch(_K["channels_last_affine_act"], x, shift, scale, offset, x, False, False, out)
 
 
 def channels_first_grad_sums(dy, x, shift):
-    return _launch("channels_first_grad_sums", dy, x, shift)
+    return _launch(_K["channels_first_grad_sums"], dy, x, shift)
 
 
 def channels_last_grad_sums(dy, x, shift):
-    return _launch("channels_last_grad_sums", dy, x, shift)
+    return _launch(_K["channels_last_grad_sums"], dy, x, shift)
 
 
 def channels_first_grad_apply(dy, x, shift, coef_dy, coef_x, coef_1, dx):
-    _launch("channels_first_grad_apply", dy, x, shift, coef_dy, coef_x, coef_1, dx)
+    _launch(_K["channels_first_grad_apply"], dy, x, shift, coef_dy, coef_x, coef_1, dx)
 
 
 def channels_last_grad_apply(dy, x, shift, coef_dy, coef_x, coef_1, dx):
-    _launch("channels_last_grad_apply", dy, x, shift, coef_dy, coef_x, coef_1, dx)
+    _launch(_K["channels_last_grad_apply"], dy, x, shift, coef_dy, coef_x, coef_1, dx)
 
 
 def channels_first_group_forward(x, groups, weight, bias, eps, out):
-    return _launch("channels_first_group_forward", x, int(groups), weight, bias, float(eps), out)
+    return _launch(_K["channels_first_group_forward"], x, int(groups), weight, bias,
+                   float(eps), out)
 
 
 def channels_first_affine_act(x, shift, scale, offset, residual, relu, out):
     # No residual: x stands in for it and the kernel takes its residual-free loop.
     res = x if residual is None else residual
-    _launch("channels_first_affine_act", x, shift, scale, offset, res, residual is not None,
-            bool(relu), out)
+    _launch(_K["channels_first_affine_act"], x, shift, scale, offset, res,
+            residual is not None, bool(relu), out)
 
 
 def channels_last_affine_act(x, shift, scale, offset, residual, relu, out):
     res = x if residual is None else residual
-    _launch("channels_last_affine_act", x, shift, scale, offset, res, residual is not None,
-            bool(relu), out)
+    _launch(_K["channels_last_affine_act"], x, shift, scale, offset, res,
+            residual is not None, bool(relu), out)
 
 
 # ============================================================ info

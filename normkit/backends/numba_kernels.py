@@ -38,11 +38,15 @@ mixed with -3e38 in float32). Computing in float64 instead cost 15-55% on one th
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import types as _pytypes
 
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
+
+from .numba_convert import _cv, _ld, _st
 
 # Flags that let a float reduction vectorize, and nothing more (no nnan/ninf/nsz).
 _FM = {"reassoc", "contract"}
@@ -71,7 +75,7 @@ def _h_sum(a, lo, hi):
     v = a[lo:hi]
     s = 0.0
     for i in range(v.shape[0]):
-        s += v[i]
+        s += _ld(v, i)
     return s
 
 
@@ -81,7 +85,7 @@ def _h_ssd(a, lo, hi, m):
     v = a[lo:hi]
     q = 0.0
     for i in range(v.shape[0]):
-        d = v[i] - m
+        d = _ld(v, i) - m
         q += d * d
     return q
 
@@ -93,7 +97,7 @@ def _h_dev(a, lo, hi, m):
     s = 0.0
     q = 0.0
     for i in range(v.shape[0]):
-        d = v[i] - m
+        d = _ld(v, i) - m
         s += d
         q += d * d
     return s, q
@@ -104,7 +108,7 @@ def _h_sumsq(a, lo, hi):
     v = a[lo:hi]
     q = 0.0
     for i in range(v.shape[0]):
-        e = np.float64(v[i])
+        e = np.float64(_ld(v, i))
         q += e * e
     return q
 
@@ -117,9 +121,9 @@ def _h_dot_c(dy, x, lo, hi, sh):
     s1 = 0.0
     s2 = 0.0
     for i in range(xv.shape[0]):
-        d = np.float64(dv[i])
+        d = np.float64(_ld(dv, i))
         s1 += d
-        s2 += d * (xv[i] - sh)
+        s2 += d * (_ld(xv, i) - sh)
     return s1, s2
 
 
@@ -129,9 +133,9 @@ def _h_row_gsums(dy, x, w, mu, rs):
     s1 = 0.0
     s2 = 0.0
     for k in range(x.shape[0]):
-        g = np.float64(dy[k]) * w[k]
+        g = np.float64(_ld(dy, k)) * w[k]
         s1 += g
-        s2 += g * ((x[k] - mu) * rs)
+        s2 += g * ((_ld(x, k) - mu) * rs)
     return s1, s2
 
 
@@ -192,14 +196,14 @@ def _h_cl_moments(xn, lo, hi, pm, pq):
     for s in range(lo, hi):
         row = xn[s]
         for c in range(C):
-            pm[c] += row[c]
+            pm[c] += _ld(row, c)
     cnt = hi - lo
     for c in range(C):
         pm[c] = pm[c] / cnt
     for s in range(lo, hi):
         row = xn[s]
         for c in range(C):
-            d = row[c] - pm[c]
+            d = _ld(row, c) - pm[c]
             pq[c] += d * d
 
 
@@ -213,21 +217,23 @@ def _h_cl_gsums(dyn, xn, lo, hi, sh, p1, p2):
         drow = dyn[s]
         xrow = xn[s]
         for c in range(C):
-            d = np.float64(drow[c])
+            d = np.float64(_ld(drow, c))
             p1[c] += d
-            p2[c] += d * (np.float64(xrow[c]) - sh[c])
+            p2[c] += d * (np.float64(_ld(xrow, c)) - sh[c])
 
 
 # ============================================================ helpers: element-wise
 @njit(inline="always", **_JIT)
-def _l_act(a, r, o, sh, sc, of, res, relu):
+def _l_act(a, r, o, W, sh, sc, of, res, relu):
     """o = (a - sh) * sc + of [+ r] [then ReLU] in the data's dtype, overflow-safe:
     computed as (a/2 - sh/2) * (2 sc), which is the same bits (scaling by 2 is exact)
     but cannot overflow where a - sh would (3e38 - -3e38 in float32). Exception: a
     subnormal a or sh (|v| < 1.2e-38 in float32) may lose its last bit when halved.
 
-    a/r/o are (rows, width): one row (1, L) for a channels-first piece with scalar
-    ``sh``/``sc``/``of``, or channels-last rows (S', C) with per-channel vectors.
+    a/r/o are 1-D runs of rows of width W: one row (W = L) for a channels-first piece
+    with scalar ``sh``/``sc``/``of``, or channels-last rows (W = C) with per-channel
+    vectors. (1-D slices, not 2-D reshapes: a Numba reshape costs ~90 ns, which
+    dominated tiny calls.)
     Inlined in Numba IR (``inline='always'``) through
     ``_l_act_flags``, which makes ``res``/``relu`` constants, into ``_h_act``, which
     passes the *same* array object for operands that alias (in place): the flags fold
@@ -235,57 +241,65 @@ def _l_act(a, r, o, sh, sc, of, res, relu):
     runtime overlap check (that check fails on exact aliasing and would run the scalar
     loop). ``0 if v < 0 else v`` keeps NaN (as torch.relu).
     """
-    h = a.dtype.type(0.5)
-    two = a.dtype.type(2)           # a literal 2 would promote float32 to float64
-    for s in range(o.shape[0]):
-        for i in range(o.shape[1]):
-            v = (a[s, i] * h - _at(sh, i) * h) * (_at(sc, i) * two) + _at(of, i)
+    h = _cv(a, 0.5)
+    two = _cv(a, 2)                 # a literal 2 would promote float32 to float64
+    zero = _cv(a, 0)
+    for lo in range(0, o.shape[0], W):
+        av = a[lo:lo + W]
+        rv = r[lo:lo + W]
+        ov = o[lo:lo + W]
+        for i in range(W):
+            v = (_ld(av, i) * h - _at(sh, i) * h) * (_at(sc, i) * two) + _at(of, i)
             if res:
-                v = v + r[s, i]
+                v = v + _ld(rv, i)
             if relu:
-                v = 0.0 if v < 0.0 else v  # noqa: FURB136 - max() would drop NaN
-            o[s, i] = v
+                v = zero if v < zero else v  # noqa: FURB136 - max() would drop NaN
+            _st(ov, i, v)
 
 
 @njit(inline="always", **_JIT)
-def _l_act_flags(a, r, o, sh, sc, of, res, relu):
+def _l_act_flags(a, r, o, W, sh, sc, of, res, relu):
     """``_l_act`` with ``res``/``relu`` turned into literals (one folded loop each)."""
     if res and relu:
-        _l_act(a, r, o, sh, sc, of, True, True)
+        _l_act(a, r, o, W, sh, sc, of, True, True)
     elif res:
-        _l_act(a, r, o, sh, sc, of, True, False)
+        _l_act(a, r, o, W, sh, sc, of, True, False)
     elif relu:
-        _l_act(a, r, o, sh, sc, of, False, True)
+        _l_act(a, r, o, W, sh, sc, of, False, True)
     else:
-        _l_act(a, r, o, sh, sc, of, False, False)
+        _l_act(a, r, o, W, sh, sc, of, False, False)
 
 
 @njit(**_JIT)
-def _h_act(a, r, o, sh, sc, of, res, relu):
-    """``_l_act`` on equal-shape 2-D arrays, passing ``o`` itself for an operand that is
+def _h_act(a, r, o, W, sh, sc, of, res, relu):
+    """``_l_act`` on equal-length 1-D arrays, passing ``o`` itself for an operand that is
     ``o`` (in place). Without a residual, ``r`` is a stand-in that is never read."""
     xo = a.ctypes.data == o.ctypes.data
     ro = res and r.ctypes.data == o.ctypes.data
     if xo and ro:
-        _l_act_flags(o, o, o, sh, sc, of, res, relu)
+        _l_act_flags(o, o, o, W, sh, sc, of, res, relu)
     elif xo:
-        _l_act_flags(o, r, o, sh, sc, of, res, relu)
+        _l_act_flags(o, r, o, W, sh, sc, of, res, relu)
     elif ro:
-        _l_act_flags(a, o, o, sh, sc, of, res, relu)
+        _l_act_flags(a, o, o, W, sh, sc, of, res, relu)
     else:
-        _l_act_flags(a, r, o, sh, sc, of, res, relu)
+        _l_act_flags(a, r, o, W, sh, sc, of, res, relu)
 
 
 @njit(**_JIT)
-def _h_gapply(dy, x, o, sh, cdy, cx, c1):
-    """o = cdy * dy + cx * (x - sh) + c1 on (rows, width) arrays; the coefficients are
-    scalars or per-column vectors; x - sh halved as in ``_l_act`` (cannot overflow)."""
-    h = x.dtype.type(0.5)
-    two = x.dtype.type(2)
-    for s in range(o.shape[0]):
-        for i in range(o.shape[1]):
-            o[s, i] = (_at(cdy, i) * dy[s, i]
-                       + (_at(cx, i) * two) * (x[s, i] * h - _at(sh, i) * h) + _at(c1, i))
+def _h_gapply(dy, x, o, W, sh, cdy, cx, c1):
+    """o = cdy * dy + cx * (x - sh) + c1 on 1-D runs of rows of width W (as ``_l_act``);
+    the coefficients are scalars or per-column vectors; x - sh halved as in ``_l_act``
+    (cannot overflow)."""
+    h = _cv(x, 0.5)
+    two = _cv(x, 2)
+    for lo in range(0, o.shape[0], W):
+        dv = dy[lo:lo + W]
+        xv = x[lo:lo + W]
+        ov = o[lo:lo + W]
+        for i in range(W):
+            _st(ov, i, _at(cdy, i) * _ld(dv, i)
+                + (_at(cx, i) * two) * (_ld(xv, i) * h - _at(sh, i) * h) + _at(c1, i))
 
 
 @njit(**_JIT)
@@ -299,37 +313,37 @@ def _h_row_out(xr, w, b, mu, rs, o):
     maximum. No fastmath: it could rewrite (x - mh) - ml as x - (mh + ml). For float64
     ml is 0 and this is the plain formula.
     """
-    t = xr.dtype.type
-    h = t(0.5)
-    mh = t(mu)
-    ml = t(mu - mh)
-    r2 = t(rs) * t(2)
+    h = _cv(xr, 0.5)
+    mh = _cv(xr, mu)
+    ml = _cv(xr, mu - mh)
+    r2 = _cv(xr, rs) * _cv(xr, 2)
     for k in range(xr.shape[0]):
-        o[k] = (((xr[k] * h - mh * h) - ml * h) * r2) * w[k] + b[k]
+        _st(o, k, (((_ld(xr, k) * h - mh * h) - ml * h) * r2) * w[k] + b[k])
 
 
 @njit(**_JIT)
 def _h_row_out_rms(xr, w, rs, o):
-    r = xr.dtype.type(rs)
+    r = _cv(xr, rs)
     for k in range(xr.shape[0]):
-        o[k] = (xr[k] * r) * w[k]
+        _st(o, k, (_ld(xr, k) * r) * w[k])
 
 
 @njit(**_JIT)
 def _h_row_dx(dy, x, w, mu, rs, a, bc, o, pw, pb):
     """dx = rs * (g - a - xhat * bc); pw += dy * xhat; pb += dy."""
     for k in range(x.shape[0]):
-        d = np.float64(dy[k])
-        xh = (x[k] - mu) * rs
-        o[k] = rs * (d * w[k] - a - xh * bc)
+        d = np.float64(_ld(dy, k))
+        xh = (_ld(x, k) - mu) * rs
+        _st(o, k, rs * (d * w[k] - a - xh * bc))
         pw[k] += d * xh
         pb[k] += d
 
 
 @njit(**_JIT)
-def _h_row2(v, lo, hi):
-    """v[lo:hi] of a contiguous vector as a (1, hi - lo) array (one row of rows)."""
-    return v[lo:hi].reshape((1, hi - lo))
+def _h_flat(a):
+    """Channels-last (N, S, C) data as (N, S * C): a run of rows of one sample is then a
+    1-D slice (reshaped once per call, not per item)."""
+    return a.reshape((a.shape[0], a.shape[1] * a.shape[2]))
 
 
 @njit(**_JIT)
@@ -349,16 +363,15 @@ def _h_group_out(xr, o, lo, hi, S, c0, w, b, mu, rs):
     data's dtype and a = rs * w[c]: (x - sh) is exact near the mean and the part of the
     mean that the rounding lost is folded into the offset in float64 (as the unfused
     path does), so float32 output stays accurate when |mean| >> std."""
-    t = xr.dtype.type
-    sh = t(mu)
+    sh = _cv(xr, mu)
     ml = mu - np.float64(sh)
     k = lo
     while k < hi:
         c = k // S
         e = min(hi, (c + 1) * S)
         a = rs * w[c0 + c]
-        xv = _h_row2(xr, k, e)
-        _h_act(xv, xv, _h_row2(o, k, e), sh, t(a), t(b[c0 + c] - ml * a), False, False)
+        _h_act(xr[k:e], xr[k:e], o[k:e], e - k, sh, _cv(xr, a),
+               _cv(xr, b[c0 + c] - ml * a), False, False)
         k = e
 
 
@@ -393,7 +406,7 @@ def _d_channels_last_moments(x, nc, mean, m2):
         _h_merge_parts(pm, pq, n * nc, nc, S, mean[n], m2[n])
 
 
-def _d_rows_forward(x, w, b, eps, rms, out, mean, rstd):
+def _d_rows_forward(x, weight, bias, eps, rms, out, mean, rstd):
     R, K = x.shape
     for r in prange(R):
         xr = x[r]
@@ -411,12 +424,12 @@ def _d_rows_forward(x, w, b, eps, rms, out, mean, rstd):
         mean[r] = mu
         rstd[r] = rs
         if rms:
-            _h_row_out_rms(xr, w, rs, out[r])
+            _h_row_out_rms(xr, weight, rs, out[r])
         else:
-            _h_row_out(xr, w, b, mu, rs, out[r])
+            _h_row_out(xr, weight, bias, mu, rs, out[r])
 
 
-def _d_rows_backward(dy, x, mean, rstd, w, rms, dx, nblk, dw, db):
+def _d_rows_backward(dy, x, mean, rstd, weight, rms, dx, nblk, dw, db):
     R, K = x.shape
     pw = np.zeros((nblk, K))
     pb = np.zeros((nblk, K))
@@ -424,9 +437,9 @@ def _d_rows_backward(dy, x, mean, rstd, w, rms, dx, nblk, dw, db):
         for r in range(t * R // nblk, (t + 1) * R // nblk):
             mu = mean[r]
             rs = rstd[r]
-            s1, s2 = _h_row_gsums(dy[r], x[r], w, mu, rs)
+            s1, s2 = _h_row_gsums(dy[r], x[r], weight, mu, rs)
             a = 0.0 if rms else s1 / K
-            _h_row_dx(dy[r], x[r], w, mu, rs, a, s2 / K, dx[r], pw[t], pb[t])
+            _h_row_dx(dy[r], x[r], weight, mu, rs, a, s2 / K, dx[r], pw[t], pb[t])
     for k in range(K):
         dw[k] = pw[0, k]
         db[k] = pb[0, k]
@@ -475,20 +488,21 @@ def _d_channels_first_grad_apply(dy, x, shift, coef_dy, coef_x, coef_1, dx, nc):
     N, C, S = x.shape
     for it in prange(N * C * nc):
         n, c, pn, lo, hi = _h_item(it, nc, C, shift.shape[0], S)
-        _h_gapply(_h_row2(dy[n, c], lo, hi), _h_row2(x[n, c], lo, hi),
-                  _h_row2(dx[n, c], lo, hi), shift[pn, c], coef_dy[pn, c], coef_x[pn, c],
+        _h_gapply(dy[n, c][lo:hi], x[n, c][lo:hi], dx[n, c][lo:hi], hi - lo,
+                  shift[pn, c], coef_dy[pn, c], coef_x[pn, c],
                   coef_1[pn, c])
 
 
 def _d_channels_last_grad_apply(dy, x, shift, coef_dy, coef_x, coef_1, dx, nc):
-    N, S, _ = x.shape
+    N, S, C = x.shape
+    dyf, xf, dxf = _h_flat(dy), _h_flat(x), _h_flat(dx)
     for it in prange(N * nc):
         n, _, pn, lo, hi = _h_item(it, nc, 1, shift.shape[0], S)
-        _h_gapply(dy[n][lo:hi], x[n][lo:hi], dx[n][lo:hi], shift[pn], coef_dy[pn],
-                  coef_x[pn], coef_1[pn])
+        _h_gapply(dyf[n][lo * C:hi * C], xf[n][lo * C:hi * C], dxf[n][lo * C:hi * C], C,
+                  shift[pn], coef_dy[pn], coef_x[pn], coef_1[pn])
 
 
-def _d_channels_first_group_forward(x, groups, w, b, eps, out, nc, mean, rstd):
+def _d_channels_first_group_forward(x, groups, weight, bias, eps, out, nc, mean, rstd):
     N, C, S = x.shape
     Cg = C // groups
     L = Cg * S
@@ -505,7 +519,7 @@ def _d_channels_first_group_forward(x, groups, w, b, eps, out, nc, mean, rstd):
             rs = 1.0 / np.sqrt(q / L + eps)
             mu_b[p] = mu
             rs_b[p] = rs
-            _h_group_out(xb[p], ob[p], 0, L, S, (p % groups) * Cg, w, b, mu, rs)
+            _h_group_out(xb[p], ob[p], 0, L, S, (p % groups) * Cg, weight, bias, mu, rs)
     else:
         # Few huge blocks: split each into nc chunks for the statistics (partials merged
         # in order), then normalize the chunks in parallel.
@@ -520,24 +534,26 @@ def _d_channels_first_group_forward(x, groups, w, b, eps, out, nc, mean, rstd):
             rs_b[p] = 1.0 / np.sqrt(q[p] / L + eps)
         for it in prange(NG * nc):
             p, _, _, lo, hi = _h_item(it, nc, 1, 1, L)
-            _h_group_out(xb[p], ob[p], lo, hi, S, (p % groups) * Cg, w, b, mu_b[p], rs_b[p])
+            _h_group_out(xb[p], ob[p], lo, hi, S, (p % groups) * Cg, weight, bias, mu_b[p],
+                         rs_b[p])
 
 
-def _d_channels_first_affine_act(x, shift, scale, offset, res, has_res, relu, out, nc):
+def _d_channels_first_affine_act(x, shift, scale, offset, residual, has_res, relu, out, nc):
     N, C, S = x.shape
     for it in prange(N * C * nc):
         n, c, pn, lo, hi = _h_item(it, nc, C, shift.shape[0], S)
-        _h_act(_h_row2(x[n, c], lo, hi), _h_row2(res[n, c], lo, hi),
-               _h_row2(out[n, c], lo, hi), shift[pn, c], scale[pn, c], offset[pn, c],
+        _h_act(x[n, c][lo:hi], residual[n, c][lo:hi], out[n, c][lo:hi], hi - lo,
+               shift[pn, c], scale[pn, c], offset[pn, c],
                has_res, relu)
 
 
-def _d_channels_last_affine_act(x, shift, scale, offset, res, has_res, relu, out, nc):
-    N, S, _ = x.shape
+def _d_channels_last_affine_act(x, shift, scale, offset, residual, has_res, relu, out, nc):
+    N, S, C = x.shape
+    xf, rf, of = _h_flat(x), _h_flat(residual), _h_flat(out)
     for it in prange(N * nc):
         n, _, pn, lo, hi = _h_item(it, nc, 1, shift.shape[0], S)
-        _h_act(x[n][lo:hi], res[n][lo:hi], out[n][lo:hi], shift[pn], scale[pn],
-               offset[pn], has_res, relu)
+        _h_act(xf[n][lo * C:hi * C], rf[n][lo * C:hi * C], of[n][lo * C:hi * C], C,
+               shift[pn], scale[pn], offset[pn], has_res, relu)
 
 
 # ============================================================ signatures
@@ -545,12 +561,13 @@ def _A(dt, nd, ro=False):
     return types.Array(dt, nd, "C", readonly=ro)
 
 
-def _signature(driver, T):
-    """The one signature of ``driver`` for compute dtype T (a numba float type)."""
+def _signature(driver, D, P):
+    """The one signature of ``driver`` for storage type D (float32/float64, or the int16 /
+    uint16 view of float16 / bfloat16 data) and parameter type P (numba types)."""
     f8, i8, b1 = types.float64, types.int64, types.boolean
-    x2, x3 = _A(T, 2, True), _A(T, 3, True)
-    p1, p2 = _A(T, 1, True), _A(T, 2, True)
-    o2, o3 = _A(T, 2), _A(T, 3)
+    x2, x3 = _A(D, 2, True), _A(D, 3, True)
+    p1, p2 = _A(P, 1, True), _A(P, 2, True)
+    o2, o3 = _A(D, 2), _A(D, 3)
     s1, s2 = _A(f8, 1), _A(f8, 2)
     r1 = _A(f8, 1, True)
     return {
@@ -572,22 +589,63 @@ def _signature(driver, T):
 # ``*_affine_act`` drivers with no residual and no ReLU (see numba_backend).
 DRIVERS = {name[3:]: fn for name, fn in list(globals().items()) if name.startswith("_d_")}
 
-_NUMBA_DTYPES = {np.dtype(np.float32): types.float32, np.dtype(np.float64): types.float64}
+# Storage dtype the kernels see -> (numba storage type, numba parameter type). float16
+# and bfloat16 data arrive as their int16 / uint16 views (numba_backend.storage_view).
+STORAGE = {
+    np.dtype(np.float32): (types.float32, types.float32),
+    np.dtype(np.float64): (types.float64, types.float64),
+    np.dtype(np.int16): (types.int16, types.float32),      # float16 bits
+    np.dtype(np.uint16): (types.uint16, types.float32),    # bfloat16 bits
+}
+
+
+def arg_names(driver):
+    """The driver's argument names (the contract's names), for error messages."""
+    fn = DRIVERS[driver]
+    return fn.__code__.co_varnames[:fn.__code__.co_argcount]
+
+
+def data_positions(driver):
+    """Positions of the arguments in the storage dtype (x, dy, out, dx, residual)."""
+    sig = _signature(driver, types.int16, types.float32)
+    return tuple(i for i, t in enumerate(sig)
+                 if isinstance(t, types.Array) and t.dtype == types.int16)
+
+
+def storage_name(t):
+    """The user's name of a kernel array's element type (int16 views are float16)."""
+    return {types.int16: "float16", types.uint16: "bfloat16"}.get(t, str(t))
+
+
+def _convert_stamp():
+    """A short hash of numba_convert.py, part of every cached kernel's name.
+
+    Numba invalidates a cache entry only when the file defining the function changes;
+    the load/store conversions live in another file and are compiled into every
+    kernel, so their source hash goes into the qualname: editing them recompiles."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "numba_convert.py")
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()[:8]
+
+
+_STAMP: list = []
 
 
 def build(driver: str, dtype, parallel: bool):
-    """Compile (or load from the on-disk cache) one driver for one dtype.
+    """Compile (or load from the on-disk cache) one driver for one storage dtype.
 
     The driver's function object is copied under a qualname ending in ``_par`` or
-    ``_ser`` so the two variants get separate cache files. One signature per
-    dispatcher: the first call of a kernel loads only what it uses.
+    ``_ser`` (and the conversions' stamp) so the variants get separate cache files. One
+    signature per dispatcher: the first call of a kernel loads only what it uses.
     """
+    if not _STAMP:
+        _STAMP.append(_convert_stamp())
     fn = DRIVERS[driver]
-    suffix = "_par" if parallel else "_ser"
+    suffix = ("_par" if parallel else "_ser") + "_" + _STAMP[0]
     copy = _pytypes.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix,
                                  fn.__defaults__, fn.__closure__)
     copy.__qualname__ = fn.__qualname__ + suffix
     copy.__module__ = fn.__module__
     copy.__doc__ = fn.__doc__
-    sig = types.void(*_signature(driver, _NUMBA_DTYPES[np.dtype(dtype)]))
+    sig = types.void(*_signature(driver, *STORAGE[np.dtype(dtype)]))
     return njit(sig, parallel=parallel, nogil=True, **_JIT)(copy)

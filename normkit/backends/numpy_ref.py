@@ -4,10 +4,26 @@ Every reduction accumulates in float64 and every variance is centered (two passe
 the mean first, then the squared deviations from it), so float32 data with a large
 mean and a small spread keeps its digits. Speed is not a goal here; clarity is.
 See ``normkit/backends/_spec.py`` for the contract of each kernel.
+
+16-bit data (float16, bfloat16) is widened to float64 like float32, everything is
+computed in float64, and each output element is rounded *once* to the data dtype
+(``store``), so the oracle is the correctly rounded float64 result:
+
+* float64 -> float16: NumPy's cast rounds directly, to nearest even (checked:
+  1 + 2**-11 + 2**-40 gives 1 + 2**-10, where a detour through float32 would give 1).
+* float64 -> bfloat16: ml_dtypes (0.6) casts *through float32*, rounding twice:
+  1 + 2**-8 + 2**-40 becomes 1.0 (float32 drops the 2**-40, leaving a tie that rounds
+  to even) instead of 1 + 2**-7. ``narrow`` therefore rounds to float32 *to odd*
+  first (a correct rounding when 2 or more bits are kept beyond the target's, which
+  holds: 24 against 8, subnormals included, bfloat16 having float32's exponent range),
+  then to bfloat16 with ml_dtypes' float32 -> bfloat16 round-to-nearest-even.
 """
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
+
+_BF16 = np.dtype(ml_dtypes.bfloat16)
 
 NAME = "numpy"
 
@@ -22,6 +38,42 @@ def info() -> dict:
 
 def _f64(a):
     return np.asarray(a, dtype=np.float64)
+
+
+def _float32_round_to_odd(a64):
+    """float64 -> float32 rounded to odd: the truncation, with its last bit set when
+    inexact. NaN, Inf and exact values are unchanged."""
+    r = a64.astype(np.float32)              # round to nearest even
+    bits = r.view(np.uint32)
+    inexact = np.isfinite(a64) & (r.astype(np.float64) != a64)
+    even = (bits & 1) == 0
+    # an inexact result with an even last bit: the odd neighbour on x's side instead
+    # (sign-magnitude bits: one step up in magnitude when |r| < |x|, down otherwise);
+    # an overflow to Inf (|x| past float32's range) stays Inf, which bfloat16 keeps
+    fix = inexact & even & np.isfinite(r)
+    up = np.abs(r.astype(np.float64)) < np.abs(a64)
+    sign = np.where(np.signbit(a64), np.uint32(0x80000000), np.uint32(0))
+    magnitude = (bits & np.uint32(0x7FFFFFFF)).astype(np.int64) + np.where(up, 1, -1)
+    fixed = (magnitude.astype(np.uint32) | sign).view(np.float32)
+    return np.where(fix, fixed, r)
+
+
+def narrow(a64, dtype):
+    """float64 values as ``dtype``, rounded once to nearest even (see the module
+    docstring for bfloat16)."""
+    a64 = np.asarray(a64, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):   # overflow to Inf is a result
+        if np.dtype(dtype) == _BF16:
+            return _float32_round_to_odd(a64).astype(_BF16)
+        return a64.astype(dtype)
+
+
+def store(out, value):
+    """out[...] = value (float64), each element rounded once to out's dtype."""
+    if out.dtype == _BF16:
+        out[...] = narrow(np.broadcast_to(value, out.shape), _BF16)
+    else:
+        out[...] = value
 
 
 def _quiet(fn):
@@ -63,7 +115,7 @@ def rows_forward(x, weight, bias, eps, rms, out):
         mean = x64.mean(axis=1)
         var = ((x64 - mean[:, None]) ** 2).mean(axis=1)
     rstd = 1.0 / np.sqrt(var + eps)
-    out[...] = (x64 - mean[:, None]) * rstd[:, None] * _f64(weight) + _f64(bias)
+    store(out, (x64 - mean[:, None]) * rstd[:, None] * _f64(weight) + _f64(bias))
     return mean, rstd
 
 
@@ -75,7 +127,7 @@ def rows_backward(dy, x, mean, rstd, weight, rms, dx):
     k = x.shape[1]
     proj = (g * xhat).sum(axis=1, keepdims=True) / k
     centred_g = g if rms else g - g.sum(axis=1, keepdims=True) / k
-    dx[...] = rstd[:, None] * (centred_g - xhat * proj)
+    store(dx, rstd[:, None] * (centred_g - xhat * proj))
     return (dy64 * xhat).sum(axis=0), dy64.sum(axis=0)
 
 
@@ -92,12 +144,12 @@ def _last(p):
 
 @_quiet
 def channels_first_affine(x, shift, scale, offset, out):
-    out[...] = (_f64(x) - _first(shift)) * _first(scale) + _first(offset)
+    store(out, (_f64(x) - _first(shift)) * _first(scale) + _first(offset))
 
 
 @_quiet
 def channels_last_affine(x, shift, scale, offset, out):
-    out[...] = (_f64(x) - _last(shift)) * _last(scale) + _last(offset)
+    store(out, (_f64(x) - _last(shift)) * _last(scale) + _last(offset))
 
 
 @_quiet
@@ -106,8 +158,8 @@ def channels_first_group_forward(x, groups, weight, bias, eps, out):
     mean, m2 = plane_moments(x.reshape(n * groups, (c // groups) * s))
     rstd = 1.0 / np.sqrt(m2 / ((c // groups) * s) + eps)
     per_channel = lambda a: np.repeat(a.reshape(n, groups), c // groups, axis=1)  # noqa: E731
-    out[...] = ((_f64(x) - per_channel(mean)[:, :, None]) * per_channel(rstd)[:, :, None]
-                * _f64(weight)[None, :, None] + _f64(bias)[None, :, None])
+    store(out, ((_f64(x) - per_channel(mean)[:, :, None]) * per_channel(rstd)[:, :, None]
+                * _f64(weight)[None, :, None] + _f64(bias)[None, :, None]))
     return mean.reshape(n, groups), rstd.reshape(n, groups)
 
 
@@ -121,12 +173,14 @@ def _act(y, residual, relu):
 
 @_quiet
 def channels_first_affine_act(x, shift, scale, offset, residual, relu, out):
-    out[...] = _act((_f64(x) - _first(shift)) * _first(scale) + _first(offset), residual, relu)
+    store(out, _act((_f64(x) - _first(shift)) * _first(scale) + _first(offset), residual,
+                    relu))
 
 
 @_quiet
 def channels_last_affine_act(x, shift, scale, offset, residual, relu, out):
-    out[...] = _act((_f64(x) - _last(shift)) * _last(scale) + _last(offset), residual, relu)
+    store(out, _act((_f64(x) - _last(shift)) * _last(scale) + _last(offset), residual,
+                    relu))
 
 
 @_quiet
@@ -143,11 +197,11 @@ def channels_last_grad_sums(dy, x, shift):
 
 @_quiet
 def channels_first_grad_apply(dy, x, shift, coef_dy, coef_x, coef_1, dx):
-    dx[...] = (_first(coef_dy) * _f64(dy) + _first(coef_x) * (_f64(x) - _first(shift))
-               + _first(coef_1))
+    store(dx, _first(coef_dy) * _f64(dy) + _first(coef_x) * (_f64(x) - _first(shift))
+          + _first(coef_1))
 
 
 @_quiet
 def channels_last_grad_apply(dy, x, shift, coef_dy, coef_x, coef_1, dx):
-    dx[...] = (_last(coef_dy) * _f64(dy) + _last(coef_x) * (_f64(x) - _last(shift))
-               + _last(coef_1))
+    store(dx, _last(coef_dy) * _f64(dy) + _last(coef_x) * (_f64(x) - _last(shift))
+          + _last(coef_1))
