@@ -39,7 +39,8 @@ OPTIONAL_PAGES = ["diagnostics", "inference"]
 FIGURES = ["accuracy_vs_batch.png", "speed.png", "stat_noise.png", "train_eval_gap.png"]
 # pages whose ```python blocks are run by test_code_examples_run
 EXAMPLE_PAGES = ["index", "getting-started", "norms/batch_norm", "norms/layer_norm",
-                 "norms/group_norm", "norms/instance_norm", "norms/rms_norm", "backends"]
+                 "norms/group_norm", "norms/instance_norm", "norms/rms_norm", "backends",
+                 "dtypes"]
 
 
 def _sources():
