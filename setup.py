@@ -39,9 +39,11 @@ from setuptools.command.build_ext import build_ext
 EXT_NAME = "normkit.backends._cython_kernels"
 # extra builds of the same .pyx, loaded only on CPUs that have these instructions
 # (nk_cpu_level() in the .pyx checks exactly these features)
+# (F16C: float16 <-> float32 in hardware; every AVX2 CPU but very few has it, every
+# AVX-512 one does. No -mfma: results would depend on the build.)
 SIMD_VARIANTS = {
-    "avx2": ["-mavx2"],
-    "avx512": ["-mavx512f", "-mavx512cd", "-mavx512vl", "-mavx512dq", "-mavx512bw"],
+    "avx2": ["-mavx2", "-mf16c"],
+    "avx512": ["-mavx512f", "-mavx512cd", "-mavx512vl", "-mavx512dq", "-mavx512bw", "-mf16c"],
 }
 HERE = os.path.dirname(os.path.abspath(__file__))
 BACKENDS = os.path.join("normkit", "backends")
@@ -153,7 +155,7 @@ class BuildExt(build_ext):
             compiler_directives={"language_level": 3},
             quiet=True,
         )
-        for ext, done in zip(self.extensions, cythonized):   # keep setuptools' objects
+        for ext, done in zip(self.extensions, cythonized, strict=True):   # keep setuptools' objects
             ext.sources = done.sources
         super().run()
 

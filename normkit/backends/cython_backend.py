@@ -1,9 +1,11 @@
-"""The ``cython`` backend: kernels compiled from ``_cython_kernels.pyx`` (Cython + OpenMP).
+"""The ``cython`` backend: kernels compiled from ``_cython_kernels.pyx.tp`` (a Tempita
+template of Cython + OpenMP code, rendered by setup.py; C helpers in ``nk_helpers.h``).
 
 This module only picks a compiled module and re-exports its functions, so a call from
 the registry goes straight into the extension. setup.py builds the kernels portably
 (``_cython_kernels``) and, on x86, also with AVX2 and with AVX-512 flags
-(``_cython_kernels_avx2`` / ``_avx512``); the best build this CPU runs is used.
+(``_cython_kernels_avx2`` / ``_avx512``, both also with F16C); the best build this CPU
+runs is used.
 ``NORMKIT_CYTHON_SIMD=baseline|avx2|avx512`` caps the choice.
 
 If the extension was not built, importing this module raises ImportError saying how

@@ -1,6 +1,7 @@
 /* C helpers of normkit's Cython kernels (_cython_kernels.pyx.tp): the build record,
-   the SIMD width the module was compiled for, float32 moments with explicit vectors,
-   the CPU check that picks a SIMD build, and OpenMP queries.
+   the SIMD width the module was compiled for, the float16/bfloat16 conversions, block
+   moments with explicit vectors, the CPU check that picks a SIMD build, and OpenMP
+   queries.
 
    Included by the rendered .pyx after Python.h (so Py_ssize_t is defined). setup.py
    puts this directory and the directory of the generated normkit_build_config.h on
@@ -50,57 +51,6 @@
 #  define NK_ACC 8
 #endif
 
-/* float32 moments in one pass with explicit vectors (GCC/clang vector extensions):
-   s1 = sum(p - k), s2 = sum((p - k)^2) in double, 4 accumulators of NK_VW lanes each,
-   i.e. the NK_ACC scheme written out. gcc's own vectorizer turns the same loop into a
-   mix of scalar and vector code. Other compilers: two passes (NK_HAVE_VEC 0). */
-#if !defined(NK_NO_VEC) && ((defined(__GNUC__) && __GNUC__ >= 9) || defined(__clang__))
-#  define NK_HAVE_VEC 1
-#  if defined(__AVX512F__)
-#    define NK_VW 8
-#  elif defined(__AVX2__)
-#    define NK_VW 4
-#  else
-#    define NK_VW 2
-#  endif
-typedef double nk_vd __attribute__((vector_size(NK_VW * 8)));
-typedef float nk_vf __attribute__((vector_size(NK_VW * 4)));
-
-static inline nk_vd nk_ldf(const float *p) {
-    nk_vf v;
-    memcpy(&v, p, sizeof v);
-    return __builtin_convertvector(v, nk_vd);
-}
-
-static void nk_shifted_f32(const float *p, Py_ssize_t n, double k,
-                           double *s1, double *s2) {
-    const nk_vd kv = (nk_vd){0} + k;
-    nk_vd a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-    nk_vd b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
-    Py_ssize_t i = 0;
-    for (; i + 4 * NK_VW <= n; i += 4 * NK_VW) {
-        nk_vd d0 = nk_ldf(p + i) - kv;
-        nk_vd d1 = nk_ldf(p + i + NK_VW) - kv;
-        nk_vd d2 = nk_ldf(p + i + 2 * NK_VW) - kv;
-        nk_vd d3 = nk_ldf(p + i + 3 * NK_VW) - kv;
-        a0 += d0; a1 += d1; a2 += d2; a3 += d3;
-        b0 += d0 * d0; b1 += d1 * d1; b2 += d2 * d2; b3 += d3 * d3;
-    }
-    nk_vd a = (a0 + a1) + (a2 + a3), b = (b0 + b1) + (b2 + b3);
-    double u = 0.0, v = 0.0;
-    for (int l = 0; l < NK_VW; l++) { u += a[l]; v += b[l]; }
-    for (; i < n; i++) { double d = (double)p[i] - k; u += d; v += d * d; }
-    *s1 = u;
-    *s2 = v;
-}
-#else
-#  define NK_HAVE_VEC 0
-static void nk_shifted_f32(const float *p, Py_ssize_t n, double k,
-                           double *s1, double *s2) {
-    (void)p; (void)n; (void)k; *s1 = *s2 = 0.0;
-}
-#endif
-
 /* ---------------------------------------------------------------- 16-bit storage
    float16 (IEEE binary16, numpy.float16) and bfloat16 (ml_dtypes.bfloat16) are read
    and written as their bits. Widening is exact; narrowing rounds to nearest even,
@@ -109,6 +59,9 @@ static void nk_shifted_f32(const float *p, Py_ssize_t n, double k,
    selects as bit masks -- so gcc vectorizes loops that call them, at every SIMD
    level, without -ffast-math. */
 #include <stdint.h>
+#if defined(__F16C__)
+#  include <immintrin.h>
+#endif
 typedef uint16_t nk_f16;
 typedef uint16_t nk_bf16;
 
@@ -158,12 +111,140 @@ static inline nk_bf16 nk_f32_to_bf16(float f) {
     return (nk_bf16)nk_sel((u & 0x7fffffffu) > 0x7f800000u, nan, rounded);
 }
 
-/* Which of setup.py's builds this CPU (and OS) can run: 0 baseline, 1 AVX2,
-   2 AVX-512 (F, CD, VL, DQ, BW: the flags that build is compiled with). */
+/* Elementwise kernels on 16-bit data work on blocks of at most NK_BLOCK values:
+   widened into a float32 buffer, computed there, narrowed back. So the float16
+   conversions run as F16C vector instructions where the build has them (gcc does not
+   vectorize the scalar F16C intrinsics, and the portable formulas cost ~2x the
+   float32 kernel). F16C narrows with round to nearest even to the same bits as
+   nk_f32_to_f16 for every input but a signalling NaN, which arithmetic never
+   produces; the kernels only narrow arithmetic results. */
+#define NK_BLOCK 256
+
+static inline void nk_widen_f16(const nk_f16 *p, float *dst, Py_ssize_t n) {
+    Py_ssize_t i = 0;
+#if defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + i))));
+#endif
+    for (; i < n; i++) dst[i] = nk_f16_to_f32(p[i]);
+}
+
+static inline void nk_narrow_f16(const float *src, nk_f16 *q, Py_ssize_t n) {
+    Py_ssize_t i = 0;
+#if defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(q + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; i < n; i++) q[i] = nk_f32_to_f16(src[i]);
+}
+
+static inline void nk_widen_bf16(const nk_bf16 *p, float *dst, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) dst[i] = nk_bf16_to_f32(p[i]);
+}
+
+static inline void nk_narrow_bf16(const float *src, nk_bf16 *q, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) q[i] = nk_f32_to_bf16(src[i]);
+}
+
+/* Moments of a block in one pass with explicit vectors (GCC/clang vector extensions):
+   s1 = sum(p - k), s2 = sum((p - k)^2) in double, 4 accumulators of NK_VW lanes each,
+   i.e. the NK_ACC scheme written out. gcc's own vectorizer turns the same loop into a
+   mix of scalar and vector code. One body (NK_SHIFTED) for float32, float16 and
+   bfloat16 data; they differ in how NK_VW values are loaded and widened. Other
+   compilers: two passes (NK_HAVE_VEC 0). */
+#if !defined(NK_NO_VEC) && ((defined(__GNUC__) && __GNUC__ >= 9) || defined(__clang__))
+#  define NK_HAVE_VEC 1
+#  if defined(__AVX512F__)
+#    define NK_VW 8
+#  elif defined(__AVX2__)
+#    define NK_VW 4
+#  else
+#    define NK_VW 2
+#  endif
+typedef double nk_vd __attribute__((vector_size(NK_VW * 8)));
+typedef float nk_vf __attribute__((vector_size(NK_VW * 4)));
+typedef uint32_t nk_vu __attribute__((vector_size(NK_VW * 4)));
+typedef uint16_t nk_vh __attribute__((vector_size(NK_VW * 2)));
+typedef int32_t nk_vi __attribute__((vector_size(NK_VW * 4)));
+
+static inline nk_vd nk_vld_f32(const float *p) {
+    nk_vf v;
+    memcpy(&v, p, sizeof v);
+    return __builtin_convertvector(v, nk_vd);
+}
+
+static inline nk_vu nk_vld_u16(const uint16_t *p) {
+    nk_vh h;
+    memcpy(&h, p, sizeof h);
+    return __builtin_convertvector(h, nk_vu);
+}
+
+static inline nk_vd nk_vld_bf16(const nk_bf16 *p) {
+    return __builtin_convertvector((nk_vf)(nk_vld_u16(p) << 16), nk_vd);
+}
+
+/* float16 -> float32 on NK_VW lanes: F16C where the build has it (NaN comes out
+   quiet, which changes no statistic), else nk_f16_to_f32's formula on vectors */
+static inline nk_vd nk_vld_f16(const nk_f16 *p) {
+    nk_vf v;
+#if defined(__F16C__) && NK_VW == 8
+    __m256 f = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    memcpy(&v, &f, sizeof v);
+#elif defined(__F16C__) && NK_VW == 4
+    __m128 f = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)p));
+    memcpy(&v, &f, sizeof v);
+#else
+    nk_vu h = nk_vld_u16(p);
+    nk_vu em = h & 0x7fffu;
+    nk_vu normal = (em << 13) + (112u << 23);
+    nk_vu special = normal + (112u << 23);
+    nk_vu sub = (nk_vu)(__builtin_convertvector((nk_vi)em, nk_vf) * 5.9604644775390625e-8f);
+    nk_vu is_special = (nk_vu)(em >= 0x7c00u), is_sub = (nk_vu)(em < 0x0400u);
+    nk_vu r = (special & is_special) | (~is_special & ((sub & is_sub) | (normal & ~is_sub)));
+    v = (nk_vf)(r | ((h & 0x8000u) << 16));
+#endif
+    return __builtin_convertvector(v, nk_vd);
+}
+
+#define NK_SHIFTED(NAME, T, VLOAD, WIDEN)                                          \
+static void NAME(const T *p, Py_ssize_t n, double k, double *s1, double *s2) {    \
+    const nk_vd kv = (nk_vd){0} + k;                                               \
+    nk_vd a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                  \
+    nk_vd b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};                                  \
+    Py_ssize_t i = 0;                                                              \
+    for (; i + 4 * NK_VW <= n; i += 4 * NK_VW) {                                   \
+        nk_vd d0 = VLOAD(p + i) - kv;                                              \
+        nk_vd d1 = VLOAD(p + i + NK_VW) - kv;                                      \
+        nk_vd d2 = VLOAD(p + i + 2 * NK_VW) - kv;                                  \
+        nk_vd d3 = VLOAD(p + i + 3 * NK_VW) - kv;                                  \
+        a0 += d0; a1 += d1; a2 += d2; a3 += d3;                                    \
+        b0 += d0 * d0; b1 += d1 * d1; b2 += d2 * d2; b3 += d3 * d3;                \
+    }                                                                              \
+    nk_vd a = (a0 + a1) + (a2 + a3), b = (b0 + b1) + (b2 + b3);                    \
+    double u = 0.0, v = 0.0;                                                       \
+    for (int l = 0; l < NK_VW; l++) { u += a[l]; v += b[l]; }                      \
+    for (; i < n; i++) { double d = (double)WIDEN(p[i]) - k; u += d; v += d * d; } \
+    *s1 = u;                                                                       \
+    *s2 = v;                                                                       \
+}
+#else
+#  define NK_HAVE_VEC 0
+#  define NK_SHIFTED(NAME, T, VLOAD, WIDEN)                                        \
+static void NAME(const T *p, Py_ssize_t n, double k, double *s1, double *s2) {    \
+    (void)p; (void)n; (void)k; *s1 = *s2 = 0.0;                                    \
+}
+#endif
+NK_SHIFTED(nk_shifted_f32, float, nk_vld_f32, )
+NK_SHIFTED(nk_shifted_f16, nk_f16, nk_vld_f16, nk_f16_to_f32)
+NK_SHIFTED(nk_shifted_bf16, nk_bf16, nk_vld_bf16, nk_bf16_to_f32)
+
+/* Which of setup.py's builds this CPU (and OS) can run: 0 baseline, 1 AVX2 + F16C,
+   2 AVX-512 (F, CD, VL, DQ, BW) + F16C: the flags those builds are compiled with. */
 static int nk_cpu_level(void) {
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
     __builtin_cpu_init();
-    if (!__builtin_cpu_supports("avx2"))
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("f16c"))
         return 0;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512cd")
             && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")

@@ -38,6 +38,13 @@ to ``numba.config.NUMBA_NUM_THREADS``) and bumps a generation counter; each para
 call applies it in the calling thread when that thread's applied generation is stale
 (one attribute check per call). Nothing starts the pool before the first parallel call,
 so importing and configuring normkit does not make a later ``fork()`` unsafe.
+
+float16 / bfloat16
+------------------
+Numba has no float16 on the CPU and no bfloat16: the launcher passes 16-bit data as a
+same-bits int16 / uint16 view (zero copy) and the kernels convert in registers
+(``numba_convert.py``). Parameters must then be float32; a mismatched argument gets a
+TypeError naming it, what was expected and what was given.
 """
 from __future__ import annotations
 
@@ -164,9 +171,10 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _par(size):
-    """Run this call in parallel? (and if so, apply the thread count in this thread)"""
-    if size < _S.par_min or _S.threads < 2 or _S.serial_only:
+def _par():
+    """Run a call of at least par_min elements in parallel? (and if so, apply the thread
+    count in this thread)"""
+    if _S.threads < 2 or _S.serial_only:
         return False
     if getattr(_tls, "gen", -1) != _S.gen:
         _apply_threads()
@@ -237,7 +245,7 @@ _STORAGE_NUMS = {np.dtype(np.float32).num, np.dtype(np.float64).num, *_VIEW_OF}
 
 class _Launch:
     """How one driver is launched (every driver takes ``*args[, nc], *stats``) and its
-    compiled twins, built on first use: ``compiled[dtype.num, par]``."""
+    compiled twins, built on first use: ``compiled[dtype.num, par, read-only inputs]``."""
 
     def __init__(self, name, split, stats, as_last=None):
         self.name = name
@@ -247,21 +255,18 @@ class _Launch:
         self.data = _nk.data_positions(name)     # the arguments in the storage dtype
         self.compiled: dict = {}
 
-    def fn(self, dtype, par):
-        try:
-            return self.compiled[dtype.num, par]
-        except KeyError:
-            pass
+    def build(self, dtype, par, ro):
+        """The twin for (dtype, par, read-only inputs), compiled or loaded once."""
         if dtype.num not in _STORAGE_NUMS:
             raise TypeError(f"numba {self.name}: argument {_nk.arg_names(self.name)[0]!r} "
                             f"must be a float32, float64, float16 or bfloat16 array, got "
                             f"{dtype}")
         with _build_lock:
-            fn = self.compiled.get((dtype.num, par))
+            fn = self.compiled.get((dtype.num, par, ro))
             if fn is None:
-                fn = _nk.build(self.name, _VIEW_OF.get(dtype.num, dtype), par)
-                self.compiled[dtype.num, par] = fn
-                _dispatchers[(self.name, dtype, bool(par))] = fn
+                fn = _nk.build(self.name, _VIEW_OF.get(dtype.num, dtype), par, ro)
+                self.compiled[dtype.num, par, ro] = fn
+                _dispatchers[(self.name, dtype, bool(par), ro)] = fn
         return fn
 
 
@@ -288,17 +293,23 @@ def _launch(launch, *args):
     if launch.as_last and x.shape[2] == 1 and x.shape[1] > 1:
         return _launch(_TABLE[launch.as_last], *map(_first_as_last, args))
     dtype = x.dtype
-    par = _par(x.size)
-    fn = launch.fn(dtype, par)
+    size = x.size
+    par = size >= _S.par_min and _par()
+    ro = True
     if dtype.num in _VIEW_OF:
-        args = _views(args, launch.data)
+        # 16-bit: writable inputs take the twin typed writable (faster, see _nk.build)
+        args, ro = _views(args, launch.data)
+    fn = launch.compiled.get((dtype.num, par, ro))
+    if fn is None:
+        fn = launch.build(dtype, par, ro)
     if launch.stats is None:
         stats = ()
     else:
         shape = launch.stats(args)
         stats = (np.empty(shape), np.empty(shape))
     if launch.split is not None:
-        args += (launch.split(args),)
+        # at most _MIN_CHUNK elements: every split rule gives one piece (saves ~1 us)
+        args += (1 if size <= _MIN_CHUNK else launch.split(args),)
     try:
         if par and _S.lock is not None:
             with _S.lock:
@@ -311,13 +322,16 @@ def _launch(launch, *args):
 
 
 def _views(args, data):
-    """16-bit data arguments as their same-bits integer views (zero copy)."""
+    """16-bit data arguments as their same-bits integer views (zero copy), and whether
+    any of them is read-only."""
     args = list(args)
+    ro = False
     for i in data:
         a = args[i]
         if isinstance(a, np.ndarray) and a.dtype.num in _VIEW_OF:
             args[i] = a.view(_VIEW_OF[a.dtype.num])
-    return tuple(args)
+            ro = ro or not a.flags.writeable
+    return tuple(args), ro
 
 
 def _viewed_name(given, data_dtype):
@@ -437,8 +451,9 @@ def info() -> dict:
         "serial_reason": _S.serial_reason,
         "fork": ("in a child forked after the pool started: tbb and Intel OpenMP stay "
                  "parallel, GNU OpenMP falls back to the serial kernels"),
-        "compiled_kernels": sorted(f"{k}[{np.dtype(d).name}, {'par' if p else 'ser'}]"
-                                   for k, d, p in _dispatchers),
+        "compiled_kernels": sorted(
+            f"{k}[{np.dtype(d).name}, {'par' if p else 'ser'}{'' if ro else ', rw'}]"
+            for k, d, p, ro in _dispatchers),
         "cache_dir": cache_dir or "numba default (__pycache__ beside numba_kernels.py, "
                                   "else the user cache dir; NUMBA_CACHE_DIR overrides)",
     }

@@ -15,11 +15,13 @@ typed once per storage dtype and its loops hold no dtype branch: float32/float64
 loops are exactly what they were, and the 16-bit ones add a few integer/float ops per
 element, all branch-free (``select``) so that LLVM still vectorizes them.
 
-The conversions are exact bit manipulations (no F16C/AVX512-BF16 needed), checked bit
+The conversions are exact bit manipulations (no F16C/AVX512-BF16 needed; the two
+narrowings are written in LLVM IR so that they run on 32-bit vector lanes), checked bit
 for bit against NumPy's float16 and ml_dtypes' bfloat16 casts by
 tests/test_numba_runtime.py:
 
-* float16 -> float32: F. Giesen's "half_to_float_fast2": the 15 magnitude bits shifted
+* float16 -> float32: with F16C (checked at import; ``vcvtph2ps``) LLVM's ``fpext``,
+  else F. Giesen's "half_to_float_fast2": the 15 magnitude bits shifted
   into a float32 and multiplied by 2**112 re-biases the exponent (and normalizes
   subnormals exactly); Inf/NaN exponents are then forced to all ones. NaN payloads are
   kept, as NumPy does.
@@ -35,7 +37,9 @@ tests/test_numba_runtime.py:
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
+from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
@@ -78,8 +82,33 @@ def _bits_f32(typingctx, u):
 _U = np.uint32
 _F16_MAGIC = np.float32(2.0 ** 112)               # 2**(127 - 15): exponent re-bias
 _F16_WAS_INFNAN = np.float32(2.0 ** 16)           # 0x1f << 23 times the magic
-_F16_DENORM_MAGIC = np.float32(0.5)               # bits ((127-15)+(23-10)+1) << 23
-_F16_DENORM_MAGIC_BITS = _U(126 << 23)
+
+
+def _host_has_f16c():
+    """F16C usable? Only when Numba compiles for this host's CPU (NUMBA_CPU_NAME unset:
+    a portable 'generic' build must not depend on it) and the host has it. Numba keys
+    its cache by CPU name and features, so the choice is never loaded elsewhere."""
+    if numba.config.CPU_NAME:
+        return False
+    try:
+        return bool(llvm.get_host_cpu_features().get("f16c", False))
+    except RuntimeError:   # features unknown on this platform
+        return False
+
+
+_F16C = _host_has_f16c()
+
+
+@intrinsic
+def _f16_to_f32_f16c(typingctx, h):
+    """float16 bits -> float32 by LLVM's ``fpext half`` (one vcvtph2ps with F16C). Exact;
+    it quiets a signalling NaN (the software path keeps its payload as NumPy does)."""
+    if h != types.int16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return types.float32(types.int16), codegen
 
 
 @njit(**_JIT)
@@ -92,20 +121,42 @@ def _f16_to_f32(h):
     return _bits_f32(ob | ((u & _U(0x8000)) << _U(16)))
 
 
-@njit(**_JIT)
-def _f32_to_f16(f):
-    """float32 -> float16 bits (int16), round to nearest even, overflow to +-Inf."""
-    b = _f32_bits(f)
-    sign = b & _U(0x80000000)
-    a = b ^ sign                                                  # |f| bits
-    normal = (a + _U(((15 - 127) << 23) + 0xFFF) + ((a >> _U(13)) & _U(1))) >> _U(13)
-    sub = _f32_bits(_bits_f32(a) + _F16_DENORM_MAGIC) - _F16_DENORM_MAGIC_BITS
-    m = (a & _U(0x7FFFFF)) >> _U(13)
-    nan = _U(0x7C00) | m | _U(m == _U(0))
-    big = nan if a > _U(0x7F800000) else _U(0x7C00)
-    o = sub if a < _U(113 << 23) else normal
-    o = big if a >= _U((127 + 16) << 23) else o
-    return np.int16(np.uint16(o | (sign >> _U(16))))
+@intrinsic
+def _f32_to_f16(typingctx, f):
+    """float32 -> float16 bits (int16), round to nearest even, overflow to +-Inf.
+
+    Written in LLVM IR because it needs 32-bit integer arithmetic that wraps: Numba
+    widens small integers to 64 bits, which halves the vector width of this loop."""
+    if f != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32, f32 = ir.IntType(32), ir.FloatType()
+
+        def k(v):
+            return ir.Constant(i32, v & 0xFFFFFFFF)
+
+        def below(x, v):
+            return builder.icmp_unsigned("<", x, k(v))
+        b = builder.bitcast(args[0], i32)
+        sign = builder.and_(b, k(0x80000000))
+        a = builder.xor(b, sign)                                  # |f| bits
+        # normal result: re-bias the exponent, add 0xfff + (lowest kept bit), shift
+        odd = builder.and_(builder.lshr(a, k(13)), k(1))
+        normal = builder.lshr(builder.add(builder.add(a, k(((15 - 127) << 23) + 0xFFF)), odd),
+                              k(13))
+        # subnormal (or zero) result: one float add of 0.5 rounds RNE at bit 2**-24
+        added = builder.fadd(builder.bitcast(a, f32), ir.Constant(f32, 0.5))
+        sub = builder.sub(builder.bitcast(added, i32), k(126 << 23))
+        # Inf, or NaN keeping its top payload bits (as NumPy), never turned into Inf
+        m = builder.lshr(builder.and_(a, k(0x7FFFFF)), k(13))
+        nan = builder.or_(builder.or_(k(0x7C00), m),
+                          builder.zext(builder.icmp_unsigned("==", m, k(0)), i32))
+        big = builder.select(below(a, 0x7F800001), k(0x7C00), nan)
+        o = builder.select(below(a, 113 << 23), sub, normal)
+        o = builder.select(below(a, (127 + 16) << 23), o, big)
+        return builder.trunc(builder.or_(o, builder.lshr(sign, k(16))), ir.IntType(16))
+    return types.int16(types.float32), codegen
 
 
 # ============================================================ bfloat16
@@ -115,13 +166,25 @@ def _bf16_to_f32(h):
     return _bits_f32(_U(h) << _U(16))
 
 
-@njit(**_JIT)
-def _f32_to_bf16(f):
-    """float32 -> bfloat16 bits (uint16), round to nearest even; NaN -> quiet NaN."""
-    b = _f32_bits(f)
-    r = (b + _U(0x7FFF) + ((b >> _U(16)) & _U(1))) >> _U(16)
-    nan = ((b >> _U(16)) & _U(0x8000)) | _U(0x7FC0)
-    return np.uint16(nan if (b & _U(0x7FFFFFFF)) > _U(0x7F800000) else r)
+@intrinsic
+def _f32_to_bf16(typingctx, f):
+    """float32 -> bfloat16 bits (uint16), round to nearest even; NaN -> quiet NaN 0x7fc0
+    with its sign (as ml_dtypes). In LLVM IR for 32-bit lanes, as ``_f32_to_f16``."""
+    if f != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+
+        def k(v):
+            return ir.Constant(i32, v)
+        b = builder.bitcast(args[0], i32)
+        odd = builder.and_(builder.lshr(b, k(16)), k(1))
+        rounded = builder.lshr(builder.add(builder.add(b, k(0x7FFF)), odd), k(16))
+        nan = builder.or_(builder.and_(builder.lshr(b, k(16)), k(0x8000)), k(0x7FC0))
+        is_nan = builder.icmp_unsigned(">", builder.and_(b, k(0x7FFFFFFF)), k(0x7F800000))
+        return builder.trunc(builder.select(is_nan, nan, rounded), ir.IntType(16))
+    return types.uint16(types.float32), codegen
 
 
 # ============================================================ the kernels' accessors
@@ -140,6 +203,8 @@ def _cv(a, v):
 
 @overload(_ld, jit_options={"error_model": "numpy"})
 def _ov_ld(a, i):
+    if a.dtype == types.int16 and _F16C:
+        return lambda a, i: _f16_to_f32_f16c(a[i])
     if a.dtype == types.int16:
         return lambda a, i: _f16_to_f32(a[i])
     if a.dtype == types.uint16:
@@ -178,3 +243,11 @@ def convert(src, dst):
     tests (float32 -> int16/uint16 narrows, int16/uint16 -> float32 widens)."""
     for i in range(src.shape[0]):
         _st(dst, i, _ld(src, i))
+
+
+@njit(**_JIT)
+def widen_f16_software(src, dst):
+    """dst[i] = float16 bits src[i] widened by the software path (tested on every
+    machine, also where ``_ld`` uses F16C)."""
+    for i in range(src.shape[0]):
+        dst[i] = _f16_to_f32(src[i])
