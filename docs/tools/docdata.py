@@ -275,13 +275,19 @@ def half_subs(d: dict | None) -> dict:
     rows = half_rows(d["records"], impls)
     rows = [[f"`{r[0]}`"] + [c or " " for c in r[1:]] for r in rows]
     peers = ", ".join(f"{k} {v}" for k, v in meta.get("peers", {}).items())
+    load, cpus = meta.get("load_avg_1min"), meta.get("cpus") or 1
+    busy = (" The machine was shared with other work (the load average exceeded its CPU "
+            "count), so the absolute times are inflated and noisy; the ratios within a "
+            "row, measured in the same interleaved rounds, are what to read, and a quiet "
+            "machine will give different numbers." if load is not None and load > cpus
+            else "")
     return {
         "dtypes_run": (
             f"Measured with `{_clean_command(meta.get('command', ''))}` on "
             f"{meta.get('date', '?')[:10]}: {meta.get('cpu')} ({meta.get('cpus')} CPUs), "
             f"{meta.get('threads')} thread(s), backends {', '.join(meta['backends'])}, "
             f"peers {peers}; 1-minute load average {meta.get('load_avg_1min')} at the "
-            f"start. Regenerate with `{HALF_COMMAND}`."),
+            f"start.{busy} Regenerate with `{HALF_COMMAND}`."),
         "dtypes_table": _table(HALF_HEADER, rows, ["---", "---"] + ["--:"] * 9),
     }
 
