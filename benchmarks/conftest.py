@@ -5,7 +5,8 @@ Two modes, chosen by pytest-benchmark's own switch:
 * **smoke** (the default: ``addopts`` has ``--benchmark-disable``): every benchmark runs
   its implementation once, on the case's *smoke* shapes (batch <= 2, spatial <= 6x6,
   sequence <= 4; channel counts and row lengths kept, so the same kernel paths run), and
-  checks the result against the normkit ``numpy`` backend. The whole directory takes
+  checks the result against the float64 truth (normkit's ``numpy`` backend on float64
+  copies of the same inputs). The whole directory takes
   well under a minute.
 * **measure** (``--benchmark-enable``): the real shapes, timed by pytest-benchmark after
   one warm-up call, one group per case, ``extra_info`` with the bytes moved and GB/s.
@@ -21,7 +22,9 @@ import pytest
 
 import normkit
 from normkit import _bench
-from normkit import _bench_cases as C
+from normkit import _bench_columns as cols
+from normkit import _bench_data as D
+from normkit._bench_op_base import NotApplicable
 
 
 def pytest_addoption(parser):
@@ -51,9 +54,9 @@ class BenchEnv:
         key = (case.name, self.smoke)
         if key != self._data_key:
             self._data = None                     # free the previous case first
-            units = C.make_data(case, smoke=self.smoke)
-            ref = C.to_arrays(C.run_for_check(C.normkit_runner(case, units, "numpy")))
-            self._data, self._data_key = (units, C.case_bytes(case, units), ref), key
+            units = D.make_data(case, smoke=self.smoke)
+            self._data = (units, D.case_bytes(case, units), D.truth(case, units))
+            self._data_key = key
         return self._data
 
     def impl(self, impl_id):
@@ -70,21 +73,21 @@ class BenchEnv:
         from normkit.backends import KNOWN_BACKENDS, backend_status
         if impl_id in KNOWN_BACKENDS:
             status = backend_status()[impl_id]
-            return _bench._backend_impl(impl_id) if status == "available" else (
+            return cols.backend_impl(impl_id) if status == "available" else (
                 f"backend {impl_id} not available: {status}")
         if impl_id == "copy":
-            return _bench._copy_impl()
+            return cols.copy_impl()
         if impl_id == "plain-numpy":
-            return _bench._plain_impl()
+            return cols.plain_impl()
         if impl_id == "torch":
             if importlib.util.find_spec("torch") is None:
                 return "torch not installed"
-            return _bench._torch_impl(self.threads)
+            return cols.torch_impl(self.threads)
         if impl_id == "onnxruntime":
             missing = [m for m in ("onnxruntime", "onnx") if importlib.util.find_spec(m) is None]
             if missing:
                 return f"{' and '.join(missing)} not installed"
-            return _bench._ort_impl(self.threads)
+            return cols.ort_impl(self.threads)
         raise ValueError(impl_id)
 
 
@@ -96,14 +99,14 @@ def bench_env(request):
 @pytest.fixture
 def run_case(benchmark, bench_env):
     """``run_case(case, impl_id)``: benchmark one implementation on one case, then check
-    its result against the normkit numpy backend."""
+    its result against the float64 truth."""
 
     def run(case, impl_id):
         impl = bench_env.impl(impl_id)
         units, nbytes, ref = bench_env.data(case)
         try:
             fn, fetch = impl.prepare(case, units)
-        except C.NotApplicable as exc:
+        except NotApplicable as exc:
             pytest.skip(f"{impl_id}: {exc}")
         benchmark.group = case.name
         benchmark.extra_info.update({"case": case.name, "impl": impl_id, "bytes": nbytes,
@@ -112,14 +115,26 @@ def run_case(benchmark, bench_env):
                                      "mode": "smoke" if bench_env.smoke else "measure"})
         # warm-up (JIT compilation, page faults) and the result to check: every unit's
         # output (a timed call of a real-model case keeps only the last one)
-        result = C.run_for_check(fn)
+        try:
+            result = D.run_for_check(fn)
+        except TypeError as exc:
+            why = cols.unsupported_dtype(impl, case, exc)
+            if why is None:
+                raise
+            pytest.skip(f"{impl_id}: unsupported: {why}")
         benchmark(fn)
         if benchmark.stats is not None:
             median = benchmark.stats.stats.median
             benchmark.extra_info["GB/s"] = round(nbytes / median / 1e9, 3) if median else None
         if fetch is not None:
-            err = C.max_rel_error(fetch(result), ref)
+            err = D.max_rel_error(fetch(result), ref)
+            benchmark.extra_info["max_rel_error"] = err
+            if err > case.tol() and impl.kind == "peer" and case.data != "normal":
+                # hard data (mean 1e4, std 1) is where peers lose accuracy; the bench
+                # table reports it, this suite only checks normkit on it
+                pytest.xfail(f"{impl_id} on {case.name}: error {err:.3g} above the "
+                             f"tolerance {case.tol():.1g} on hard data")
             assert err <= case.tol(), (
-                f"{impl_id} on {case.name}: max relative error {err:.3g} vs the normkit "
-                f"numpy backend exceeds the tolerance {case.tol():.1g}")
+                f"{impl_id} on {case.name}: max relative error {err:.3g} vs the float64 "
+                f"truth exceeds the tolerance {case.tol():.1g}")
     return run

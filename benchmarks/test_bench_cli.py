@@ -13,6 +13,7 @@ import pytest
 import normkit
 from normkit import _bench
 from normkit import _bench_cases as C
+from normkit import _bench_data as D
 
 TINY = "tiny_ln_1x1x768"
 
@@ -58,11 +59,11 @@ def test_real_model_shapes():
 
 def test_bytes_model():
     case = C.CASE_BY_NAME["bn_eval_nchw_1x64x56x56"]
-    units = C.make_data(case, smoke=True)
-    assert C.case_bytes(case, units) == 2 * units[0]["x"].nbytes
+    units = D.make_data(case, smoke=True)
+    assert D.case_bytes(case, units) == 2 * units[0]["x"].nbytes
     case = C.CASE_BY_NAME["bn_train_fb_nchw_8x64x56x56"]
-    units = C.make_data(case, smoke=True)
-    assert C.case_bytes(case, units) == 8 * units[0]["x"].nbytes
+    units = D.make_data(case, smoke=True)
+    assert D.case_bytes(case, units) == 8 * units[0]["x"].nbytes
 
 
 def test_select_cases_patterns():

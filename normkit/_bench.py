@@ -4,7 +4,10 @@ For each case of the table in :mod:`normkit._bench_cases` it prepares every
 implementation on the same arrays -- each available normkit backend, an ``np.copyto``
 of the same number of bytes (the memory-bound floor), and the peers that are installed
 (PyTorch CPU, ONNX Runtime, and on request a plain vectorized NumPy version) -- checks
-each result against the normkit ``numpy`` backend, then times them.
+each result against the float64 truth (normkit's ``numpy`` backend on float64 copies of
+the same inputs, :func:`normkit._bench_data.truth`), then times them. A 16-bit case
+also times every backend on its float32 twin, in the same rounds. The columns are
+built in :mod:`normkit._bench_columns`; the printed tables in :mod:`normkit._bench_report`.
 
 Timing: one warm-up call (JIT compilation, first-touch page faults), a calibration
 call that picks how many calls make one sample (calls of 0.5 ms or more are timed one
@@ -18,7 +21,7 @@ rounds (``time.perf_counter``, garbage collector off while a sample runs). Calls
 shorter than 10 ms get one untimed call right before each sample, so threads another
 library left spinning (OpenMP, ORT) and cold caches do not land on the next column.
 
-PyTorch and ONNX Runtime are imported here, lazily, and only when installed; ``import
+PyTorch and ONNX Runtime are imported lazily (in _bench_columns), only when installed; ``import
 normkit`` never imports them or this module. No third-party progress bar either: a
 small one is drawn on stderr (plain lines when stderr is not a terminal).
 """
@@ -26,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import math
 import os
@@ -37,13 +39,19 @@ import time
 import numpy as np
 
 from . import _bench_cases as C
+from . import _bench_data as D
+from ._bench_columns import Impl, discover, short, unsupported_dtype
+from ._bench_op_base import NotApplicable
 from ._bench_report import (
     _DISTURBED,
+    HALF_HEADER,
+    HALF_LEGEND,
     PLAIN_NUMPY,
     Progress,
     _disturbed,
     format_markdown,
     format_text,
+    half_rows,
     header_line,
     legend,
     machine_info,
@@ -56,7 +64,8 @@ __all__ = ["TIERS", "add_arguments", "main", "run"]
 #: ``--help`` text: plain words (argparse prints it as is, so no reST markup)
 DESCRIPTION = ("Time every normkit backend that loads here against a memory copy of the "
                "same bytes and the installed peers (PyTorch, ONNX Runtime), after checking "
-               "each result against normkit's numpy backend.")
+               "each result against a float64 truth. float16 and bfloat16 rows also get "
+               "a table of errors and of their time against float32.")
 
 #: (seconds of rounds per case, minimum rounds, target seconds per sample). Samples are
 #: short (calls >= 0.5 ms are timed one by one) so that the median over many samples
@@ -101,179 +110,6 @@ def tune_malloc():
     except (OSError, AttributeError):
         return None
     return "glibc M_MMAP_THRESHOLD=32 MiB, M_TRIM_THRESHOLD=1 GiB" if ok else None
-
-
-# ====================================================================== implementations
-class Impl:
-    """One column: ``prepare(case, units)`` returns ``(fn, fetch)`` or raises NotApplicable."""
-
-    def __init__(self, id, kind, label, prepare, version=""):
-        self.id, self.kind, self.label, self.prepare, self.version = (
-            id, kind, label, prepare, version)
-
-
-def _backend_impl(name):
-    def prepare(case, units):
-        return C.normkit_runner(case, units, name), C.to_arrays
-    return Impl(name, "backend", name, prepare)
-
-
-def _copy_impl():
-    def prepare(case, units):
-        return C.copy_runner(case, units), None
-    return Impl("copy", "floor", "copy", prepare)
-
-
-def _plain_impl():
-    def prepare(case, units):
-        return C.plain_runner(case, units), C.to_arrays
-    return Impl(PLAIN_NUMPY, "peer", PLAIN_NUMPY, prepare, np.__version__)
-
-
-def _torch_impl(threads):
-    import torch
-    torch.set_num_threads(threads)
-
-    def prepare(case, units):
-        try:
-            return C.torch_runner(case, units, torch)
-        except (RuntimeError, TypeError, KeyError) as exc:
-            raise C.NotApplicable(f"torch cannot run it: {_short(exc)}") from exc
-    return Impl("torch", "peer", "torch", prepare, torch.__version__)
-
-
-def _onnx_model(case, units):
-    """One ONNX graph holding every unit of the case; returns (model, feed, output names)."""
-    from onnx import helper, numpy_helper
-    nodes = C.onnx_units(case, units)
-    elem = helper.np_dtype_to_tensor_dtype(units[0]["x"].dtype)
-    input_names, feed, value_infos, inits, gnodes, outputs = {}, {}, [], [], [], []
-    for i, (node, u) in enumerate(zip(nodes, units, strict=True)):
-        names = []
-        for role, arr, is_input in node.inputs:
-            if is_input:       # units that share an input array share the graph input
-                if id(arr) not in input_names:
-                    name = f"X{len(input_names)}"
-                    input_names[id(arr)] = name
-                    feed[name] = arr
-                    value_infos.append(helper.make_tensor_value_info(name, elem, arr.shape))
-                names.append(input_names[id(arr)])
-            else:
-                name = f"u{i}_{role}"
-                inits.append(numpy_helper.from_array(arr, name))
-                names.append(name)
-        outs = [f"Y{i}"] + [f"u{i}_extra{j}" for j in range(1, node.n_outputs)]
-        gnodes.append(helper.make_node(node.op_type, names, outs, domain=node.domain,
-                                       **node.attrs))
-        outputs.append(helper.make_tensor_value_info(f"Y{i}", elem, u["x"].shape))
-    opsets = [helper.make_opsetid("", max(n.opset for n in nodes))]
-    graph = helper.make_graph(gnodes, case.name, value_infos, outputs, inits)
-    model = helper.make_model(graph, opset_imports=opsets)
-    model.ir_version = helper.find_min_ir_version_for(opsets)
-    return model, nodes[0], feed, [o.name for o in outputs]
-
-
-def _ort_session(ort, model, first, dtype, threads):
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3
-    # ORT's workers keep spinning after run() returns (by default), on the cores the
-    # next column needs: that made the normkit columns of the BERT case 2.3x slower.
-    # Stop spinning at the end of each run; spinning within a run stays on, and ORT's
-    # own times did not get worse (measured: 0.31-0.35 ms vs 0.41 ms on ln_8x128x768).
-    so.add_session_config_entry("session.force_spinning_stop", "1")
-    try:
-        return ort.InferenceSession(model.SerializeToString(), so,
-                                    providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - e.g. no kernel for this op/dtype
-        raise C.NotApplicable(f"ORT cannot load {first.op_type} "
-                              f"(opset {first.opset}, {dtype}): {_short(exc)}") from exc
-
-
-def _ort_impl(threads):
-    import onnxruntime as ort
-
-    def prepare(case, units):
-        model, first, feed, out_names = _onnx_model(case, units)
-        dtype = units[0]["x"].dtype
-        sess = _ort_session(ort, model, first, dtype, threads)
-        if len(units) == 1:
-            return (lambda: sess.run(out_names, feed)), list
-        # Real-model cases: one graph holding every layer, one session.run (how ORT runs a
-        # model). Its outputs are bound to buffers allocated once (IOBinding), so that ORT,
-        # like the eager columns that drop each output as the next layer runs, does not
-        # hold 53 fresh outputs per run.
-        binding = sess.io_binding()
-        for name, arr in feed.items():
-            binding.bind_cpu_input(name, arr)
-        buffers = [np.empty(u["x"].shape, dtype) for u in units]
-        for name, buf in zip(out_names, buffers, strict=True):
-            binding.bind_output(name, "cpu", 0, dtype.type, buf.shape, buf.ctypes.data)
-
-        def run_bound():
-            sess.run_with_iobinding(binding)
-            return buffers
-        return run_bound, list
-
-    return Impl("onnxruntime", "peer", "onnxruntime", prepare, ort.__version__)
-
-
-def _short(exc, limit=160):
-    msg = " ".join(str(exc).split())
-    return msg if len(msg) <= limit else msg[:limit - 3] + "..."
-
-
-def discover(backends=None, peers=("torch", "onnxruntime"), threads=None):
-    """The columns to measure, plus notes on what was asked for but is missing."""
-    import normkit
-    from normkit.backends import KNOWN_BACKENDS, backend_status
-
-    notes = []
-    status = backend_status()
-    available = [b for b in KNOWN_BACKENDS if status[b] == "available"]
-    if backends is None:
-        chosen = available
-    else:
-        unknown = [b for b in backends if b not in KNOWN_BACKENDS]
-        if unknown:
-            raise SystemExit(f"normkit bench: unknown backend(s) {unknown}; known: "
-                             f"{list(KNOWN_BACKENDS)}, available here: {available}")
-        chosen = []
-        for b in backends:
-            if status[b] == "available":
-                chosen.append(b)
-            else:
-                notes.append(f"backend {b!r} skipped: {status[b]}")
-        if not chosen:
-            raise SystemExit("normkit bench: none of the requested backends is available "
-                             "here:\n  " + "\n  ".join(notes))
-    threads = threads or normkit.get_num_threads()
-    impls = [_backend_impl(b) for b in chosen] + [_copy_impl()]
-    for p in peers:
-        if p == PLAIN_NUMPY:
-            impls.append(_plain_impl())
-        elif p == "torch":
-            if importlib.util.find_spec("torch") is None:
-                notes.append("PyTorch is not installed: no torch column "
-                             "(pip install torch --index-url https://download.pytorch.org/whl/cpu)")
-                continue
-            try:
-                impls.append(_torch_impl(threads))
-            except Exception as exc:  # noqa: BLE001 - a broken peer is a note, not a crash
-                notes.append(f"PyTorch is installed but failed to import: {_short(exc)}")
-        elif p == "onnxruntime":
-            missing = [m for m in ("onnxruntime", "onnx") if importlib.util.find_spec(m) is None]
-            if missing:
-                notes.append(f"{' and '.join(missing)} not installed: no onnxruntime column "
-                             f"(pip install {' '.join(missing)})")
-                continue
-            try:
-                impls.append(_ort_impl(threads))
-            except Exception as exc:  # noqa: BLE001
-                notes.append(f"ONNX Runtime is installed but failed to import: {_short(exc)}")
-    return impls, notes
 
 
 # ====================================================================== other processes
@@ -343,16 +179,29 @@ def _time_sample(fn, number):
 
 
 def measure_case(case, impls, tier="default", check=True, progress=None, budget=None):
-    """Prepare, check and time every implementation on one case; returns a record."""
+    """Prepare, check and time every implementation on one case; returns a record.
+
+    A 16-bit case also times its float32 twin (the same values widened) on every normkit
+    backend in the same rounds: ``results["<backend>@float32"]``."""
     seconds, min_rounds, target = TIERS[tier]
     if budget is not None:
         seconds = budget
-    units = C.make_data(case)
-    nbytes = C.case_bytes(case, units)
+    units = D.make_data(case)
+    nbytes = D.case_bytes(case, units)
     rec = {"case": case.name, "norm": case.norm, "layout": case.layout, "dtype": case.dtype,
-           "tier": case.tier, "category": case.category,
+           "tier": case.tier, "category": case.category, "data": case.data,
            "shapes": [list(s) for s in case.units], "bytes": nbytes, "results": {}}
-    ready = _prepare_all(case, units, impls, rec["results"], check, target, progress)
+    ref = None
+    if check:
+        if progress:
+            progress.step(case.name, "float64 truth")
+        ref = D.truth(case, units)
+    columns = [(impl, units) for impl in impls]
+    if case.dtype in C.HALF_DTYPES:
+        wide = D.widen_units(units, np.float32)
+        columns += [(_twin(impl), wide) for impl in impls if impl.kind == "backend"]
+    ready = _prepare_all(case, columns, rec["results"], ref, target, progress)
+    ref = None
     gc.collect()          # the reference is gone: the allocator starts clean for timing
     meter = CpuMeter()
     samples = _time_rounds(case, ready, rec["results"], seconds, min_rounds, progress)
@@ -366,45 +215,43 @@ def measure_case(case, impls, tier="default", check=True, progress=None, budget=
     return rec
 
 
-def _prepare_all(case, units, impls, res, check, target, progress):
-    """Warm up and check every column; ``[impl, fn, per-call estimate, calls per sample]``
-    for those that run, in the original column order (failures are recorded in ``res``)."""
+def _twin(impl):
+    """The same backend on the float32 twin of a 16-bit case (its GB/s count 16-bit bytes:
+    compare times, not GB/s)."""
+    return Impl(f"{impl.id}@float32", "twin", f"{impl.label}@float32", impl.prepare)
+
+
+def _prepare_all(case, columns, res, ref, target, progress):
+    """Warm up and check every column against the float64 truth ``ref`` (None: no
+    check); ``[impl, fn, per-call estimate, calls per sample]`` for those that run, in
+    column order (failures, n/a and unsupported dtypes are recorded in ``res``)."""
     tol = case.tol()
-    ref = None
-    # the numpy backend is the oracle: measure it first and reuse its warm-up result
-    order = sorted(impls, key=lambda i: not (i.kind == "backend" and i.id == "numpy"))
-    if check and not any(i.kind == "backend" and i.id == "numpy" for i in impls):
-        if progress:
-            progress.step(case.name, "reference")
-        ref = C.to_arrays(C.run_for_check(C.normkit_runner(case, units, "numpy")))
     ready = []
-    for impl in order:
+    for impl, units in columns:
         if progress:
             progress.step(case.name, impl.label)
         r = res[impl.id] = {"status": "ok"}
         try:
             fn, fetch = impl.prepare(case, units)
-            out = C.run_for_check(fn)                  # warm-up (JIT, page faults) + result
-            if check and fetch is not None:
-                got = fetch(out)
-                if ref is None and impl.id == "numpy":
-                    ref = got
-                r["max_rel_error"] = err = C.max_rel_error(got, ref)
+            out = D.run_for_check(fn)                  # warm-up (JIT, page faults) + result
+            if ref is not None and fetch is not None:
+                r["max_rel_error"] = err = D.max_rel_error(fetch(out), ref)
                 r["correct"] = bool(err <= tol)
-            out = got = None
+            out = None
             t = _time_sample(fn, 1)
             if t < target:
                 t = min(t, _time_sample(fn, 1))
-        except C.NotApplicable as exc:
+        except NotApplicable as exc:
             res[impl.id] = {"status": "n/a", "note": str(exc)}
             continue
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # noqa: BLE001 - one failing column must not stop the run
-            res[impl.id] = _failure(impl, exc)
+            why = unsupported_dtype(impl, case, exc)
+            res[impl.id] = ({"status": "unsupported", "note": why} if why
+                            else _failure(impl, exc))
             continue
         ready.append([impl, fn, t, max(1, int(target / max(t, 1e-9)))])
-    ready.sort(key=lambda e: impls.index(e[0]))
     return ready
 
 
@@ -439,8 +286,8 @@ def _time_rounds(case, ready, res, seconds, min_rounds, progress):
 
 def _failure(impl, exc):
     if impl.id == "torch" and "not implemented for" in str(exc):
-        return {"status": "n/a", "note": f"torch: {_short(exc)}"}
-    return {"status": "error", "note": f"{type(exc).__name__}: {_short(exc)}"}
+        return {"status": "n/a", "note": f"torch: {short(exc)}"}
+    return {"status": "error", "note": f"{type(exc).__name__}: {short(exc)}"}
 
 
 # ====================================================================== CLI
@@ -453,8 +300,10 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--cases", metavar="PATTERNS",
                    help="comma-separated glob patterns over case names, or a category "
                         "(batchnorm, rows, groupnorm, training, tiny, model), op "
-                        "(bn_eval, ln, rms, gn, in, ...) or tier; selects from the whole "
-                        "table (--quick/--full then only set the timing)")
+                        "(bn_eval, bn_eval_add_relu, ln, rms, gn, in, ...), dtype "
+                        "(float16, bfloat16, float64; 16bit: both 16-bit dtypes) or tier; "
+                        "selects from the whole table (--quick/--full then only set the "
+                        "timing)")
     p.add_argument("--backends", metavar="NAMES",
                    help="comma-separated normkit backends (default: every available one)")
     p.add_argument("--peers", metavar="NAMES", default="torch,onnxruntime",
@@ -471,7 +320,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--min-time", type=float, metavar="SECONDS",
                    help="timing budget per case (default: 0.25 quick, 0.6, 2.0 full)")
     p.add_argument("--no-check", action="store_true",
-                   help="skip the correctness check against the numpy backend")
+                   help="skip the correctness check against the float64 truth")
     p.add_argument("--list", action="store_true", help="list the selected cases and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress output on stderr")
     p.add_argument("--retry", type=int, default=1, metavar="N",
@@ -518,7 +367,7 @@ def _run(args) -> int:
         for c in cases:
             units = f"{len(c.units)} layers" if len(c.units) > 1 else "x".join(
                 map(str, c.units[0]))
-            print(f"{c.name:36s} {c.tier:8s} {c.category:10s} {c.dtype:8s} {units}")
+            print(f"{c.name:40s} {c.tier:8s} {c.category:10s} {c.dtype:8s} {units}")
         return 0
     peers, problem = _peers(args.peers)
     if problem is None and args.threads is not None and args.threads < 1:
@@ -646,20 +495,23 @@ def _measure_all(cases, impls, records, args, progress):
 def _print_results(records, impls, notes, meta, markdown):
     header, rows = table_rows(records, impls)
     explained = legend(meta, header)
+    half = half_rows(records, impls)
+    fmt = format_markdown if markdown else format_text
+    print(f"_{header_line(meta)}_\n" if markdown else header_line(meta) + "\n")
+    print(fmt(header, rows))
+    print()
     if markdown:
-        print(f"_{header_line(meta)}_\n")
-        print(format_markdown(header, rows))
-        print()
         print("\n".join(explained))
         print()
         for line in notes + summary_lines(records, impls):
             print(f"- {line}")
     else:
-        print(header_line(meta))
-        print()
-        print(format_text(header, rows))
-        print()
         print("\n".join(explained + notes + summary_lines(records, impls)))
+    if half:
+        print()
+        print(fmt(HALF_HEADER, half))
+        print()
+        print(HALF_LEGEND)
 
 
 def _finite(obj):

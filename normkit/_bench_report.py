@@ -117,6 +117,8 @@ def _cell(r):
         return "n/a"
     if st == "error":
         return "error"
+    if st == "unsupported":
+        return "unsupported"
     if "median_s" not in r:
         return "-"
     bad = "!" if r.get("correct") is False else ""
@@ -214,7 +216,7 @@ def summary_lines(records, impls):
     for rec in records:
         for impl in impls:
             r = rec["results"].get(impl.id, {})
-            if r.get("status") in ("n/a", "error"):
+            if r.get("status") in ("n/a", "error", "unsupported"):
                 groups.setdefault((impl.label, r["status"], r.get("note", "")), []).append(
                     rec["case"])
             elif r.get("correct") is False:
@@ -259,7 +261,8 @@ def legend(meta, header=()):
     backends = [b for b in meta.get("backends", []) if b in shown]
     if backends:
         cols.append(f"{', '.join(backends)}: normkit's backends (numpy: its float64 "
-                    "reference, the oracle every column is checked against)")
+                    "reference; run on float64 copies of the inputs it gives the float64 "
+                    "truth every column is checked against)")
     if "copy" in shown:
         cols.append("copy: np.copyto of the same bytes, one thread (the memory-bound "
                     "reference)")
@@ -268,8 +271,7 @@ def legend(meta, header=()):
                     "(not normkit's numpy backend)")
     if "ratio" in shown:
         cols.append("ratio: peer median / fastest normkit backend (> 1: normkit faster)")
-    cols.append("'!': result differs from normkit's numpy backend beyond the case "
-                "tolerance")
+    cols.append("'!': result differs from the float64 truth beyond the case tolerance")
     if "others" in shown or not shown:
         cols.append(f"others: CPUs used by other processes while the row was measured "
                     f"('~': >= {_DISTURBED}, the multi-threaded columns of that row are "
@@ -287,3 +289,59 @@ def header_line(meta):
             f"{meta['cpu']} ({meta['cpus']} CPUs), Python {meta['python']}, "
             f"NumPy {meta['numpy']}" + (f"; load average at start {load}" if load is not None
                                         else ""))
+
+
+# ====================================================================== 16-bit table
+HALF_HEADER = ["16-bit case", "backend", "time", "GB/s", "copy GB/s", "torch ratio",
+               "ORT ratio", "x f32", "err", "torch err", "ORT err"]
+
+
+def _ratio(rec, impl_id, best):
+    r = rec["results"].get(impl_id, {})
+    if best and r.get("status") == "ok" and "median_s" in r:
+        return f"{r['median_s'] / best:.2f}"
+    return {"n/a": "n/a", "error": "error"}.get(r.get("status"), "")
+
+
+def _err(r):
+    e = r.get("max_rel_error")
+    if r.get("status") != "ok" or e is None:
+        return ""
+    return "inf" if not math.isfinite(e) else f"{e:.1e}" + ("!" if not r.get("correct") else "")
+
+
+def half_rows(records, impls):
+    """The 16-bit rows: the fastest normkit backend against torch and ORT in the same
+    dtype, GB/s against the copy floor, its time over the same backend's on the float32
+    twin (same values, same rounds), and the errors against the float64 truth."""
+    rows = []
+    for rec in records:
+        if rec.get("dtype") not in ("float16", "bfloat16"):
+            continue
+        res = rec["results"]
+        name, best = best_backend(rec, impls)
+        if name is None:          # no backend ran it: say why, still show the peers' errors
+            why = next((r["status"] for i in impls if i.kind == "backend"
+                        for r in [res.get(i.id, {})] if r.get("status")), "-")
+            rows.append([rec["case"], why, "", "", fmt_gbps(res.get("copy", {}).get("gbps")),
+                         "", "", "", "", _err(res.get("torch", {})),
+                         _err(res.get("onnxruntime", {}))])
+            continue
+        mine, twin = res[name], res.get(f"{name}@float32", {})
+        x32 = (f"{best / twin['median_s']:.2f}" if twin.get("status") == "ok"
+               and twin.get("median_s") else "")
+        rows.append([rec["case"], name, fmt_time(best), fmt_gbps(mine.get("gbps")),
+                     fmt_gbps(res.get("copy", {}).get("gbps")),
+                     _ratio(rec, "torch", best), _ratio(rec, "onnxruntime", best), x32,
+                     _err(mine), _err(res.get("torch", {})),
+                     _err(res.get("onnxruntime", {}))])
+    return rows
+
+
+HALF_LEGEND = (
+    "16-bit rows: backend = the fastest normkit backend; torch/ORT ratio: their median / "
+    "normkit's in the same dtype (> 1: normkit faster); copy GB/s: np.copyto of the same "
+    "bytes; x f32: normkit's 16-bit time / the same backend's time on the float32 twin "
+    "(same values, same rounds; target <= 0.6 for large memory-bound cases); err: max "
+    "|y - truth| / max(1, max |truth|) against the float64 truth on the same 16-bit "
+    "inputs ('!': above the case tolerance).")

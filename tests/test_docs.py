@@ -33,13 +33,14 @@ DOCS = ROOT / "docs"
 REQUIRED_PAGES = [
     "index", "getting-started", "norms/index", "norms/batch_norm", "norms/layer_norm",
     "norms/group_norm", "norms/instance_norm", "norms/rms_norm", "choosing", "backends",
-    "api", "changelog",
+    "dtypes", "api", "changelog",
 ]
 OPTIONAL_PAGES = ["diagnostics", "inference"]
 FIGURES = ["accuracy_vs_batch.png", "speed.png", "stat_noise.png", "train_eval_gap.png"]
 # pages whose ```python blocks are run by test_code_examples_run
 EXAMPLE_PAGES = ["index", "getting-started", "norms/batch_norm", "norms/layer_norm",
-                 "norms/group_norm", "norms/instance_norm", "norms/rms_norm", "backends"]
+                 "norms/group_norm", "norms/instance_norm", "norms/rms_norm", "backends",
+                 "dtypes"]
 
 
 def _sources():
@@ -225,7 +226,7 @@ def test_figure_script_fast(tmp_path):
     for name in FIGURES:
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n", name
-    for name in ("digits.json", "noise.json", "bench.json", "coldstart.json"):
+    for name in ("digits.json", "noise.json", "bench.json", "coldstart.json", "bench16.json"):
         assert (tmp_path / name).stat().st_size > 0, name
     # the data files feed the prose: the substitutions must compute from them
     sys.path.insert(0, str(DOCS / "tools"))
@@ -235,6 +236,29 @@ def test_figure_script_fast(tmp_path):
     finally:
         sys.path.remove(str(DOCS / "tools"))
     assert "digits_acc_table" in subs and "bench_table" in subs
+    # the 16-bit table of docs/dtypes.md: one row per 16-bit case of the run
+    half = json.loads((tmp_path / "bench16.json").read_text())
+    cases = [r["case"] for r in half["records"]]
+    assert cases and all(c.endswith(("_f16", "_bf16")) for c in cases)
+    assert all(f"`{c}`" in subs["dtypes_table"] for c in cases)
+    assert "Measured with" in subs["dtypes_run"]
+
+
+def test_dtypes_page_without_a_committed_run_says_how_to_make_one():
+    """No numbers are invented: without docs/_data/bench16.json the page says so and
+    gives the command that regenerates the table."""
+    sys.path.insert(0, str(DOCS / "tools"))
+    try:
+        import docdata
+        subs = docdata.half_subs(None)
+    finally:
+        sys.path.remove(str(DOCS / "tools"))
+    assert subs["dtypes_table"] == ""
+    assert "python -m normkit bench --cases 16bit" in subs["dtypes_run"]
+    page = (DOCS / "dtypes.md").read_text(encoding="utf-8")
+    assert "{{ dtypes_run }}" in page and "{{ dtypes_table }}" in page
+    for dtype in ("float64", "float32", "float16", "bfloat16"):
+        assert f"| {dtype} |" in page
 
 
 # ---------------------------------------------------------------- as a reader sees it

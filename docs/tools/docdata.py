@@ -233,6 +233,65 @@ def speed_subs(d: dict) -> dict:
     return s
 
 
+FUSED_CASE = "bn_eval_add_relu_nchw_32x64x56x56"
+HALF_COMMAND = "python -m normkit bench --cases 16bit --threads 1 --json docs/_data/bench16.json"
+
+
+def fused_subs(d: dict) -> dict:
+    """One sentence on the fused BN + residual + ReLU case of the committed run."""
+    rec = next((r for r in d["records"] if r["case"] == FUSED_CASE), None)
+    if rec is None:
+        return {"fused_sentence": (
+            f"The committed benchmark run predates the `{FUSED_CASE}` case, so no "
+            "numbers are quoted here yet.")}
+    res = rec["results"]
+    backends = [b for b in d["meta"].get("backends", []) if res.get(b, {}).get("status") == "ok"]
+    best = min(backends, key=lambda b: res[b]["median_s"])
+    parts = [f"the fused call took {_fmt_time(res[best]['median_s'])} ({best} backend)"]
+    for peer, what in (("torch", "torch's in-place `bn(x).add_(r).relu_()`"),
+                       ("onnxruntime", "ONNX Runtime's BatchNormalization, Add, Relu graph")):
+        if res.get(peer, {}).get("status") == "ok":
+            parts.append(f"{_fmt_time(res[peer]['median_s'])} for {what}")
+    meta = d["meta"]
+    return {"fused_sentence": (
+        f"Measured on BN eval NCHW (32, 64, 56, 56), float32, in the committed benchmark "
+        f"run (`{_clean_command(meta.get('command', ''))}`, {meta.get('date', '?')[:10]}, "
+        f"{meta.get('cpu')}, {meta.get('threads')} thread(s)): " + "; ".join(parts)
+        + f". `python -m normkit bench --cases {FUSED_CASE}` measures it on your machine.")}
+
+
+def half_subs(d: dict | None) -> dict:
+    """The measured 16-bit table of docs/dtypes.md, from docs/_data/bench16.json."""
+    if d is None:
+        return {"dtypes_run": (
+            "No 16-bit run is committed with these docs yet. Regenerate the table with "
+            f"`{HALF_COMMAND}` (or `python docs/tools/make_figures.py --only dtypes`), then "
+            "rebuild the docs."), "dtypes_table": ""}
+    from types import SimpleNamespace
+
+    from normkit._bench_report import HALF_HEADER, half_rows
+    meta = d["meta"]
+    impls = [SimpleNamespace(id=b, kind="backend", label=b) for b in meta["backends"]]
+    rows = half_rows(d["records"], impls)
+    rows = [[f"`{r[0]}`"] + [c or " " for c in r[1:]] for r in rows]
+    peers = ", ".join(f"{k} {v}" for k, v in meta.get("peers", {}).items())
+    load, cpus = meta.get("load_avg_1min"), meta.get("cpus") or 1
+    busy = (" The machine was shared with other work (the load average exceeded its CPU "
+            "count), so the absolute times are inflated and noisy; the ratios within a "
+            "row, measured in the same interleaved rounds, are what to read, and a quiet "
+            "machine will give different numbers." if load is not None and load > cpus
+            else "")
+    return {
+        "dtypes_run": (
+            f"Measured with `{_clean_command(meta.get('command', ''))}` on "
+            f"{meta.get('date', '?')[:10]}: {meta.get('cpu')} ({meta.get('cpus')} CPUs), "
+            f"{meta.get('threads')} thread(s), backends {', '.join(meta['backends'])}, "
+            f"peers {peers}; 1-minute load average {meta.get('load_avg_1min')} at the "
+            f"start.{busy} Regenerate with `{HALF_COMMAND}`."),
+        "dtypes_table": _table(HALF_HEADER, rows, ["---", "---"] + ["--:"] * 9),
+    }
+
+
 def coldstart_subs(d: dict) -> dict:
     rows = []
     s = {"cold_load": f"{d.get('load_avg_1min') or float('nan'):.1f}"}
@@ -256,6 +315,10 @@ def substitutions(data_dir: Path) -> dict:
     subs = {}
     subs.update(digits_subs(_load(data_dir, "digits.json")))
     subs.update(noise_subs(_load(data_dir, "noise.json")))
-    subs.update(speed_subs(_load(data_dir, "bench.json")))
+    bench = _load(data_dir, "bench.json")
+    subs.update(speed_subs(bench))
+    subs.update(fused_subs(bench))
+    half = data_dir / "bench16.json"
+    subs.update(half_subs(json.loads(half.read_text()) if half.is_file() else None))
     subs.update(coldstart_subs(_load(data_dir, "coldstart.json")))
     return subs

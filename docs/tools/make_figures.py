@@ -22,6 +22,9 @@ Figures:
    naive (n = N*H*W), effective sample size (Kish), and measured over random batches.
 4. ``train_eval_gap.png``: how far BatchNorm's eval-mode outputs drift from its
    training-mode outputs as the batch shrinks (same trained networks as figure 1).
+
+Data without a figure: ``bench16.json`` (part ``dtypes``), the 16-bit rows of the
+benchmark (``python -m normkit bench --cases 16bit --json``) that docs/dtypes.md tabulates.
 """
 from __future__ import annotations
 
@@ -360,6 +363,22 @@ def run_speed(fast, out_dir, threads=None):
     return json.loads(target.read_text())
 
 
+def run_dtypes(fast, out_dir, threads=None):
+    """``python -m normkit bench --cases 16bit --json``: the 16-bit rows of docs/dtypes.md."""
+    import subprocess
+    target = out_dir / "bench16.json"
+    cases = "tiny_*16" if fast else "16bit"
+    cmd = [sys.executable, "-m", "normkit", "bench", "--cases", cases, "--json",
+           str(target), "--no-progress"]
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
+    if fast:
+        cmd += ["--min-time", "0.01", "--peers", "torch"]
+    print("dtypes:", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return json.loads(target.read_text())
+
+
 COLD_START_SNIPPET = r"""
 import time, json, sys
 t0 = time.perf_counter()
@@ -588,8 +607,8 @@ def main(argv=None):
     p.add_argument("--out", type=Path,
                    help="directory for data and figures (default: docs/_data and "
                         "docs/figures; required with --fast so the committed data stay)")
-    p.add_argument("--only", default="digits,noise,speed",
-                   help="comma-separated parts to (re)run: digits, noise, speed")
+    p.add_argument("--only", default="digits,noise,speed,dtypes",
+                   help="comma-separated parts to (re)run: digits, noise, speed, dtypes")
     p.add_argument("--plot-only", action="store_true",
                    help="do not run anything; re-plot from the existing data")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
@@ -605,7 +624,7 @@ def main(argv=None):
     data_dir.mkdir(parents=True, exist_ok=True)
     fig_dir.mkdir(parents=True, exist_ok=True)
     parts = set(_split(args.only))
-    unknown = parts - {"digits", "noise", "speed"}
+    unknown = parts - {"digits", "noise", "speed", "dtypes"}
     if unknown:
         p.error(f"unknown part(s) {sorted(unknown)}")
 
@@ -627,6 +646,8 @@ def main(argv=None):
         plot_speed(bench, fig_dir / "speed.png")
         if not args.plot_only:
             run_cold_start(args.fast, data_dir)
+    if "dtypes" in parts and not args.plot_only:
+        run_dtypes(args.fast, data_dir, args.threads)
     print(f"done in {time.perf_counter() - t0:.1f} s: data in {data_dir}, figures in "
           f"{fig_dir}", flush=True)
     return 0
