@@ -73,7 +73,7 @@ class Case:
     tier: str = "default"
     category: str = ""
     params: dict = field(default_factory=dict)
-    smoke_units: list = None
+    smoke_units: list | None = None
     description: str = ""
     #: kind of x values (``normkit._bench_data.DATA_KINDS``): normal or offset
     data: str = "normal"

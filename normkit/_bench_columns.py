@@ -92,12 +92,13 @@ class _Graph:
         from onnx import helper
         steps = [(node.op_type, node.inputs, node.domain, node.attrs, node.n_outputs)]
         steps += [(op_type, extra, "", {}, 1) for op_type, extra in node.epilogue]
-        y = None
+        y: str | None = None
         for k, (op_type, inputs, domain, attrs, n_out) in enumerate(steps):
             names = ([] if y is None else [y]) + [self.input(i, *inp) for inp in inputs]
             y = f"Y{i}" if k == len(steps) - 1 else f"u{i}_y{k}"
             outs = [y] + [f"u{i}_s{k}_extra{j}" for j in range(1, n_out)]
             self.nodes.append(helper.make_node(op_type, names, outs, domain=domain, **attrs))
+        assert y is not None                     # steps is never empty
         self.outputs.append(helper.make_tensor_value_info(y, self.elem, shape))
 
 

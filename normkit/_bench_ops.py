@@ -6,6 +6,8 @@ rules are in :mod:`normkit._bench_op_base`; the cases that use these ops are in
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from ._bench_op_base import (
@@ -212,11 +214,11 @@ class RowsNorm(Op):
             return lambda: nk.layer_norm(x, ns, w, b, EPS, backend=backend)
         dy = u["dy"]
         if self.rms:
-            def fn():
+            def rms_fn():
                 _, _, rstd = nk.rms_norm(x, ns, w, RMS_EPS, backend=backend,
                                          return_stats=True)
                 return nk.rms_norm_backward(dy, x, ns, None, rstd, w, backend=backend)[:2]
-            return fn
+            return rms_fn
 
         def fn():
             _, mean, rstd = nk.layer_norm(x, ns, w, b, EPS, backend=backend,
@@ -258,6 +260,8 @@ class RowsNorm(Op):
     def torch(self, u, torch):
         F = torch.nn.functional
         ns = (u["k"],)
+        f: Callable
+        keys: tuple[str, ...]
         if self.rms:
             def f(xv, w):
                 return F.rms_norm(xv, ns, w, RMS_EPS)

@@ -205,7 +205,7 @@ def check_channels(x: np.ndarray, ax: int, what: str, **params):
     for name, p in params.items():
         if p is None or (type(p) is np.ndarray and p.shape == expected):
             continue               # the common case in a few hundred nanoseconds
-        shape = () if isinstance(p, (str, bytes)) else np.shape(p)
+        shape: tuple[int, ...] = () if isinstance(p, (str, bytes)) else np.shape(p)
         if len(shape) == 1 and shape != expected:
             c = expected[0]
             raise ValueError(f"{what}: {name}: expected shape ({c},) for the {c} channels "

@@ -173,8 +173,9 @@ def fold_batch_norm_stats(weight: ArrayLike, bias: ArrayLike | None,
 
     out_dtype = w.dtype if w.dtype.kind == "f" or w.dtype == V.BF16 else np.dtype(np.float64)
     # float64 throughout (16-bit values widen exactly), one rounding to out_dtype
-    w, b, mean, var, gamma, beta = (None if a is None else a.astype(np.float64)
+    w, b, mean, var, gamma, beta = (None if a is None else np.asarray(a, np.float64)
                                     for a in (w, b, mean, var, gamma, beta))
+    assert w is not None and mean is not None and var is not None    # checked above
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = 1.0 / np.sqrt(var + eps)
     if gamma is not None:

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
+from typing import TypeAlias
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from . import _engine as E
 from . import _validate as V
@@ -22,6 +25,12 @@ from ._canonical import batch_view, kernel_array, sample_view
 from .backends import resolve
 from .backends.numpy_ref import narrow
 from .dask._hook import dask_aware
+
+# What the functions return: y, or (y, mean, rstd) with return_stats=True (mean is None
+# for rms_norm); Dask input gives Dask arrays (docs/dask.md). The backward functions:
+# (grad_x, grad_weight, grad_bias), the last two None where there is no weight / bias.
+Result: TypeAlias = "np.ndarray | tuple[np.ndarray, np.ndarray | None, np.ndarray]"
+Grads: TypeAlias = "tuple[np.ndarray, np.ndarray | None, np.ndarray | None]"
 
 __all__ = [
     "batch_norm",
@@ -102,9 +111,12 @@ def _count_without(shape, *axes):
 
 # ====================================================================== BatchNorm
 @dask_aware("batch_norm")
-def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
-               training=False, momentum=0.1, eps=1e-5, *, axis=1, out=None, backend=None,
-               return_stats=False, activation=None, residual=None):
+def batch_norm(x: ArrayLike, running_mean: np.ndarray | None = None,
+               running_var: np.ndarray | None = None, weight: ArrayLike | None = None,
+               bias: ArrayLike | None = None, training: bool = False, momentum: float = 0.1,
+               eps: float = 1e-5, *, axis: int = 1, out: np.ndarray | None = None,
+               backend: str | None = None, return_stats: bool = False,
+               activation: str | None = None, residual: ArrayLike | None = None) -> Result:
     """Batch normalization over every axis but the channel axis.
 
     Parameters
@@ -221,8 +233,11 @@ def _check_activation(activation, residual, x):
 
 # ====================================================================== Group / Instance
 @dask_aware("group_norm")
-def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=None,
-               backend=None, return_stats=False, activation=None, residual=None):
+def group_norm(x: ArrayLike, num_groups: int, weight: ArrayLike | None = None,
+               bias: ArrayLike | None = None, eps: float = 1e-5, *, axis: int = 1,
+               out: np.ndarray | None = None, backend: str | None = None,
+               return_stats: bool = False, activation: str | None = None,
+               residual: ArrayLike | None = None) -> Result:
     """Group normalization: statistics per sample over each group of channels.
 
     Parameters
@@ -267,9 +282,12 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=N
 
 
 @dask_aware("instance_norm")
-def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
-                  use_input_stats=True, momentum=0.1, eps=1e-5, *, axis=1, out=None,
-                  backend=None, return_stats=False):
+def instance_norm(x: ArrayLike, running_mean: np.ndarray | None = None,
+                  running_var: np.ndarray | None = None, weight: ArrayLike | None = None,
+                  bias: ArrayLike | None = None, use_input_stats: bool = True,
+                  momentum: float = 0.1, eps: float = 1e-5, *, axis: int = 1,
+                  out: np.ndarray | None = None, backend: str | None = None,
+                  return_stats: bool = False) -> Result:
     """Instance normalization: statistics per sample and channel over the spatial axes.
 
     Parameters
@@ -357,8 +375,10 @@ def _rows_forward(x, ns, weight, bias, eps, out, backend, return_stats, rms):
 
 
 @dask_aware("layer_norm")
-def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None,
-               backend=None, return_stats=False):
+def layer_norm(x: ArrayLike, normalized_shape: int | Sequence[int],
+               weight: ArrayLike | None = None, bias: ArrayLike | None = None,
+               eps: float = 1e-5, *, out: np.ndarray | None = None,
+               backend: str | None = None, return_stats: bool = False) -> Result:
     """Layer normalization over the trailing ``normalized_shape`` axes.
 
     Parameters
@@ -383,8 +403,10 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
 
 
 @dask_aware("rms_norm")
-def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, backend=None,
-             return_stats=False):
+def rms_norm(x: ArrayLike, normalized_shape: int | Sequence[int],
+             weight: ArrayLike | None = None, eps: float | None = None, *,
+             out: np.ndarray | None = None, backend: str | None = None,
+             return_stats: bool = False) -> Result:
     """Root-mean-square normalization over the trailing ``normalized_shape`` axes.
 
     ``eps=None`` uses the machine epsilon of the dtype the statistics are computed in,
@@ -417,8 +439,10 @@ def _grads_out(gw, gb, weight, dt):
 
 
 @dask_aware("batch_norm_backward")
-def batch_norm_backward(grad_out, x, mean, rstd, weight=None, *, training=True, axis=1,
-                        backend=None):
+def batch_norm_backward(grad_out: ArrayLike, x: ArrayLike, mean: ArrayLike,
+                        rstd: ArrayLike, weight: ArrayLike | None = None, *,
+                        training: bool = True, axis: int = 1,
+                        backend: str | None = None) -> Grads:
     """Gradients of :func:`batch_norm`.
 
     Parameters
@@ -473,8 +497,9 @@ def _channel_grads(what, grad_out, x, axis, stats, weight, backend, batch_stats,
 
 
 @dask_aware("group_norm_backward")
-def group_norm_backward(grad_out, x, num_groups, mean, rstd, weight=None, *, axis=1,
-                        backend=None):
+def group_norm_backward(grad_out: ArrayLike, x: ArrayLike, num_groups: int,
+                        mean: ArrayLike, rstd: ArrayLike, weight: ArrayLike | None = None,
+                        *, axis: int = 1, backend: str | None = None) -> Grads:
     """Gradients of :func:`group_norm`; ``mean``/``rstd`` of shape (N, num_groups).
 
     Returns ``(grad_x, grad_weight, grad_bias)``, the last two of shape (C,).
@@ -484,8 +509,10 @@ def group_norm_backward(grad_out, x, num_groups, mean, rstd, weight=None, *, axi
 
 
 @dask_aware("instance_norm_backward")
-def instance_norm_backward(grad_out, x, mean, rstd, weight=None, *, use_input_stats=True,
-                           axis=1, backend=None):
+def instance_norm_backward(grad_out: ArrayLike, x: ArrayLike, mean: ArrayLike,
+                           rstd: ArrayLike, weight: ArrayLike | None = None, *,
+                           use_input_stats: bool = True, axis: int = 1,
+                           backend: str | None = None) -> Grads:
     """Gradients of :func:`instance_norm`; ``mean``/``rstd`` of shape (N, C).
 
     With ``use_input_stats=False`` the statistics were fixed (running), so no gradient
@@ -515,8 +542,10 @@ def _rows_backward(what, grad_out, x, normalized_shape, mean, rstd, weight, back
 
 
 @dask_aware("layer_norm_backward")
-def layer_norm_backward(grad_out, x, normalized_shape, mean, rstd, weight=None, *,
-                        backend=None):
+def layer_norm_backward(grad_out: ArrayLike, x: ArrayLike,
+                        normalized_shape: int | Sequence[int], mean: ArrayLike,
+                        rstd: ArrayLike, weight: ArrayLike | None = None, *,
+                        backend: str | None = None) -> Grads:
     """Gradients of :func:`layer_norm`; ``mean``/``rstd`` as ``return_stats`` gave them.
 
     Returns ``(grad_x, grad_weight, grad_bias)``, the last two shaped ``normalized_shape``.
@@ -526,8 +555,10 @@ def layer_norm_backward(grad_out, x, normalized_shape, mean, rstd, weight=None, 
 
 
 @dask_aware("rms_norm_backward")
-def rms_norm_backward(grad_out, x, normalized_shape, mean, rstd, weight=None, *,
-                      backend=None):
+def rms_norm_backward(grad_out: ArrayLike, x: ArrayLike,
+                      normalized_shape: int | Sequence[int], mean: ArrayLike | None,
+                      rstd: ArrayLike, weight: ArrayLike | None = None, *,
+                      backend: str | None = None) -> Grads:
     """Gradients of :func:`rms_norm`; ``mean`` is ignored (``None`` from return_stats).
 
     Returns ``(grad_x, grad_weight, grad_bias)``; ``grad_bias`` is sum(grad_out), which

@@ -7,9 +7,11 @@ a layer only says how to call its forward and backward functions.
 from __future__ import annotations
 
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 from . import _renorm
 from . import _validate as V
@@ -17,6 +19,7 @@ from . import diagnostics as _diagnostics
 from . import functional as F
 from .backends import resolve
 from .dask import _hook as _dask_hook
+from .diagnostics import Thresholds
 
 __all__ = ["Norm", "BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "RMSNorm"]
 
@@ -91,7 +94,11 @@ class Norm:
     ``_backward(grad_out, cache)`` returning ``(grad_x, {name: grad})``.
     """
 
-    def __init__(self, *, dtype=np.float32, backend=None):
+    # what subclasses define (declared for the type checker)
+    _forward: Callable[[np.ndarray], tuple[np.ndarray, Any]]
+    _backward: Callable[[Any, Any], tuple[np.ndarray, dict]]
+
+    def __init__(self, *, dtype: DTypeLike = np.float32, backend: str | None = None) -> None:
         self.dtype = _check_dtype(dtype)
         if backend is not None:
             resolve(backend)      # an unknown or unavailable backend fails here, not later
@@ -104,11 +111,11 @@ class Norm:
         self._cache = None
 
     # ------------------------------------------------------------------ mode
-    def train(self, mode: bool = True):
+    def train(self, mode: bool = True) -> Norm:
         self.training = bool(mode)
         return self
 
-    def eval(self):
+    def eval(self) -> Norm:
         return self.train(False)
 
     @property
@@ -117,7 +124,7 @@ class Norm:
         return resolve(self._backend).NAME
 
     # ------------------------------------------------------------------ compute
-    def forward(self, x):
+    def forward(self, x: ArrayLike) -> np.ndarray:
         if _dask_hook.is_dask(x):
             return _dask_hook.layer_forward(self, x)
         y, self._cache = self._forward(self._check_input(x))
@@ -152,7 +159,7 @@ class Norm:
 
     __call__ = forward
 
-    def backward(self, grad_out):
+    def backward(self, grad_out: ArrayLike) -> np.ndarray:
         """Gradient w.r.t. the input of the last forward; sets ``self.grads`` afresh."""
         if self._cache is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")
@@ -162,15 +169,15 @@ class Norm:
         return grad_x
 
     # ------------------------------------------------------------------ state
-    def parameters(self) -> dict:
+    def parameters(self) -> dict[str, np.ndarray]:
         return dict(self._params)
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, np.ndarray]:
         state = {name: p.copy() for name, p in self._params.items()}
         state.update({name: b.copy() for name, b in self._buffers.items()})
         return state
 
-    def load_state_dict(self, state_dict, strict: bool = True):
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> Norm:
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"{type(self).__name__}.load_state_dict: state_dict: expected "
                             f"a mapping of name -> array, got {V.given(state_dict)}")
@@ -199,11 +206,11 @@ class Norm:
             self._params["bias"] = np.zeros(shape, self.dtype)
 
     @property
-    def weight(self):
+    def weight(self) -> np.ndarray | None:
         return self._params.get("weight")
 
     @property
-    def bias(self):
+    def bias(self) -> np.ndarray | None:
         return self._params.get("bias")
 
 
@@ -305,10 +312,12 @@ class BatchNorm(_RunningStatsNorm):
         ``docs/diagnostics.md``.
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, *, axis=1, dtype=np.float32, backend=None,
-                 renorm=False, renorm_clipping=None, renorm_momentum=0.01,
-                 diagnostics=None):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, *, axis: int = 1,
+                 dtype: DTypeLike = np.float32, backend: str | None = None,
+                 renorm: bool = False, renorm_clipping: Mapping[str, float] | None = None,
+                 renorm_momentum: float = 0.01,
+                 diagnostics: bool | dict | Thresholds | None = None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, axis,
                          dtype, backend)
         self.diagnostics = _diagnostics._check_setting(diagnostics)
@@ -377,9 +386,10 @@ class InstanceNorm(_RunningStatsNorm):
     near-constant instances and non-finite values.
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False,
-                 track_running_stats=False, *, axis=1, dtype=np.float32, backend=None,
-                 diagnostics=None):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = False, track_running_stats: bool = False, *, axis: int = 1,
+                 dtype: DTypeLike = np.float32, backend: str | None = None,
+                 diagnostics: bool | dict | Thresholds | None = None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, axis,
                          dtype, backend)
         self.diagnostics = _diagnostics._check_setting(diagnostics)
@@ -425,8 +435,9 @@ class GroupNorm(Norm):
         As in :class:`BatchNorm`.
     """
 
-    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, *, axis=1,
-                 dtype=np.float32, backend=None):
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5,
+                 affine: bool = True, *, axis: int = 1, dtype: DTypeLike = np.float32,
+                 backend: str | None = None) -> None:
         super().__init__(dtype=dtype, backend=backend)
         self.num_groups = _positive_int(num_groups, "num_groups", "GroupNorm")
         self.num_channels = _positive_int(num_channels, "num_channels", "GroupNorm")
@@ -476,8 +487,9 @@ class LayerNorm(Norm):
     dtype, backend : keyword-only
     """
 
-    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, *,
-                 dtype=np.float32, backend=None):
+    def __init__(self, normalized_shape: int | Sequence[int], eps: float = 1e-5,
+                 elementwise_affine: bool = True, bias: bool = True, *,
+                 dtype: DTypeLike = np.float32, backend: str | None = None) -> None:
         super().__init__(dtype=dtype, backend=backend)
         self.normalized_shape = V.shape_arg(normalized_shape, "LayerNorm")
         self.eps = V.real_arg(eps, "eps", "LayerNorm")
@@ -515,8 +527,9 @@ class RMSNorm(Norm):
     dtype, backend : keyword-only
     """
 
-    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, *,
-                 dtype=np.float32, backend=None):
+    def __init__(self, normalized_shape: int | Sequence[int], eps: float | None = None,
+                 elementwise_affine: bool = True, *, dtype: DTypeLike = np.float32,
+                 backend: str | None = None) -> None:
         super().__init__(dtype=dtype, backend=backend)
         self.normalized_shape = V.shape_arg(normalized_shape, "RMSNorm")
         self.eps = None if eps is None else V.real_arg(eps, "eps", "RMSNorm")

@@ -291,3 +291,13 @@ def test_report_on_a_cluster_past_its_memory_limit():
     np.testing.assert_allclose(rep.var, var, rtol=1e-8)
     assert not rep.unstable, rep.reasons
 
+
+
+def test_public_report_takes_dask_by_blocks():
+    """``normkit.diagnostics.batch_stats_report`` sends a Dask array to the block path."""
+    x = _data((8, 6, 20, 20), 1)
+    d = da.from_array(x, chunks=(3, 4, 7, 9))
+    with _LargestResult() as seen:
+        got = batch_stats_report(d, kind="group", num_groups=3)
+    assert 0 < seen.largest < x.nbytes                 # computed by blocks, not whole
+    _assert_same_report(got, batch_stats_report(x, kind="group", num_groups=3))

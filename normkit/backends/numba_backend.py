@@ -94,10 +94,10 @@ class _State:
     threads = 1                 # what set_num_threads asked for, clamped
     gen = 0                     # bumped by set_num_threads; threads compare to it
     par_min = _PAR_MIN
-    layer = None                # the threading layer, once the pool is running
+    layer: str | None = None    # the threading layer, once the pool is running
     serial_only = False         # True in a fork child that cannot use the pool
     serial_reason = ""
-    lock = None                 # a Lock for workqueue, else None
+    lock: threading.Lock | None = None   # a Lock for workqueue, else None
 
 
 _S = _State()
@@ -302,9 +302,8 @@ def _launch(launch, *args):
     fn = launch.compiled.get((dtype.num, par, ro))
     if fn is None:
         fn = launch.build(dtype, par, ro)
-    if launch.stats is None:
-        stats = ()
-    else:
+    stats: tuple = ()
+    if launch.stats is not None:
         shape = launch.stats(args)
         stats = (np.empty(shape), np.empty(shape))
     if launch.split is not None:

@@ -7,10 +7,12 @@ import math
 import numpy as np
 from numpy.typing import ArrayLike
 
+from ..dask import _hook as dask_hook
 from . import _advice as advice
 from . import _checks as checks
+from . import _from_moments as from_moments
 from . import _noise_model as noise
-from ._config import Thresholds, as_thresholds
+from ._config import Thresholds
 
 
 @dataclasses.dataclass(repr=False)
@@ -105,21 +107,15 @@ def batch_stats_report(x: ArrayLike, *, axis: int = 1, kind: str = "batch",
         ``values_per_channel``, ``n_eff``, ``mean_rel_se``, ``var_rel_se``,
         ``unstable``, ``reasons``, ``recommendation`` and more; ``print()`` it.
     """
+    if dask_hook.is_dask(x):     # by blocks, from exact moments; x stays where it is
+        from ..dask._report import batch_stats_report as by_blocks
+        return by_blocks(x, axis=axis, kind=kind, num_groups=num_groups, eps=eps,
+                         thresholds=thresholds)
     x = checks.as_data(x)
-    ax = checks.as_axis(axis, x.shape)
-    kind = checks.as_kind(kind)
-    eps = checks.as_eps(eps)
-    thr = as_thresholds(thresholds)
-    if kind != "group" and num_groups is not None:
-        raise ValueError(f"num_groups: only used with kind='group', got num_groups="
-                         f"{num_groups!r} with kind={kind!r}")
+    ax, kind, groups, eps, thr = from_moments.check_arguments(x, axis, kind, num_groups,
+                                                              eps, thresholds)
     if kind == "batch":
         return _report_batch(x, ax, eps, thr)
-    if ax == 0:
-        raise ValueError(f"axis: kind={kind!r} expects the channels on an axis other than "
-                         f"the batch axis 0, got axis={axis!r}")
-    c = x.shape[ax]
-    groups = c if kind == "instance" else checks.as_num_groups(num_groups, c)
     return _report_per_sample(x, ax, kind, groups, eps, thr)
 
 
@@ -150,37 +146,9 @@ def _n_eff_var(vse):
 
 def _report_batch(x, ax, eps, thr):
     xm, mu, m2 = _batch_planes(x, ax)
-    big_n, c, m = xm.shape
-    k = max(1, -(-min(thr.kurtosis_sample * 16, big_n * m) // big_n))
-    beta_w = noise.within_kurtosis(noise.subsample_planes(xm, k), mu, m2, m, 2)
-    st = noise.Structure(mu, m2, m, beta_w)
-    n_eff, mse, vse, bias = st.noise()
-    single = big_n == 1 and m > 1
-    if single:                       # the between-sample part cannot be measured
-        n_eff, mse = np.full(c, np.nan), np.full(c, np.nan)
-    fin, zero = _finite_and_zero(st.mean, st.var, eps, thr)
-    valid = fin & ~zero
-    n = big_n * m
-    reasons = _flag_reasons(fin, zero, eps, thr, "channel")
-    noisy, noise_reasons = _noise_reasons(n, mse, vse, valid, thr, "channel")
-    reasons += noise_reasons
-    if single:
-        reasons.append("a single sample: the batch statistics are this sample's own "
-                       "(instance) statistics and the between-sample variation cannot be "
-                       "measured; the variance is biased low by the unknown share rho")
-    rec = ""
-    if reasons:
-        typical = (noise.typical_structure(st.lam, m, st.beta_w, st.het, st.beta_b, valid)
-                   if valid.any() and (big_n > 1 or m == 1) else None)
-        rec = advice.for_batch(c, big_n, m, typical, thr, zero.any(), not fin.all(),
-                               noisy.any() or n < thr.min_values or single)
-    return BatchStatsReport(
-        kind="batch", shape=x.shape, values_per_channel=n, num_samples=big_n,
-        values_per_sample=m, n_eff=n_eff, n_eff_var=_n_eff_var(vse), rho=st.rho,
-        mean_rel_se=mse, var_rel_se=vse, var_rel_bias=bias, kurtosis=beta_w,
-        mean=st.mean, var=st.var, noisy=np.array(advice.worst_first(vse, noisy), np.intp),
-        zero_var=np.flatnonzero(zero), nonfinite=np.flatnonzero(~fin),
-        unstable=bool(reasons), reasons=reasons, recommendation=rec, thresholds=thr)
+    big_n, _, m = xm.shape
+    sub = noise.subsample_planes(xm, from_moments.subsample_size(thr, big_n, m))
+    return from_moments.batch_report(x.shape, mu, m2, m, sub, eps, thr)
 
 
 def _where(mask, label):
@@ -231,41 +199,9 @@ def _noise_reasons(n, mean_rel_se, var_rel_se, valid, thr, label):
     return noisy, reasons
 
 
-def _per_statistic_moments(x, ax, groups):
-    """Mean, biased variance and kurtosis (shrunk) per (sample, group), float64
-    (N, G) each, and the number of values n behind each."""
+def _report_per_sample(x, ax, kind, groups, eps, thr):
     xm = np.moveaxis(np.asarray(x, np.float64), ax, 1)
     xg = xm.reshape(xm.shape[0], groups, -1)
-    n = xg.shape[2]
     mean, m2, g = noise.plane_kurtosis(xg)
-    if n > 3:
-        beta = noise.shrink_kurtosis(g * (n + 1.0) / (n - 1.0), n)
-    else:
-        beta = np.full_like(mean, 3.0)
-    return mean, m2 / n, beta, n
-
-
-def _report_per_sample(x, ax, kind, groups, eps, thr):
-    c = x.shape[ax]
-    mean, var, beta, n = _per_statistic_moments(x, ax, groups)
-    vse = noise.per_statistic_cv(beta, n)
-    mse = np.full_like(mean, 1.0 / math.sqrt(n))
-    fin, zero = _finite_and_zero(mean, var, eps, thr)
-    valid = fin & ~zero
-    label = "(sample, channel)" if kind == "instance" else "(sample, group)"
-    reasons = _flag_reasons(fin, zero, eps, thr, label)
-    noisy, noise_reasons = _noise_reasons(n, mse, vse, valid, thr, label)
-    reasons += noise_reasons
-    rec = ""
-    if reasons:
-        rec = advice.for_per_sample(c, groups, n // (c // groups), n,
-                                    noisy.any() or n < thr.min_values, zero.any(),
-                                    not fin.all())
-    return BatchStatsReport(
-        kind=kind, shape=x.shape, values_per_channel=n, num_samples=1, values_per_sample=n,
-        n_eff=np.full_like(mean, float(n)), n_eff_var=_n_eff_var(vse),
-        rho=np.full_like(mean, np.nan), mean_rel_se=mse, var_rel_se=vse,
-        var_rel_bias=np.full_like(mean, -1.0 / n), kurtosis=beta, mean=mean, var=var,
-        noisy=np.array(advice.worst_first(vse.ravel(), noisy.ravel()), dtype=np.intp),
-        zero_var=np.flatnonzero(zero), nonfinite=np.flatnonzero(~fin),
-        unstable=bool(reasons), reasons=reasons, recommendation=rec, thresholds=thr)
+    return from_moments.per_sample_report(x.shape, x.shape[ax], kind, groups, mean, m2, g,
+                                          xg.shape[2], eps, thr)
