@@ -120,30 +120,8 @@ def fold_batch_norm(weight: ArrayLike, bias: ArrayLike | None, bn: Any, *, axis:
                                  groups=groups)
 
 
-def fold_batch_norm_stats(weight: ArrayLike, bias: ArrayLike | None,
-                          running_mean: ArrayLike, running_var: ArrayLike,
-                          gamma: ArrayLike | None = None, beta: ArrayLike | None = None,
-                          eps: float = 1e-5, *, axis: int = 0,
-                          groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`fold_batch_norm` from raw statistics instead of a layer.
-
-    Parameters
-    ----------
-    weight, bias
-        As in :func:`fold_batch_norm`.
-    running_mean, running_var : array_like of shape (C,)
-        The statistics eval-mode BatchNorm normalizes with.
-    gamma, beta : array_like of shape (C,), optional
-        BatchNorm's affine weight and bias (identity when omitted).
-    eps : float
-        BatchNorm's eps, added to the variance inside the square root.
-    axis, groups : keyword-only
-        As in :func:`fold_batch_norm`.
-
-    Returns
-    -------
-    (new_weight, new_bias) : tuple of ndarray
-    """
+def _fold_args(weight, bias, running_mean, running_var, gamma, beta, eps, axis, groups):
+    """fold_batch_norm_stats' arguments checked: arrays (or None), eps, axis, groups."""
     if weight is None:
         raise TypeError("weight: expected the weight array of the layer before the "
                         "BatchNorm, got None")
@@ -171,6 +149,35 @@ def fold_batch_norm_stats(weight: ArrayLike, bias: ArrayLike | None,
     axis %= w.ndim
     groups = V.int_arg(groups, "groups", "fold_batch_norm", minimum=1)
 
+    return w, b, mean, var, gamma, beta, eps, axis, groups
+
+
+def fold_batch_norm_stats(weight: ArrayLike, bias: ArrayLike | None,
+                          running_mean: ArrayLike, running_var: ArrayLike,
+                          gamma: ArrayLike | None = None, beta: ArrayLike | None = None,
+                          eps: float = 1e-5, *, axis: int = 0,
+                          groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`fold_batch_norm` from raw statistics instead of a layer.
+
+    Parameters
+    ----------
+    weight, bias
+        As in :func:`fold_batch_norm`.
+    running_mean, running_var : array_like of shape (C,)
+        The statistics eval-mode BatchNorm normalizes with.
+    gamma, beta : array_like of shape (C,), optional
+        BatchNorm's affine weight and bias (identity when omitted).
+    eps : float
+        BatchNorm's eps, added to the variance inside the square root.
+    axis, groups : keyword-only
+        As in :func:`fold_batch_norm`.
+
+    Returns
+    -------
+    (new_weight, new_bias) : tuple of ndarray
+    """
+    w, b, mean, var, gamma, beta, eps, axis, groups = _fold_args(
+        weight, bias, running_mean, running_var, gamma, beta, eps, axis, groups)
     out_dtype = w.dtype if w.dtype.kind == "f" or w.dtype == V.BF16 else np.dtype(np.float64)
     # float64 throughout (16-bit values widen exactly), one rounding to out_dtype
     w, b, mean, var, gamma, beta = (None if a is None else np.asarray(a, np.float64)
