@@ -216,8 +216,8 @@ def test_errors_name_the_argument():
         nk.batch_norm(d, None, None, np.ones(5), None, True)
     with pytest.raises(TypeError, match="int32"):
         nk.layer_norm(da.zeros((4, 3), dtype=np.int32), 3)
-    with pytest.raises(ValueError, match="out="):
-        nk.layer_norm(d, 3, out=np.empty((4, 6, 3)))
+    with pytest.raises(ValueError, match="out: expected dtype float64, got dtype float32"):
+        nk.layer_norm(d, 3, out=np.empty((4, 6, 3), np.float32))
     with pytest.raises(ValueError, match="divisible"):
         nk.group_norm(d, 4)
     with pytest.raises(ValueError, match="eval mode"):
