@@ -13,12 +13,15 @@ U32 = 2.0 ** -24
 
 
 # ------------------------------------------------------------ finite differences
-def fd_step(dtype=np.float64, scale=1.0):
-    """Central-difference step: the power of two nearest (3 u)^(1/3) * scale, which
-    balances the truncation error h^2 |f'''| / 6 against the rounding error u |f| / h
-    when |f'''| ~ |f| / scale^3 (unit-scale data: scale = 1). A power of two makes
-    ``2 h`` and the division by it exact; ~7.6e-6 for float64."""
-    h = (3 * K.unit_roundoff(dtype)) ** (1 / 3) * scale
+def fd_step(rel_err, curvature=1e-2, scale=1.0):
+    """Central-difference step: the power of two nearest (3 rel_err / curvature)^(1/3)
+    * scale, which minimizes h^2 |f3| / 6 + rel_err |f| / h for a third derivative
+    |f3| = curvature |f| / scale^3. ``rel_err``: the loss's relative rounding error
+    bound (loss_error / |f|); ``curvature``: |f3| / |f| of the loss (1e-2 for the
+    unit-scale norms of test_gradcheck, from their Richardson terms). Any h gives a
+    valid bound in :func:`central_difference`; h only decides how tight it is. A power
+    of two makes ``2 h`` and the division by it exact."""
+    h = (3 * rel_err / curvature) ** (1 / 3) * scale
     return float(2.0 ** np.round(np.log2(h)))
 
 
