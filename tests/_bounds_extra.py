@@ -79,16 +79,16 @@ def tol_float32_peer(n, cond=1.0, scale=1.0):
 
 
 # ------------------------------------------------------------ folded affine maps
-def bound_folded_affine(u_abs_w_abs, out_abs, k, dtype=np.float64):
-    """Per-element bound on ``u @ W2.T + b2`` (BN folded into the linear map: W2 = s W,
-    b2 = s (b - mean) + beta, s = gamma rstd) against ``BN(u @ W.T + b)``: both are
-    k-term dot products (gamma(k) sum |u_j W_ij| each, scaled by |s|), the folding
-    rounds each W2 and b2 once (u |s| sum|u W| + u |b2|), and BN's own elementwise
-    pass adds ~8 u |out|. ``u_abs_w_abs`` = |s| * (|u| @ |W|.T) + |s b| (the magnitudes
-    of the terms), ``out_abs`` = |result|."""
+def bound_folded(abs_terms, abs_shift, k, dtype=np.float64):
+    """Per-element bound on a layer with BN folded in (W2 = s W, b2 = s (b - m) + beta,
+    s = gamma / sqrt(var + eps)) against BN(layer(u)): each side is a k-term dot product
+    (gamma(k) times the sum of its |terms|, scaled by |s|: ``abs_terms`` = |s| times the
+    layer applied to |u|, |W|, |b|); the folding rounds s, each W2 and b2 (~4 u of the
+    terms) and BN's own pass or b2's shift (s m, beta: ``abs_shift`` = |s m| + |beta|)
+    ~8 u of its terms."""
     u = K.unit_roundoff(dtype)
-    g = K.gamma(k, u)
-    return (2 * g + 2 * u) * np.asarray(u_abs_w_abs) + 8 * u * np.asarray(out_abs)
+    return (2 * K.gamma(k, u) + 4 * u) * np.asarray(abs_terms) + 8 * u * (
+        np.asarray(abs_terms) + np.asarray(abs_shift))
 
 
 # ------------------------------------------------------------ merged statistics
