@@ -5,9 +5,8 @@ the normalized-output bounds are reused, never restated.
 """
 from __future__ import annotations
 
-import numpy as np
-
 import _cases as K
+import numpy as np
 
 U32 = 2.0 ** -24
 

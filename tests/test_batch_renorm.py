@@ -7,13 +7,12 @@ and d held constant, and torch autograd with r and d detached (when torch is ins
 """
 import inspect
 
+import _bounds_extra as BX
+import _cases as K
 import numpy as np
 import pytest
 
 import normkit
-
-import _bounds_extra as BX
-import _cases as K
 
 pytestmark = pytest.mark.filterwarnings("ignore::normkit.UnstableBatchStatisticsWarning")
 

@@ -4,14 +4,13 @@ Oracles: explicit NumPy linear, convolution and transposed convolution (always),
 torch's ``fuse_conv_bn_eval`` / ``fuse_linear_bn_eval`` and module forwards (when torch
 is installed).
 """
+import _bounds_extra as BX
+import _cases as K
 import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
 import normkit
-
-import _bounds_extra as BX
-import _cases as K
 
 
 # ------------------------------------------------------------------ NumPy oracles
@@ -69,8 +68,9 @@ def bn_ref(bn, y, axis=1):
 def fold_bound(bn, abs_out, k, axis=1, dtype=np.float64):
     """BX.bound_folded for ``bn`` folded into a layer whose output on |u|, |W|, |b| is
     ``abs_out`` (channels on ``axis``), k products per output element."""
-    f64 = lambda a, fill: np.full(bn.num_features, fill) if a is None else \
-        np.abs(np.asarray(a, np.float64))
+    def f64(a, fill):
+        return np.full(bn.num_features, fill) if a is None else np.abs(np.asarray(a, np.float64))
+
     s = f64(bn.weight, 1.0) / np.sqrt(np.asarray(bn.running_var, np.float64) + bn.eps)
     shift = s * np.abs(np.asarray(bn.running_mean, np.float64)) + f64(bn.bias, 0.0)
     view = [1] * np.ndim(abs_out)

@@ -13,13 +13,12 @@ one- and two-axis ``normalized_shape``, affine on and off. Without affine the
 functional backward still returns grad_weight / grad_bias, which must then equal the
 gradient with respect to a weight of ones and a bias of zeros.
 """
+import _bounds_extra as BX
+import _cases as K
 import numpy as np
 import pytest
 
 import normkit
-
-import _bounds_extra as BX
-import _cases as K
 
 # The tiny batches used here are (rightly) reported as unreliable statistics by the
 # diagnostics; that is tested elsewhere and irrelevant to gradients.

@@ -48,13 +48,12 @@ Mapping decisions (ONNX semantics -> normkit's torch semantics):
 """
 from collections import Counter
 
+import _bounds_extra as BX
+import _cases as K
 import numpy as np
 import pytest
 
 import normkit
-
-import _bounds_extra as BX
-import _cases as K
 
 onnx = pytest.importorskip("onnx")
 from onnx import helper  # noqa: E402
