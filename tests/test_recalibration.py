@@ -2,11 +2,11 @@
 import io
 import threading
 
+import _bounds_extra as BX
+import _cases as K
 import numpy as np
 import pytest
 
-import _bounds_extra as BX
-import _cases as K
 import normkit
 from normkit import recalibration as R
 
