@@ -14,11 +14,11 @@ import pytest
 
 da = pytest.importorskip("dask.array", reason="dask is not installed "
                          "(pip install 'normkit[dask]')")
-import _bounds_extra as BX
-import _cases as K
-import dask
+import _bounds_extra as BX  # noqa: E402
+import _cases as K  # noqa: E402
+import dask  # noqa: E402
 
-import normkit as nk
+import normkit as nk  # noqa: E402
 
 RNG = np.random.default_rng(1234)
 SHAPE = (7, 6, 5, 4)        # (N, C, H, W); channels-last tests move C to the end
