@@ -6,12 +6,14 @@ import pytest
 
 import normkit as nk
 
-BACKENDS = nk.available_backends()
+import _cases as K
+from _cases import BACKENDS
+
 C = 4
 
 
 def x4(dtype=np.float32):
-    return np.random.default_rng(0).standard_normal((2, C, 3, 5)).astype(dtype)
+    return K.make((2, C, 3, 5), dtype, seed=0)
 
 
 CALLS = {
@@ -179,11 +181,9 @@ def test_load_state_dict_errors():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_no_function_mutates_its_inputs(backend, dtype):
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((3, C, 5)).astype(dtype)
-    dy = rng.standard_normal(x.shape).astype(dtype)
-    w, b = rng.standard_normal(C).astype(dtype), rng.standard_normal(C).astype(dtype)
-    lw, lb = rng.standard_normal(5).astype(dtype), rng.standard_normal(5).astype(dtype)
+    x, dy = K.make((3, C, 5), dtype, seed=1), K.make((3, C, 5), dtype, seed=2)
+    w, b = K.make(C, dtype, seed=3), K.make(C, dtype, seed=4)
+    lw, lb = K.make(5, dtype, seed=5), K.make(5, dtype, seed=6)
     rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
     inputs = [x, dy, w, b, lw, lb, rm, rv]
     before = [a.copy() for a in inputs]
@@ -208,7 +208,7 @@ def test_no_function_mutates_its_inputs(backend, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_inf_propagate_like_torch(backend):
     """A NaN/Inf poisons exactly the groups it belongs to, as in torch."""
-    x = np.random.default_rng(2).standard_normal((2, C, 3, 5)).astype(np.float32)
+    x = K.make((2, C, 3, 5), np.float32, seed=2)
     x[1, 2, 0, 0] = np.nan
     x[0, 1, 2, 3] = np.inf
     y = nk.batch_norm(x, None, None, None, None, True, backend=backend)
@@ -235,8 +235,7 @@ def test_empty_input(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_many_threads_same_results(backend):
-    rng = np.random.default_rng(3)
-    xs = [rng.standard_normal((8, 16, 33)).astype(np.float32) for _ in range(8)]
+    xs = [K.make((8, 16, 33), np.float32, seed=3 + i) for i in range(8)]
     expected = [nk.group_norm(x, 4, backend=backend) for x in xs]
     results = [None] * 8
 
@@ -258,7 +257,7 @@ def test_many_threads_same_results(backend):
 # 11): the call, the exception type, and a regex the message must match -- naming the
 # argument, and what was expected and given. Functional rows run on every backend.
 def _x(shape=(2, C, 3, 5), dtype=np.float32):
-    return np.random.default_rng(0).standard_normal(shape).astype(dtype)
+    return K.make(shape, dtype, seed=0)
 
 
 def _stats(c=C, dtype=np.float32):
@@ -448,16 +447,18 @@ def test_array_likes_everywhere(backend):
     """A Python list works the same in every entry point (issue 11): converted once."""
     data = [[1.0, 2.0, 3.0], [4.0, 6.0, 5.0], [0.0, 1.0, 7.0]]
     expected = nk.batch_norm(np.array(data), None, None, training=True, backend=backend)
+    # exact: the layer converts the list to the same float64 array and calls the same
+    # kernel of the same backend with the same arguments (bitwise-identical code path)
     layer = nk.BatchNorm(3, dtype=np.float64, backend=backend, diagnostics=False)
-    np.testing.assert_allclose(layer(data), expected, rtol=1e-12)
+    np.testing.assert_array_equal(layer(data), expected)
     layer = nk.BatchNorm(3, dtype=np.float64, backend=backend)     # diagnostics on
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", nk.UnstableBatchStatisticsWarning)
-        np.testing.assert_allclose(layer(data), expected, rtol=1e-12)
+        np.testing.assert_array_equal(layer(data), expected)    # same path, exact
     assert nk.recalibrate(nk.BatchNorm(3), [data]) == {0: 3}
-    np.testing.assert_allclose(nk.LayerNorm(3, dtype=np.float64, backend=backend)(data),
-                               nk.layer_norm(np.array(data), 3, backend=backend))
+    np.testing.assert_array_equal(nk.LayerNorm(3, dtype=np.float64, backend=backend)(data),
+                                  nk.layer_norm(np.array(data), 3, backend=backend))
 
 
 def test_torch_bfloat16_state_dict():

@@ -7,12 +7,12 @@ and d held constant, and torch autograd with r and d detached (when torch is ins
 """
 import inspect
 
+import _bounds_extra as BX
+import _cases as K
 import numpy as np
 import pytest
 
 import normkit
-
-import _cases as K
 
 pytestmark = pytest.mark.filterwarnings("ignore::normkit.UnstableBatchStatisticsWarning")
 
@@ -68,6 +68,11 @@ def test_matches_keras_renorm_training_steps(axis, clipping):
     bn.weight[:] = rng.random(c) + 0.5
     bn.bias[:] = rng.standard_normal(c)
     axes = (0, 2) if axis == 1 else (0, 1)
+    # the moving averages blend each step's batch statistics with weights summing to <= 1,
+    # so their error is at most the sum over the steps of each step's statistic bound
+    # (mean: K.bound_mean; std = sqrt(var + eps): half var's relative bound, K.bound_m2 / n)
+    # plus a few float64 roundings of the value per step
+    mean_err = std_err = 0.0
     for step in range(6):
         shape = (8, c, 5) if axis == 1 else (8, 5, c)
         x = rng.standard_normal(shape) * (2 + step) + 3 - step
@@ -81,9 +86,13 @@ def test_matches_keras_renorm_training_steps(axis, clipping):
                         float(np.abs(bn.bias).max()))
         np.testing.assert_allclose(y, expected, err_msg=f"step {step}",
                                    **K.tol_normalized(np.float64, x.size // c, cond, scale))
-        np.testing.assert_allclose(bn.renorm_mean, keras.renorm_mean, rtol=1e-12)
-        np.testing.assert_allclose(bn.renorm_std, keras.renorm_stddev, rtol=1e-12)
-        np.testing.assert_allclose(bn.running_mean, keras.moving_mean, rtol=1e-12, atol=1e-14)
+        rows = np.moveaxis(x, axis, 0).reshape(c, -1)
+        sigma = np.sqrt(rows.var(axis=1) + eps)
+        mean_err = mean_err + K.bound_mean(rows, 1) + 4 * K.U64 * np.abs(keras.renorm_mean)
+        std_err = std_err + BX.bound_merged_var(rows, 1) / (2 * sigma) + 8 * K.U64 * sigma
+        K.assert_within(bn.renorm_mean, keras.renorm_mean, mean_err, "renorm_mean")
+        K.assert_within(bn.renorm_std, keras.renorm_stddev, std_err, "renorm_std")
+        K.assert_within(bn.running_mean, keras.moving_mean, mean_err, "running_mean")
         if clipping.get("rmax") == 1.5 and step == 0:      # the clipping is exercised
             assert np.all(r == 1.5) and np.any(np.abs(d) == 0.5)
     # eval mode: plain BatchNorm with the moving statistics
@@ -108,10 +117,16 @@ def test_running_var_differs_from_keras_by_bessel_when_converged():
     for _ in range(60):
         keras.train_step(x, bn.weight.copy(), bn.bias.copy(), (0, 2))
         bn(x)
-    np.testing.assert_allclose(bn.running_var * (n - 1) / n, keras.moving_variance,
-                               rtol=1e-9)
+    # both averages are convex blends of the same batch variance (relative bound
+    # BX.bound_merged_var / var, each side), a few float64 roundings per step (60 steps),
+    # and the starting value's weight 0.5**60 (the running statistics start at 1)
+    rows = np.moveaxis(x, 1, 0).reshape(c, -1)
+    var = rows.var(axis=1)
+    rtol = float(np.max(2 * BX.bound_merged_var(rows, 1) / var + 2 * 0.5 ** 60
+                        * np.abs(var - 1) / var)) + 60 * 8 * K.U64
+    np.testing.assert_allclose(bn.running_var * (n - 1) / n, keras.moving_variance, rtol=rtol)
     np.testing.assert_allclose(normkit.conventions.convert_running_var(
-        keras.moving_variance, n, "keras"), bn.running_var, rtol=1e-9)
+        keras.moving_variance, n, "keras"), bn.running_var, rtol=rtol + 8 * K.U64)
 
 
 def test_unclipped_renorm_with_identity_statistics_is_batch_norm():
@@ -125,13 +140,31 @@ def test_unclipped_renorm_with_identity_statistics_is_batch_norm():
     for layer in (rn, bn):
         layer.weight[:] = [0.5, 1.5, -2.0]
         layer.bias[:] = [1.0, 0.0, 3.0]
+    # r = clip(., 1, 1) = 1 and d = clip(., 0, 0) = 0 exactly, but renorm has its own
+    # forward/backward (another order of operations): two float64 implementations of the
+    # same norm over n = 42 values per channel (K.tol_normalized / K.tol_grad)
+    rows = np.moveaxis(x, 1, 0).reshape(3, -1)
+    n = rows.shape[1]
+    cond = K.conditioning(rows.mean(axis=1), 1 / np.sqrt(rows.var(axis=1) + bn.eps))
     for _ in range(3):
-        np.testing.assert_allclose(rn(x), bn(x), rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(rn.backward(dy), bn.backward(dy), rtol=1e-10, atol=1e-12)
-        for k in ("weight", "bias"):
-            np.testing.assert_allclose(rn.grads[k], bn.grads[k], rtol=1e-10, atol=1e-12)
-        for k in ("running_mean", "running_var", "num_batches_tracked"):
-            np.testing.assert_allclose(rn.state_dict()[k], bn.state_dict()[k], rtol=1e-12)
+        y = bn(x)
+        np.testing.assert_allclose(rn(x), y, **K.tol_normalized(
+            np.float64, n, cond, max(3.0, float(np.abs(y).max()))))
+        gx = bn.backward(dy)
+        np.testing.assert_allclose(rn.backward(dy), gx, **K.tol_grad(
+            np.float64, n, cond, max(2.0, float(np.abs(gx).max()))))
+        for k in ("weight", "bias"):   # n-term sums of |dy xhat| / |dy|
+            terms = np.abs(dy) * (np.abs(y) + 3) if k == "weight" else np.abs(dy)
+            scale = float(np.moveaxis(terms, 1, 0).reshape(3, -1).sum(axis=1).max())
+            np.testing.assert_allclose(rn.grads[k], bn.grads[k],
+                                       **K.tol_grad(np.float64, n, cond, scale))
+        # running statistics: the same batch mean / unbiased variance, two implementations
+        K.assert_within(rn.running_mean, bn.running_mean,
+                        3 * K.bound_mean(rows, 1), "running_mean")
+        K.assert_within(rn.running_var, bn.running_var,
+                        3 * BX.bound_merged_var(rows, 1) * n / (n - 1) + 8 * K.U64 * bn.running_var,
+                        "running_var")
+        assert rn.num_batches_tracked == bn.num_batches_tracked     # an integer count
 
 
 def _renorm_layer(rng, c=3, dtype=np.float64, **kw):
@@ -162,22 +195,24 @@ def test_backward_finite_differences_with_r_d_constant():
         y = (xhat * r[:, None] + d[:, None]) * gamma[:, None] + beta[:, None]
         return np.sum(y * dy)
 
-    h = 1e-6
-    num_gx = np.zeros_like(x)
-    for idx in np.ndindex(x.shape):
-        e = np.zeros_like(x)
-        e[idx] = h
-        num_gx[idx] = (loss(x + e, gamma, beta) - loss(x - e, gamma, beta)) / (2 * h)
-    np.testing.assert_allclose(gx, num_gx, rtol=1e-6, atol=1e-7)
-    for name, p in (("weight", gamma), ("bias", beta)):
-        num = np.zeros_like(p)
-        for i in range(p.size):
-            e = np.zeros_like(p)
-            e[i] = h
-            args_p = (gamma + e, beta) if name == "weight" else (gamma, beta + e)
-            args_m = (gamma - e, beta) if name == "weight" else (gamma, beta - e)
-            num[i] = (loss(x, *args_p) - loss(x, *args_m)) / (2 * h)
-        np.testing.assert_allclose(bn.grads[name], num, rtol=1e-6, atol=1e-7)
+    # central differences within their derived bound (tests/_bounds_extra.py; the step
+    # as in test_gradcheck: float64 loss over 20 values per channel, unit-scale data)
+    # plus the analytic gradient's own bound (K.tol_grad)
+    rows = np.moveaxis(x, 1, 0).reshape(3, -1)
+    n = rows.shape[1]
+    cond = K.conditioning(rows.mean(axis=1), 1 / np.sqrt(rows.var(axis=1) + bn.eps))
+    sigma = np.sqrt(x.var(axis=(0, 2), keepdims=True) + bn.eps)
+    y_ref = ((x - x.mean(axis=(0, 2), keepdims=True)) / sigma * r[:, None] + d[:, None]) \
+        * gamma[:, None] + beta[:, None]                 # the output the loss weighs by dy
+    h = BX.fd_step(rel_err=6e-14, curvature=1e-2)
+    err = BX.loss_error(y_ref, dy, n, cond)
+    x = np.ascontiguousarray(x)
+    for name, p, got in (("x", x, gx), ("weight", gamma, bn.grads["weight"]),
+                         ("bias", beta, bn.grads["bias"])):
+        num, fd_bound = BX.central_difference(lambda: loss(x, gamma, beta), p, h, err)
+        scale = max(1.0, float(np.abs(got).max()), float(np.abs(y_ref).max()))
+        K.assert_within(got, num, fd_bound + K.tol_grad(np.float64, n, cond, scale)["atol"],
+                        f"grad_{name}")
     # a layer loaded from the saved state reproduces the same step
     bn2 = normkit.BatchNorm(3, dtype=np.float64, renorm=True,
                             renorm_clipping={"rmax": 1.2, "dmax": 0.3})
@@ -202,7 +237,10 @@ def test_no_affine_and_float32_channels_last():
     xm = x.astype(np.float64).mean(axis=(0, 1))
     sd = np.sqrt(x.astype(np.float64).var(axis=(0, 1)) + bn.eps)
     r, d = np.clip(sd, 0.5, 2.0), np.clip(xm, -1, 1)
-    np.testing.assert_allclose(y, (x - xm) / sd * r + d, rtol=1e-5, atol=1e-5)
+    # float32 output of a normalization with weight r and bias d against the float64
+    # formula: K.bound_normalized (statistics over 30 values, ~6 float32 roundings)
+    want = (x - xm) / sd * r + d
+    K.assert_within(y, want, K.bound_normalized(x, (0, 1), bn.eps, r, d, np.float32), "y")
 
 
 def test_torch_autograd_with_detached_corrections():
@@ -228,10 +266,21 @@ def test_torch_autograd_with_detached_corrections():
     yt = ((xt - mean.view(view)) / sigma.view(view) * r.view(view) + d.view(view)) \
         * g.view(view) + b.view(view)
     yt.backward(torch.tensor(dy))
-    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(gx, xt.grad.numpy(), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(bn.grads["weight"], g.grad.numpy(), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(bn.grads["bias"], b.grad.numpy(), rtol=1e-5, atol=1e-4)
+    # torch float32 (float32 accumulation) against normkit: K.tol_normalized / K.tol_grad
+    # with float32 accumulation, n = 36 values per channel; r <= 1.5 and d scale y
+    x64 = x.astype(np.float64)
+    n = x.size // 5
+    cond = K.conditioning(x64.mean(axis=(0, 2, 3)), 1 / np.sqrt(x64.var(axis=(0, 2, 3)) + bn.eps))
+    yt_np = yt.detach().numpy()
+    np.testing.assert_allclose(y, yt_np, **K.tol_normalized(
+        np.float32, n, cond, max(1.5, float(np.abs(yt_np).max()))))
+    np.testing.assert_allclose(gx, xt.grad.numpy(), **K.tol_grad(
+        np.float32, n, cond, max(1.5, float(np.abs(xt.grad.numpy()).max()))))
+    for name, grad, terms in (("weight", g.grad, np.abs(dy) * (np.abs(yt_np) + 1.5)),
+                              ("bias", b.grad, np.abs(dy))):   # n-term sums of these terms
+        scale = float(terms.sum(axis=(0, 2, 3)).max())
+        np.testing.assert_allclose(bn.grads[name], grad.numpy(), err_msg=name,
+                                   **K.tol_grad(np.float32, n, cond, scale))
 
 
 def test_state_and_options():
@@ -256,7 +305,11 @@ def test_state_and_options():
     cumulative = normkit.BatchNorm(3, momentum=None, renorm=True)
     for _ in range(2):
         cumulative(x)
-    np.testing.assert_allclose(cumulative.running_mean, x.mean(axis=0), rtol=1e-6)
+    # float32 running mean of two equal batches: the float64 batch mean (K.bound_mean) and
+    # two cumulative-average updates stored in float32 (a few u32 of |mean| each)
+    want = x.astype(np.float64).mean(axis=0)
+    K.assert_within(cumulative.running_mean, want, K.bound_mean(x, 0) + 16 * 2.0 ** -24
+                    * np.abs(want), "cumulative running_mean")
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -4,6 +4,8 @@ Oracles: explicit NumPy linear, convolution and transposed convolution (always),
 torch's ``fuse_conv_bn_eval`` / ``fuse_linear_bn_eval`` and module forwards (when torch
 is installed).
 """
+import _bounds_extra as BX
+import _cases as K
 import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
@@ -63,6 +65,19 @@ def bn_ref(bn, y, axis=1):
                       None if bn.bias is None else bn.bias.astype(np.float64), bn.eps, axis)
 
 
+def fold_bound(bn, abs_out, k, axis=1, dtype=np.float64):
+    """BX.bound_folded for ``bn`` folded into a layer whose output on |u|, |W|, |b| is
+    ``abs_out`` (channels on ``axis``), k products per output element."""
+    def f64(a, fill):
+        return np.full(bn.num_features, fill) if a is None else np.abs(np.asarray(a, np.float64))
+
+    s = f64(bn.weight, 1.0) / np.sqrt(np.asarray(bn.running_var, np.float64) + bn.eps)
+    shift = s * np.abs(np.asarray(bn.running_mean, np.float64)) + f64(bn.bias, 0.0)
+    view = [1] * np.ndim(abs_out)
+    view[axis] = -1
+    return BX.bound_folded(s.reshape(view) * abs_out, shift.reshape(view), k, dtype)
+
+
 # ------------------------------------------------------------------ NumPy tests
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("affine", [True, False])
@@ -73,10 +88,12 @@ def test_linear(rng, with_bias, affine):
     u = rng.standard_normal((7, 3))
     expected = bn_ref(bn, u @ w.T + (0 if b is None else b))
     w2, b2 = normkit.fold_batch_norm(w, b, bn)
-    np.testing.assert_allclose(u @ w2.T + b2, expected, rtol=1e-12, atol=1e-12)
+    # 3 products + the bias per output (BX.bound_folded)
+    bound = fold_bound(bn, np.abs(u) @ np.abs(w).T + (0 if b is None else np.abs(b)), 4)
+    K.assert_within(u @ w2.T + b2, expected, bound, "folded linear")
     # and with normkit's own eval BatchNorm as the reference
-    np.testing.assert_allclose(u @ w2.T + b2, bn(u @ w.T + (0 if b is None else b)),
-                               rtol=1e-12, atol=1e-12)
+    K.assert_within(u @ w2.T + b2, bn(u @ w.T + (0 if b is None else b)), bound,
+                    "folded linear vs normkit BatchNorm")
 
 
 @pytest.mark.parametrize("groups,stride,padding", [(1, 1, 0), (1, 2, 1), (2, 1, 1),
@@ -90,7 +107,10 @@ def test_conv2d(rng, groups, stride, padding):
     expected = bn_ref(bn, np_conv2d(x, w, b, groups=groups, stride=stride, padding=padding))
     w2, b2 = normkit.fold_batch_norm(w, b, bn, axis=0)
     got = np_conv2d(x, w2, b2, groups=groups, stride=stride, padding=padding)
-    np.testing.assert_allclose(got, expected, rtol=1e-11, atol=1e-11)
+    # (cin / groups) * 3 * 3 products + the bias per output
+    abs_out = np_conv2d(np.abs(x), np.abs(w), np.abs(b), groups=groups, stride=stride,
+                        padding=padding)
+    K.assert_within(got, expected, fold_bound(bn, abs_out, cin // groups * 9 + 1), "conv2d")
 
 
 @pytest.mark.parametrize("groups,stride", [(1, 1), (1, 2), (2, 2), (4, 1)])
@@ -103,7 +123,9 @@ def test_conv_transpose2d(rng, groups, stride):
     expected = bn_ref(bn, np_conv_transpose2d(x, w, b, groups=groups, stride=stride))
     w2, b2 = normkit.fold_batch_norm(w, b, bn, axis=1, groups=groups)
     got = np_conv_transpose2d(x, w2, b2, groups=groups, stride=stride)
-    np.testing.assert_allclose(got, expected, rtol=1e-11, atol=1e-11)
+    # at most (cin / groups) * 3 * 2 products + the bias per output
+    abs_out = np_conv_transpose2d(np.abs(x), np.abs(w), np.abs(b), groups=groups, stride=stride)
+    K.assert_within(got, expected, fold_bound(bn, abs_out, cin // groups * 6 + 1), "convT2d")
 
 
 def test_channels_last_kernel(rng):
@@ -112,12 +134,14 @@ def test_channels_last_kernel(rng):
     bn = make_bn(rng, 5)
     u = rng.standard_normal((4, 3))
     k2, b2 = normkit.fold_batch_norm(kernel, None, bn, axis=-1)
-    np.testing.assert_allclose(u @ k2 + b2, bn_ref(bn, u @ kernel, axis=-1), rtol=1e-12)
+    K.assert_within(u @ k2 + b2, bn_ref(bn, u @ kernel, axis=-1),
+                    fold_bound(bn, np.abs(u) @ np.abs(kernel), 3, axis=-1), "dense kernel")
     hwio = rng.standard_normal((3, 3, 4, 5))
     k2, _ = normkit.fold_batch_norm(hwio, None, bn, axis=-1)
     oihw = np.transpose(hwio, (3, 2, 0, 1))
     k_ref, _ = normkit.fold_batch_norm(oihw, None, bn, axis=0)
-    np.testing.assert_allclose(np.transpose(k2, (3, 2, 0, 1)), k_ref, rtol=1e-14)
+    # the same products W * s per element, only the layout differs: bitwise equal
+    np.testing.assert_array_equal(np.transpose(k2, (3, 2, 0, 1)), k_ref)
 
 
 def test_stats_form_matches_layer_form(rng):
@@ -131,8 +155,9 @@ def test_stats_form_matches_layer_form(rng):
     # no gamma/beta: pure normalization
     w2, b2 = normkit.fold_batch_norm_stats(np.eye(4), None, np.arange(4.0), np.full(4, 3.0),
                                            eps=1.0)
-    np.testing.assert_allclose(np.diag(w2), 0.5)
-    np.testing.assert_allclose(b2, -np.arange(4.0) / 2)
+    # 1 / sqrt(3 + 1) = 0.5 and -m * 0.5 are exact in binary floating point
+    np.testing.assert_array_equal(np.diag(w2), 0.5)
+    np.testing.assert_array_equal(b2, -np.arange(4.0) / 2)
 
 
 def test_dtypes_and_no_mutation(rng):
@@ -205,7 +230,8 @@ def test_bfloat16_statistics():
     ml_dtypes = pytest.importorskip("ml_dtypes")
     var = np.array([4.0, 1.0, 0.25], ml_dtypes.bfloat16)
     w, _ = normkit.fold_batch_norm_stats(np.ones((3, 2)), None, np.zeros(3), var, eps=0.0)
-    np.testing.assert_allclose(w[:, 0], [0.5, 1.0, 2.0], rtol=1e-15)
+    # 1 / sqrt(v) for v = 4, 1, 0.25 (exact in bfloat16 and float64) is exact
+    np.testing.assert_array_equal(w[:, 0], [0.5, 1.0, 2.0])
 
 
 # ------------------------------------------------------------------ torch cross-checks
@@ -215,6 +241,24 @@ try:
 except ImportError:          # torch is an optional peer: only these tests skip
     torch = nn = None
 needs_torch = pytest.mark.skipif(torch is None, reason="torch cross-checks need torch")
+
+
+def _abs_layer_output(layer, x, w_abs, b_abs):
+    """The layer applied to |x| with |W|, |b| (the magnitudes of every output's terms)."""
+    with torch.no_grad():
+        layer.weight.copy_(w_abs)
+        if b_abs is not None:
+            layer.bias.copy_(b_abs)
+        return layer(x.abs()).numpy().astype(np.float64)
+
+
+def _stats_of(bn):
+    """A torch BatchNorm's eval parameters as the attributes fold_bound reads."""
+    class Stats:
+        num_features, eps = bn.num_features, bn.eps
+        weight, bias = bn.weight.detach().numpy(), bn.bias.detach().numpy()
+        running_mean, running_var = bn.running_mean.numpy(), bn.running_var.numpy()
+    return Stats
 
 
 def _randomize_bn(bn, gen):
@@ -250,8 +294,17 @@ def test_against_torch_fusion(kind):
              else fuse_conv_bn_eval(layer, bn, transpose=transposed))
     # the torch BatchNorm module itself is accepted as `bn`
     w2, b2 = normkit.fold_batch_norm(layer.weight, layer.bias, bn, axis=1 if transposed else 0)
-    np.testing.assert_allclose(w2, fused.weight.detach().numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(b2, fused.bias.detach().numpy(), rtol=1e-5, atol=1e-6)
+    w_abs = layer.weight.detach().abs().clone()
+    b_abs = None if layer.bias is None else layer.bias.detach().abs().clone()
+    k = layer.weight[0].numel() + 1          # products per output (an upper bound for convT)
+    # torch folds in float32 (w * gamma * rsqrt(var + eps); (b - m) * s + beta): a few
+    # float32 roundings of each term (K.bound_elementwise), normkit's float64 inside that
+    tb = np.zeros(6) if layer.bias is None else layer.bias.detach().numpy().astype(np.float64)
+    s = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().numpy().astype(np.float64)
+    K.assert_within(w2, fused.weight.detach().numpy(),
+                    K.bound_elementwise(np.float32, w2), "weight")
+    K.assert_within(b2, fused.bias.detach().numpy(), K.bound_elementwise(
+        np.float32, tb * s, bn.running_mean.numpy() * s, bn.bias.detach().numpy()), "bias")
     # and the folded layer reproduces layer + BN
     x = torch.randn(shape, generator=gen)
     with torch.no_grad():
@@ -262,7 +315,10 @@ def test_against_torch_fusion(kind):
         else:
             layer.bias.copy_(torch.from_numpy(b2))
         got = layer(x).numpy()
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+        abs_out = _abs_layer_output(layer, x, w_abs, b_abs)
+    # torch's float32 conv / linear, unfolded then BN vs folded (BX.bound_folded, u32)
+    K.assert_within(got, expected, fold_bound(_stats_of(bn), abs_out, k, axis=1,
+                                              dtype=np.float32), kind)
 
 
 @needs_torch
@@ -273,13 +329,16 @@ def test_grouped_conv_transpose_against_torch_forward():
     conv = nn.ConvTranspose2d(6, 8, 3, stride=2, groups=2).eval()
     bn = _randomize_bn(nn.BatchNorm2d(8), gen)
     x = torch.randn(2, 6, 4, 5, generator=gen)
+    w_abs, b_abs = conv.weight.detach().abs().clone(), conv.bias.detach().abs().clone()
     w2, b2 = normkit.fold_batch_norm(conv.weight, conv.bias, bn, axis=1, groups=2)
     with torch.no_grad():
         expected = bn(conv(x)).numpy()
         conv.weight.copy_(torch.from_numpy(w2))
         conv.bias.copy_(torch.from_numpy(b2))
         got = conv(x).numpy()
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+        abs_out = _abs_layer_output(conv, x, w_abs, b_abs)
+    K.assert_within(got, expected, fold_bound(_stats_of(bn), abs_out, 3 * 3 * 3 + 1, axis=1,
+                                              dtype=np.float32), "grouped convT")
 
 
 @needs_torch

@@ -1,0 +1,113 @@
+"""Error bounds the case table (tests/_cases.py) does not cover: finite differences,
+folded affine maps, float32 peers (ONNX Runtime, torch float32) and merged population
+statistics. Each function states its derivation; tests/_cases.py's ``u``, ``gamma`` and
+the normalized-output bounds are reused, never restated.
+"""
+from __future__ import annotations
+
+import _cases as K
+import numpy as np
+
+U32 = 2.0 ** -24
+
+
+# ------------------------------------------------------------ finite differences
+def fd_step(rel_err, curvature=1e-2, scale=1.0):
+    """Central-difference step: the power of two nearest (3 rel_err / curvature)^(1/3)
+    * scale, which minimizes h^2 |f3| / 6 + rel_err |f| / h for a third derivative
+    |f3| = curvature |f| / scale^3. ``rel_err``: the loss's relative rounding error
+    bound (loss_error / |f|); ``curvature``: |f3| / |f| of the loss (1e-2 for the
+    unit-scale norms of test_gradcheck, from their Richardson terms). Any h gives a
+    valid bound in :func:`central_difference`; h only decides how tight it is. A power
+    of two makes ``2 h`` and the division by it exact."""
+    h = (3 * rel_err / curvature) ** (1 / 3) * scale
+    return float(2.0 ** np.round(np.log2(h)))
+
+
+def central_difference(loss, arr, h, loss_err):
+    """Central differences of the scalar ``loss()`` w.r.t. each element of ``arr``
+    (float64, modified in place and restored) and a per-element bound of their error.
+
+    D(h) = (L(p+h) - L(p-h)) / 2h = L' + c h^2 + O(h^4). Error terms:
+    * truncation c h^2: estimated from the same data by Richardson's rule,
+      c h^2 = (D(2h) - D(h)) / 3; doubled for the O(h^4) rest and the rounding of the
+      estimate itself;
+    * rounding of L: each evaluation within ``loss_err`` of exact, so
+      (loss_err + loss_err) / 2h;
+    * rounding of the argument: fl(p +- h) moves p by <= u |p +- h| each, so the
+      effective step is 2h (1 + theta), |theta| <= u (|p| + h) / h, times |L'|.
+    (L(p+h) - L(p-h) is exact by Sterbenz's lemma when the two are within 2x, and the
+    division by the power-of-two 2h is exact.)"""
+    assert arr.flags.c_contiguous and arr.dtype == np.float64
+    u = K.U64
+    flat = arr.reshape(-1)
+    grad = np.empty(arr.size)
+    bound = np.empty(arr.size)
+    for i in range(arr.size):
+        old = flat[i]
+        f = {}
+        for k in (-2, -1, 1, 2):
+            flat[i] = old + k * h
+            f[k] = loss()
+        flat[i] = old
+        d1 = (f[1] - f[-1]) / (2 * h)
+        d2 = (f[2] - f[-2]) / (4 * h)
+        grad[i] = d1
+        bound[i] = (2 * abs(d2 - d1) / 3 + loss_err / h
+                    + abs(d1) * u * (abs(old) + 2 * h) / h)
+    return grad.reshape(arr.shape), bound.reshape(arr.shape)
+
+
+def loss_error(y, g, n, cond):
+    """Bound of |fl(L) - L| for L = sum(y * g), y a float64 normalization whose
+    statistics reduce n values: per element y is within half of K.tol_normalized's
+    two-sided bound, times sum |g|, plus the m-term float64 sum of y * g."""
+    y, g = np.abs(np.asarray(y, np.float64)), np.abs(np.asarray(g, np.float64))
+    scale = max(1.0, float(y.max(initial=0.0)))
+    per_y = K.tol_normalized(np.float64, n, cond, scale)["atol"] / 2
+    return per_y * g.sum() + K.gamma(y.size) * (y * g).sum()
+
+
+# ------------------------------------------------------------ float32 peers
+def tol_float32_peer(n, cond=1.0, scale=1.0):
+    """``assert_allclose`` kwargs: a float32 peer (ONNX Runtime, torch float32: data and
+    accumulation in float32) against normkit's float64-accumulated result, n values per
+    statistic: K.tol_normalized with float32 accumulation (8 gamma_n(u32) cond scale +
+    8 u32 scale: the peer's side dominates)."""
+    return K.tol_normalized(np.float32, n, cond, scale)
+
+
+# ------------------------------------------------------------ folded affine maps
+def bound_folded(abs_terms, abs_shift, k, dtype=np.float64):
+    """Per-element bound on a layer with BN folded in (W2 = s W, b2 = s (b - m) + beta,
+    s = gamma / sqrt(var + eps)) against BN(layer(u)): each side is a k-term dot product
+    (gamma(k) times the sum of its |terms|, scaled by |s|: ``abs_terms`` = |s| times the
+    layer applied to |u|, |W|, |b|); the folding rounds s, each W2 and b2 (~4 u of the
+    terms) and BN's own pass or b2's shift (s m, beta: ``abs_shift`` = |s m| + |beta|)
+    ~8 u of its terms."""
+    u = K.unit_roundoff(dtype)
+    return (2 * K.gamma(k, u) + 4 * u) * np.asarray(abs_terms) + 8 * u * (
+        np.asarray(abs_terms) + np.asarray(abs_shift))
+
+
+# ------------------------------------------------------------ merged statistics
+def bound_merged_mean(abs_mean, n_total, u=K.U64):
+    """Chan et al.'s pairwise/batched merge of per-batch means: the merged mean of
+    n_total values is a (weighted) n_total-term sum, error <= gamma(n_total) * mean|x|
+    per side."""
+    return 2 * K.gamma(n_total, u) * np.asarray(abs_mean)
+
+
+def bound_merged_var(x_rows, axis, u=K.U64):
+    """Population variance merged from batches (Chan, Golub & LeVeque's pairwise
+    update): K.bound_m2 over all values along ``axis``, divided by n."""
+    x_rows = np.asarray(x_rows, np.float64)
+    n = x_rows.shape[axis]
+    if u == K.U64:
+        return K.bound_m2(x_rows, axis, np.float64) / n
+    # accumulation in float32 (a float32 peer): same shape with u32
+    mean = x_rows.mean(axis=axis, keepdims=True)
+    m2 = ((x_rows - mean) ** 2).sum(axis=axis)
+    sumsq = (x_rows ** 2).sum(axis=axis)
+    g = K.gamma(n, u)
+    return 4 * (g * np.sqrt(m2 * sumsq) + g * g * sumsq + g * m2) / n
