@@ -402,7 +402,7 @@ LAYER_ROWS = {
         r"MaskedArray.*filled"),
     "complex batch, recalibrate": (
         lambda: nk.recalibrate(nk.BatchNorm(C), [np.ones((2, C), complex)]), TypeError,
-        r"batch must be a float16, float32 or float64 array, got dtype complex128"),
+        r"batch must be a float16, bfloat16, float32 or float64 array, got dtype complex128"),
     "object batch, recalibrate": (
         lambda: nk.recalibrate(nk.BatchNorm(C), [np.ones((2, C), object)]), TypeError,
         r"got dtype object"),
