@@ -1,6 +1,6 @@
 """Error bounds the case table (tests/_cases.py) does not cover: finite differences,
-folded affine maps, float32 peers (ONNX Runtime, torch float32) and merged population
-statistics. Each function states its derivation; tests/_cases.py's ``u``, ``gamma`` and
+folded affine maps and merged population statistics (float32 peers use
+K.tol_normalized / K.tol_grad with float32 accumulation). Each function states its derivation; tests/_cases.py's ``u``, ``gamma`` and
 the normalized-output bounds are reused, never restated.
 """
 from __future__ import annotations
@@ -66,15 +66,6 @@ def loss_error(y, g, n, cond):
     scale = max(1.0, float(y.max(initial=0.0)))
     per_y = K.tol_normalized(np.float64, n, cond, scale)["atol"] / 2
     return per_y * g.sum() + K.gamma(y.size) * (y * g).sum()
-
-
-# ------------------------------------------------------------ float32 peers
-def tol_float32_peer(n, cond=1.0, scale=1.0):
-    """``assert_allclose`` kwargs: a float32 peer (ONNX Runtime, torch float32: data and
-    accumulation in float32) against normkit's float64-accumulated result, n values per
-    statistic: K.tol_normalized with float32 accumulation (8 gamma_n(u32) cond scale +
-    8 u32 scale: the peer's side dominates)."""
-    return K.tol_normalized(np.float32, n, cond, scale)
 
 
 # ------------------------------------------------------------ folded affine maps
