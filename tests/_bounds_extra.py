@@ -1,7 +1,7 @@
 """Error bounds the case table (tests/_cases.py) does not cover: finite differences,
-folded affine maps, float32 peers (ONNX Runtime, torch float32) and merged population
-statistics. Each function states its derivation; tests/_cases.py's ``u``, ``gamma`` and
-the normalized-output bounds are reused, never restated.
+folded affine maps, merged population statistics and float32 peers of a layer.
+Each function states its derivation; tests/_cases.py's ``u``, ``gamma`` and the
+normalized-output bounds are reused, never restated.
 """
 from __future__ import annotations
 
@@ -68,15 +68,6 @@ def loss_error(y, g, n, cond):
     return per_y * g.sum() + K.gamma(y.size) * (y * g).sum()
 
 
-# ------------------------------------------------------------ float32 peers
-def tol_float32_peer(n, cond=1.0, scale=1.0):
-    """``assert_allclose`` kwargs: a float32 peer (ONNX Runtime, torch float32: data and
-    accumulation in float32) against normkit's float64-accumulated result, n values per
-    statistic: K.tol_normalized with float32 accumulation (8 gamma_n(u32) cond scale +
-    8 u32 scale: the peer's side dominates)."""
-    return K.tol_normalized(np.float32, n, cond, scale)
-
-
 # ------------------------------------------------------------ folded affine maps
 def bound_folded(abs_terms, abs_shift, k, dtype=np.float64):
     """Per-element bound on a layer with BN folded in (W2 = s W, b2 = s (b - m) + beta,
@@ -111,3 +102,29 @@ def bound_merged_var(x_rows, axis, u=K.U64):
     sumsq = (x_rows ** 2).sum(axis=axis)
     g = K.gamma(n, u)
     return 4 * (g * np.sqrt(m2 * sumsq) + g * g * sumsq + g * m2) / n
+
+
+# ------------------------------------------------------------ float32 peers of a layer
+def tol_layer_vs_float32_peer(layer, y_ref):
+    """A float32 peer (torch, ONNX reference: float32 accumulation) vs normkit float32 (float64 statistics):
+    K.tol_normalized for float32 with the statistics normkit just used (the layer's
+    cached mean/rstd: n values each, their conditioning), scale max(1, |w|, |b|, |y|)."""
+    cache = layer._cache                   # (x, mean, rstd, ...); RMSNorm: (x, rstd)
+    mean, rstd = (None, cache[1]) if len(cache) == 2 else (cache[1], cache[2])
+    n = cache[0].size // np.size(rstd)
+    scale = max([1.0, float(np.abs(y_ref).max())] + [
+        float(np.abs(p).max()) for p in layer.parameters().values()])
+    return K.tol_normalized(np.float32, n, K.conditioning(mean, rstd), scale)
+
+
+def tol_running_state_float32_peer(x, steps):
+    """Running statistics after ``steps`` training steps (per channel, axis 1): each step
+    blends (momentum <= 1) torch's float32 batch statistics (mean: 2 gamma(n, u32)
+    mean|x|, bound_merged_mean; unbiased variance: bound_merged_var with u32, an
+    upper bound for InstanceNorm's per-sample ones too) with normkit's float64 ones,
+    and both round the blend to float32 (a few u32 of the value)."""
+    rows = np.moveaxis(x.astype(np.float64), 1, 0).reshape(x.shape[1], -1)
+    n = rows.shape[1]
+    stat = np.maximum(bound_merged_mean(np.abs(rows).mean(axis=1), n, U32),
+                      bound_merged_var(rows, 1, U32) * n / max(n - 1, 1))
+    return dict(rtol=4 * steps * U32, atol=steps * float(stat.max()))

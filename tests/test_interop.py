@@ -110,38 +110,13 @@ def test_from_torch_matches_torch(case):
         with torch.no_grad():
             expected = module(x).numpy()
         got = layer(x.numpy())
-        np.testing.assert_allclose(got, expected, err_msg=mode, **_torch_y_tol(layer, expected))
+        np.testing.assert_allclose(got, expected, err_msg=mode, **BX.tol_layer_vs_float32_peer(layer, expected))
         if mode == "train":
             steps += 1
-            state_tol = _torch_state_tol(x.numpy(), steps)
+            state_tol = BX.tol_running_state_float32_peer(x.numpy(), steps)
         for k, v in module.state_dict().items():
             np.testing.assert_allclose(layer.state_dict()[k], v.numpy(),
                                        err_msg=f"{mode}: {k}", **state_tol)
-
-
-def _torch_y_tol(layer, y_ref):
-    """torch float32 (float32 accumulation) vs normkit float32 (float64 statistics):
-    K.tol_normalized for float32 with the statistics normkit just used (the layer's
-    cached mean/rstd: n values each, their conditioning), scale max(1, |w|, |b|, |y|)."""
-    cache = layer._cache                   # (x, mean, rstd, ...); RMSNorm: (x, rstd)
-    mean, rstd = (None, cache[1]) if len(cache) == 2 else (cache[1], cache[2])
-    n = cache[0].size // np.size(rstd)
-    scale = max([1.0, float(np.abs(y_ref).max())] + [
-        float(np.abs(p).max()) for p in layer.parameters().values()])
-    return K.tol_normalized(np.float32, n, K.conditioning(mean, rstd), scale)
-
-
-def _torch_state_tol(x, steps):
-    """Running statistics after ``steps`` training steps (per channel, axis 1): each step
-    blends (momentum <= 1) torch's float32 batch statistics (mean: 2 gamma(n, u32)
-    mean|x|, BX.bound_merged_mean; unbiased variance: BX.bound_merged_var with u32, an
-    upper bound for InstanceNorm's per-sample ones too) with normkit's float64 ones,
-    and both round the blend to float32 (a few u32 of the value)."""
-    rows = np.moveaxis(x.astype(np.float64), 1, 0).reshape(x.shape[1], -1)
-    n = rows.shape[1]
-    stat = np.maximum(BX.bound_merged_mean(np.abs(rows).mean(axis=1), n, BX.U32),
-                      BX.bound_merged_var(rows, 1, BX.U32) * n / max(n - 1, 1))
-    return dict(rtol=4 * steps * BX.U32, atol=steps * float(stat.max()))
 
 
 @needs_torch
@@ -326,8 +301,8 @@ def test_from_onnx_single_node_cases(name):
         assert isinstance(layer, normkit.BatchNorm)
     y = layer(x)
     # ONNX's NumPy reference in the data dtype vs normkit (float64 statistics): the
-    # float32 two-implementation bound with normkit's own statistics (see _torch_y_tol)
-    np.testing.assert_allclose(y, outputs[0], **_torch_y_tol(layer, outputs[0]))
+    # float32 two-implementation bound with normkit's own statistics (BX.tol_layer_vs_float32_peer)
+    np.testing.assert_allclose(y, outputs[0], **BX.tol_layer_vs_float32_peer(layer, outputs[0]))
 
 
 def _group_norm_model(opset, channels=6, groups=3, static=True):
@@ -362,7 +337,7 @@ def test_from_onnx_group_norm_opsets(opset):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")                    # opset 18 is deprecated
         expected = ReferenceEvaluator(model).run(None, {"x": x})[0]
-    np.testing.assert_allclose(layer(x), expected, **_torch_y_tol(layer, expected))
+    np.testing.assert_allclose(layer(x), expected, **BX.tol_layer_vs_float32_peer(layer, expected))
     if opset == 18:
         np.testing.assert_array_equal(layer.weight[:2], layer.weight[0])
         with pytest.raises(ValueError, match="channel count"):
