@@ -280,14 +280,20 @@ def rows_forward(be, x, k, w, b, eps, out, rms, dt):
     return finish(res.reshape(x.shape), out, x.dtype), mean, r
 
 
+def _widened(p, dtype):
+    """A fast-path parameter in the kernels' parameter dtype (16-bit widens exactly)."""
+    return p if p.dtype == dtype else p.astype(dtype)
+
+
 def fast_rows(be, x, w, b, eps, rms):
     """rows_forward on a validated contiguous native x, parameters of its parameter dtype,
     without ``out``."""
     k = x.shape[-1]
     dt = param_dtype(x.dtype)
     out = np.empty_like(x)
-    be.rows_forward(x.reshape(-1, k), constant(1.0, k, dt) if w is None else w,
-                    constant(0.0, k, dt) if b is None else b, eps, rms, out.reshape(-1, k))
+    be.rows_forward(x.reshape(-1, k), constant(1.0, k, dt) if w is None else _widened(w, dt),
+                    constant(0.0, k, dt) if b is None else _widened(b, dt), eps, rms,
+                    out.reshape(-1, k))
     return out
 
 
@@ -313,8 +319,9 @@ def fast_batch_norm_eval(be, x, axis, running_mean, running_var, weight, bias, e
     scale = r.astype(dt).reshape(1, c)
     out = np.empty_like(x)
     layout, shape = elementwise_twin(*batch_layout(x.shape, axis))
-    offs = constant(0.0, c, dt) if bias is None else bias
-    getattr(be, f"channels_{layout}_affine")(x.reshape(shape), running_mean.reshape(1, c),
+    offs = constant(0.0, c, dt) if bias is None else _widened(bias, dt)
+    shift = _widened(running_mean, dt)
+    getattr(be, f"channels_{layout}_affine")(x.reshape(shape), shift.reshape(1, c),
                                              scale, offs.reshape(1, c), out.reshape(shape))
     return out
 

@@ -56,10 +56,11 @@ __all__ = [
 _FAST_DTYPES = (V.F32, V.F64, V.F16, V.BF16)
 
 
-def _fast_param(p, dtype, n):
-    """None, or a contiguous aligned 1-D array of exactly ``dtype`` and length n."""
-    return p is None or (type(p) is np.ndarray and p.dtype == dtype and p.shape == (n,)
-                         and p.flags.c_contiguous and p.flags.aligned)
+def _fast_param(p, dtype, n, data_dtype=None):
+    """None, or a contiguous aligned 1-D array of length n and exactly ``dtype`` (or
+    ``data_dtype``: 16-bit parameters of 16-bit data, widened exactly by the engine)."""
+    return p is None or (type(p) is np.ndarray and (p.dtype == dtype or p.dtype == data_dtype)
+                         and p.shape == (n,) and p.flags.c_contiguous and p.flags.aligned)
 
 
 def _fast_input(x, eps):
@@ -76,7 +77,7 @@ def _fast_rows(x, ns, weight, bias, eps, backend, rms):
             or (type(ns) is tuple and len(ns) == 1 and type(ns[0]) is int and ns[0] == k)):
         return None
     pdt = V.param_dtype(x.dtype)
-    if not (_fast_param(weight, pdt, k) and _fast_param(bias, pdt, k)):
+    if not (_fast_param(weight, pdt, k, x.dtype) and _fast_param(bias, pdt, k, x.dtype)):
         return None
     return E.fast_rows(resolve(backend), x, weight, bias, eps, rms)
 
@@ -90,8 +91,9 @@ def _fast_batch_norm_eval(x, running_mean, running_var, weight, bias, eps, axis,
     dt = V.param_dtype(x.dtype)
     c = x.shape[axis]
     if not (running_mean is not None and running_var is not None
-            and _fast_param(running_mean, dt, c) and _fast_param(running_var, dt, c)
-            and _fast_param(weight, dt, c) and _fast_param(bias, dt, c)):
+            and _fast_param(running_mean, dt, c, x.dtype)
+            and _fast_param(running_var, dt, c, x.dtype)
+            and _fast_param(weight, dt, c, x.dtype) and _fast_param(bias, dt, c, x.dtype)):
         return None
     return E.fast_batch_norm_eval(resolve(backend), x, axis % x.ndim, running_mean,
                                   running_var, weight, bias, eps)
