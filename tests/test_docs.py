@@ -465,7 +465,9 @@ def test_contributing_and_pre_commit_name_the_gates():
     hooks = {h["id"]: h for repo in config["repos"] for h in repo["hooks"]}
     assert hooks["ruff"]["entry"] == "ruff check normkit"
     assert hooks["mypy"]["entry"] == "mypy normkit"
-    assert hooks["mypy"].get("stages") == ["manual"]              # not yet a gate
+    assert hooks["mypy"].get("stages") is None                    # a gate on every commit
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert "\nmypy normkit\n" in ci and "\nruff check normkit\n" in ci   # and in CI
     assert hooks["ruff-format"].get("stages") == ["manual"]       # optional, not a gate
     text = (ROOT / "CONTRIBUTING.md").read_text(encoding="utf-8")
     for command in ("ruff check normkit", "mypy normkit", "build_ext --inplace",
