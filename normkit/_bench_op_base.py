@@ -186,6 +186,13 @@ class Op:
     tols = {"float32": 2e-4, "float64": 1e-9, "float16": 4 * 2.0 ** -10,
             "bfloat16": 4 * 2.0 ** -7}
 
+    def _name(self, norm, base, backward):
+        """norm, case-name key and traffic of a forward op, or of forward+backward
+        (training mode: reads x and dy, writes y and dx, reads x again)."""
+        self.norm, self.backward, self.training = norm, backward, backward
+        self.key = base + ("_train_fb" if backward else "")
+        self.traffic = 5 if backward else 2
+
     def tol(self, dtype):
         t = self.tols[np_dtype(dtype).name]
         return t * 10 if self.backward else t

@@ -189,12 +189,8 @@ class RowsNorm(Op):
     """LayerNorm (rms=False) or RMSNorm (rms=True) over the last axis."""
 
     def __init__(self, rms, backward=False):
-        self.rms, self.backward = rms, backward
-        self.norm = "rms_norm" if rms else "layer_norm"
-        base = "rms" if rms else "ln"
-        self.key = base + ("_train_fb" if backward else "")
-        self.training = backward
-        self.traffic = 5 if backward else 2
+        self.rms = rms
+        self._name("rms_norm" if rms else "layer_norm", "rms" if rms else "ln", backward)
 
     def make_unit(self, x, layout, rng, params):
         k = x.shape[-1]
@@ -295,12 +291,9 @@ class PerSampleNorm(ChannelOp):
     """GroupNorm (groups > 0 in the case params) or InstanceNorm (instance=True)."""
 
     def __init__(self, instance, backward=False):
-        self.instance, self.backward = instance, backward
-        self.norm = "instance_norm" if instance else "group_norm"
-        base = "in" if instance else "gn"
-        self.key = base + ("_train_fb" if backward else "")
-        self.training = backward
-        self.traffic = 5 if backward else 2
+        self.instance = instance
+        self._name("instance_norm" if instance else "group_norm", "in" if instance else "gn",
+                   backward)
 
     def _groups(self, u):
         return u["c"] if self.instance else u["groups"]
