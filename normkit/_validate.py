@@ -156,15 +156,6 @@ def default_rms_eps(dt: np.dtype) -> float:
     return float(np.finfo(param_dtype(dt)).eps)
 
 
-def compute_dtype(x: np.ndarray) -> np.dtype:
-    """The dtype ``normkit.dask`` converts its blocks to (float32, or float64).
-
-    Kept for ``normkit.dask`` only: the eager engine hands 16-bit data to the kernels
-    as it is (``storage_dtype``) with ``param_dtype`` parameters.
-    """
-    return param_dtype(x.dtype)
-
-
 def channel_axis(x: np.ndarray, axis, what: str, allow_batch_axis: bool = True) -> int:
     axis = int_arg(axis, "axis", what)
     if not -x.ndim <= axis < x.ndim:

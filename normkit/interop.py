@@ -25,6 +25,7 @@ import numpy as np
 
 from . import _onnx_safety as _safety
 from ._validate import BF16 as _BF16
+from ._validate import is_float
 from .layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm, _torch_to_numpy
 
 __all__ = ["from_torch", "from_onnx", "onnx_constants", "fold_onnx_batch_norms"]
@@ -269,7 +270,7 @@ class _OnnxNodeContext:
                                "not a constant of the graph (it depends on a graph "
                                "input); normkit layers need fixed parameters") from None
         value = np.asarray(value)
-        if not (value.dtype.kind == "f" or value.dtype.name == "bfloat16"):
+        if not is_float(value.dtype):
             raise ValueError(f"{node.op_type} node {node.name!r}: {what}: expected a float "
                              f"tensor, got dtype {value.dtype}")
         return value

@@ -31,8 +31,7 @@ def _check_dtype(dtype):
         dtype = np.dtype(dtype)
     except TypeError:
         dtype = None
-    if dtype is None or not (_is_bfloat16(dtype) or
-                             (dtype.kind == "f" and dtype.itemsize in (2, 4, 8))):
+    if dtype is None or not V.is_float(dtype):
         raise TypeError("dtype must be float16, bfloat16 (ml_dtypes.bfloat16), float32 "
                         f"or float64, got {given!r}")
     return dtype.newbyteorder("=")
@@ -57,10 +56,6 @@ def _torch_to_numpy(value):
     return value.numpy()
 
 
-def _is_bfloat16(dtype):
-    return dtype.name == "bfloat16"         # ml_dtypes.bfloat16 (kind 'V')
-
-
 def _state_value(key, value, target):
     """state_dict[key] as an array that can be copied into ``target``, or a clear error."""
     original = value
@@ -71,8 +66,8 @@ def _state_value(key, value, target):
         value = np.asarray(value)
     except (TypeError, ValueError):
         value = None
-    if target.dtype.kind == "f" or _is_bfloat16(target.dtype):
-        ok = value is not None and (value.dtype.kind == "f" or _is_bfloat16(value.dtype))
+    if V.is_float(target.dtype):
+        ok = value is not None and V.is_float(value.dtype)
         expected = "a float array"
     else:                                   # num_batches_tracked: an integer count
         ok = value is not None and value.dtype.kind in "iu"

@@ -19,7 +19,6 @@ from .. import functional as F
 from . import _blocks
 from ._common import (
     check_input,
-    compute_dtype,
     like,
     partial_chunks,
     run_blocks,
@@ -31,7 +30,7 @@ from ._common import (
 
 def _grad_dtype(weight, x):
     """As normkit.functional: the weight's dtype, else the compute dtype."""
-    return weight.dtype if isinstance(weight, np.ndarray) else compute_dtype(x)
+    return weight.dtype if isinstance(weight, np.ndarray) else V.param_dtype(x.dtype)
 
 
 def _stats_like(s, xw, kept, sizes=None):

@@ -32,10 +32,6 @@ def known_chunks(x, name="x"):
     return x
 
 
-def compute_dtype(x):
-    return np.dtype(np.float64) if x.dtype.itemsize == 8 else np.dtype(np.float32)
-
-
 def small(p):
     """Weights and statistics are small: a Dask one is computed now, once."""
     return p.compute() if is_dask(p) else p

@@ -31,7 +31,6 @@ from ._backward import (  # noqa: F401
 from ._common import (
     check_input,
     check_out,
-    compute_dtype,
     like,
     run_blocks,
     small,
@@ -112,7 +111,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     weight, bias = _params(c, weight, bias)
     eps = V.check_eps(eps, "batch_norm")
     residual = _check_activation(activation, residual, x)
-    dt = compute_dtype(x)
+    dt = V.param_dtype(x.dtype)
     count = x.size // c if c else 0
     too_few = ("Expected more than 1 value per channel when training, got input size "
                f"{x.shape}") if count <= 1 else None
@@ -152,7 +151,7 @@ def _per_sample(x, ax, per, weight, bias, eps, fixed, activation, residual, back
                  return_stats)
     if not return_stats:
         return run_blocks(fn, xw, others)
-    dt = compute_dtype(x)
+    dt = V.param_dtype(x.dtype)
     chunks = stat_chunks(xw, (0, ax), {ax: tuple(ch // per for ch in xw.chunks[ax])})
     y, mean, rstd = run_blocks(fn, xw, others, [(chunks, dt), (chunks, dt)])
     return y, squeeze(mean, spatial), squeeze(rstd, spatial)
@@ -169,7 +168,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=N
     eps = V.check_eps(eps, "group_norm")
     residual = _check_activation(activation, residual, x)
     if x.size == 0:
-        return _empty(x, (x.shape[0], groups), compute_dtype(x), return_stats)
+        return _empty(x, (x.shape[0], groups), V.param_dtype(x.dtype), return_stats)
     return _per_sample(x, ax, c // groups, weight, bias, eps, None, activation, residual,
                        backend, return_stats)
 
@@ -193,7 +192,7 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
                            "needs running_mean and running_var")
     fixed = None if use_input_stats else (running_mean.copy(), running_var.copy())
     if x.size == 0:
-        return _empty(x, (n, c), compute_dtype(x), return_stats)
+        return _empty(x, (n, c), V.param_dtype(x.dtype), return_stats)
     if use_input_stats and (running_mean is not None or running_var is not None):
         # eager, as training BatchNorm: per-instance moments, then the batch average
         mom = population_moments(x, (0, ax), backend=backend).compute()
@@ -217,7 +216,7 @@ def _rows(x, normalized_shape, weight, bias, eps, backend, return_stats, rms, wh
     fn = partial(_blocks.rows_block, ctx, ns, weight, bias, eps, rms, return_stats)
     if not return_stats:
         return run_blocks(fn, xw)
-    dt = compute_dtype(x)
+    dt = V.param_dtype(x.dtype)
     chunks = stat_chunks(xw, range(lead))
     y, mean, rstd = run_blocks(fn, xw, (), [None if rms else (chunks, dt), (chunks, dt)])
     trailing = range(lead, x.ndim)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .. import _moments
-from .._validate import compute_dtype
+from .._validate import storage_dtype
 from ..backends import resolve
 from . import _blocks
 
@@ -62,7 +62,8 @@ def _chunk(ctx, block, axis=None, keepdims=True, computing_meta=False, **kwargs)
         z = np.zeros(shape)
         return {"n": z, "mean": z, "m2": z}
     be = resolve(_blocks.enter(ctx))
-    a = np.require(block, compute_dtype(block), ['C', 'A'])
+    # the block as the kernels read it: its own dtype (16-bit too), contiguous, native
+    a = np.require(block, storage_dtype(block.dtype), ['C', 'A'])
     mean, m2, count = _kept_moments(be, a, kept)
     return {"n": np.full(shape, float(count)), "mean": mean.reshape(shape),
             "m2": m2.reshape(shape)}

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from .._validate import is_float
+
 KINDS = ("batch", "instance", "group")
 
 
@@ -27,10 +29,6 @@ def quiet_floating_point(fn):
         with np.errstate(all="ignore"):
             return fn(*args, **kwargs)
     return wrapper
-
-
-def _is_bfloat16(dtype):
-    return dtype.name == "bfloat16"          # ml_dtypes' type: NumPy kind "V"
 
 
 def as_data(x: object, name: str = "x") -> np.ndarray:
@@ -54,7 +52,7 @@ def as_data(x: object, name: str = "x") -> np.ndarray:
         except ValueError as exc:          # ragged nested lists
             raise ValueError(f"{name}: expected an array of floats (N, C, ...), got an "
                              f"array-like NumPy cannot convert ({exc})") from None
-    if x.dtype.kind != "f" and not _is_bfloat16(x.dtype):
+    if not is_float(x.dtype):
         raise TypeError(f"{name}: expected a floating-point array (float16, bfloat16, "
                         f"float32 or float64), got dtype {x.dtype}")
     if x.ndim < 2:
