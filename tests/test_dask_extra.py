@@ -308,3 +308,25 @@ def test_public_report_takes_dask_by_blocks():
         got = batch_stats_report(d, kind="group", num_groups=3)
     assert 0 < seen.largest < x.nbytes                 # computed by blocks, not whole
     _assert_same_report(got, batch_stats_report(x, kind="group", num_groups=3))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16_bit_dask_input_equals_in_memory(dtype):
+    """16-bit Dask blocks reach the kernels in their own dtype (no float32 copy): the
+    lazy result is the in-memory result bit for bit, for a reduction over chunks
+    (training batch norm) and a per-sample norm."""
+    import ml_dtypes
+    dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16
+    x = RNG.standard_normal((8, 4, 5, 5)).astype(dt)
+    d = da.from_array(x, chunks=(3, 4, 5, 5))
+    rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)
+    y = nk.batch_norm(d, rm.copy(), rv.copy(), training=True).compute()
+    assert y.dtype == x.dtype
+    z = nk.batch_norm(x, rm.copy(), rv.copy(), training=True).astype(np.float64)
+    # the statistics merge chunk partials in another order (float64, ~1e-16 relative):
+    # at most a rounding boundary apart, so one 16-bit ulp of the output
+    ulp = float(ml_dtypes.finfo(dt).eps) * np.maximum(1.0, np.abs(z))
+    assert np.all(np.abs(y.astype(np.float64) - z) <= ulp)
+    # a per-sample norm runs the same kernel on the same rows: the same bits
+    ln = nk.layer_norm(d, (5, 5)).compute()
+    np.testing.assert_array_equal(ln.view(np.uint16), nk.layer_norm(x, (5, 5)).view(np.uint16))

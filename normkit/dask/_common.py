@@ -11,14 +11,16 @@ from .. import _validate as V
 from . import _blocks
 from ._hook import is_dask
 
-_FLOAT_SIZES = (2, 4, 8)
+
+def _check_float(dt, name):
+    if not V.is_float(dt):
+        raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 array, "
+                        f"got dtype {dt}")
 
 
 def check_input(x, min_ndim=1, name="x"):
     """The checks ``normkit._validate.as_input`` makes, without computing anything."""
-    dt = x.dtype
-    if dt.kind != "f" or dt.itemsize not in _FLOAT_SIZES:
-        raise TypeError(f"{name} must be a float16, float32 or float64 array, got dtype {dt}")
+    _check_float(x.dtype, name)
     if x.ndim < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dimensions "
                          f"(expected shape (N, C, ...)), got shape {x.shape}")
@@ -87,18 +89,12 @@ def like(a, x, name):
         return None
     if not is_dask(a):
         a = np.asarray(a)
-        check_input_np(a, name)
+        _check_float(a.dtype, name)
     else:
         check_input(a, name=name)
     if a.shape != x.shape:
         raise ValueError(f"{name}: expected shape {x.shape}, got shape {a.shape}")
     return da.asarray(a).rechunk(x.chunks)
-
-
-def check_input_np(a, name):
-    if a.dtype.kind != "f" or a.dtype.itemsize not in _FLOAT_SIZES:
-        raise TypeError(f"{name} must be a float16, float32 or float64 array, "
-                        f"got dtype {a.dtype}")
 
 
 def whole(x, axes, channel_axis=None, per=1):
