@@ -69,17 +69,71 @@ def check_out(out, x):
 
 def store_into(result, out):
     """Compute ``result`` (y, or (y, mean, rstd)), writing y into ``out`` block by block
-    (``dask.array.store``: x is never whole in memory); returns what the NumPy call
+    (``dask.array.store``: x is never whole in memory; a NumPy ``out`` for a distributed
+    scheduler gets the computed result copied in); returns what the NumPy call
     returns with ``out=``: ``out``, or ``(out, mean, rstd)`` with NumPy statistics."""
     import dask
     import dask.array as da
     y, stats = (result[0], result[1:]) if isinstance(result, tuple) else (result, ())
-    stored = da.store(y, out, compute=False)
-    done = dask.compute(stored, *[s for s in stats if s is not None])[1:]
+    wanted = [s for s in stats if s is not None]
+    if isinstance(out, np.ndarray) and not _local_scheduler(y):
+        # a distributed worker would write into its own unpickled copy of out
+        y, *done = dask.compute(y, *wanted)
+        out[...] = y
+    else:
+        done = dask.compute(da.store(y, out, compute=False), *wanted)[1:]
     if not isinstance(result, tuple):
         return out
     it = iter(done)
     return (out,) + tuple(None if s is None else next(it) for s in stats)
+
+
+def _local_scheduler(y):
+    """True when ``y.compute()`` would run in this process (threads or synchronous), so
+    a task can write into a NumPy array of the caller."""
+    import dask.base
+    import dask.local
+    import dask.threaded
+    return dask.base.get_scheduler(collections=[y]) in (dask.threaded.get,
+                                                         dask.local.get_sync)
+
+
+def _graph_arrays(y):
+    """The NumPy arrays held in y's graph (``from_array`` blocks, literal data)."""
+    for v in dict(y.__dask_graph__()).values():
+        v = getattr(v, "value", v)               # a DataNode wraps literal data
+        if isinstance(v, np.ndarray):
+            yield v
+
+
+def write_into(fn, x, others, out):
+    """``out=`` for a block function ``fn`` (the ``run_blocks`` case without extras).
+
+    A NumPy ``out`` on a local scheduler: every task writes its block's result straight
+    into ``out`` (``_blocks.write_block``) -- no output blocks, no final concatenation,
+    the one full copy a NumPy result from ``compute()`` costs. If ``out`` shares memory
+    with data in the graph, the whole result is computed first, then copied (a block
+    written early must not change what a later block reads). Anything else (Zarr, HDF5,
+    a memmap, or a NumPy array for a distributed scheduler): ``store_into``.
+    """
+    import uuid
+
+    import dask.array as da
+    nd = x.ndim
+    inputs = (x, *others)
+    if not isinstance(out, np.ndarray) or not _local_scheduler(x):
+        return store_into(da.map_blocks(fn, *inputs, dtype=x.dtype,
+                                        meta=np.empty((0,) * nd, x.dtype)), out)
+    if any(np.may_share_memory(a, out) for d in inputs for a in _graph_arrays(d)):
+        out[...] = da.map_blocks(fn, *inputs, dtype=x.dtype,
+                                 meta=np.empty((0,) * nd, x.dtype)).compute()
+        return out
+    # name= given: map_blocks would otherwise hash all of out to name the graph
+    done = da.map_blocks(partial(_blocks.write_block, fn, out), *inputs, dtype=bool,
+                         chunks=tuple((1,) * len(c) for c in x.chunks),
+                         meta=np.empty((0,) * nd, bool), name=f"normkit-out-{uuid.uuid4().hex}")
+    done.compute()
+    return out
 
 
 def like(a, x, name):
@@ -118,15 +172,18 @@ def whole(x, axes, channel_axis=None, per=1):
     return x.rechunk(spec)
 
 
-def run_blocks(fn, x, others=(), extra=()):
+def run_blocks(fn, x, others=(), extra=(), into=None):
     """``fn`` on every block of x (and the aligned blocks of ``others``).
 
     Without ``extra`` fn returns the output block. Otherwise it returns a tuple
     ``(y, a1, a2, ...)`` and ``extra`` lists ``(chunks, dtype)`` for each ``a_k`` (or
     None where fn returns None); one task per block computes all of them.
+    ``into`` (an ``out=`` target, without ``extra``): compute now, write into it, return it.
     """
     import dask.array as da
     nd = x.ndim
+    if not extra and into is not None:
+        return write_into(fn, x, others, into)
     if not extra:
         return da.map_blocks(fn, x, *others, dtype=x.dtype, meta=np.empty((0,) * nd, x.dtype))
     parts = da.map_blocks(fn, x, *others, dtype=object, meta=np.empty((0,) * nd, object))

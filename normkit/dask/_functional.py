@@ -43,14 +43,17 @@ from ._reduce import population_moments
 
 
 def _stores_out(fn):
-    """``out=``: run the lazy call, then store its result into ``out`` (``store_into``)."""
+    """``out=``: checked here, then passed on; the call writes into ``out`` block by block
+    and returns it (``_common.write_into``), or returns a lazy result (with statistics,
+    or for empty x) that is stored into ``out`` here (``store_into``)."""
     @functools.wraps(fn)
     def wrapper(x, *args, out=None, **kwargs):
         if out is None:
             return fn(x, *args, **kwargs)
         check_input(x)
         check_out(out, x)
-        return store_into(fn(x, *args, **kwargs), out)
+        res = fn(x, *args, out=out, **kwargs)
+        return res if res is out else store_into(res, out)
     return wrapper
 
 
@@ -132,7 +135,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     else:
         mean, var = running_mean.copy(), running_var.astype(np.float64)
     fn = partial(_blocks.affine_block, ctx, ax, mean, var, weight, bias, eps, activation)
-    y = run_blocks(fn, x, () if residual is None else (residual,))
+    y = run_blocks(fn, x, () if residual is None else (residual,),
+                   into=None if return_stats else out)
     if not return_stats:
         return y
     rstd = 1.0 / np.sqrt(var + eps)
@@ -141,7 +145,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
 
 # ====================================================================== Group / Instance
 def _per_sample(x, ax, per, weight, bias, eps, fixed, activation, residual, backend,
-                return_stats):
+                return_stats, out=None):
     """GroupNorm / InstanceNorm block by block; stats (N, C / per)."""
     ctx = _blocks.task_context(backend)
     spatial = [i for i in range(1, x.ndim) if i != ax]
@@ -150,7 +154,7 @@ def _per_sample(x, ax, per, weight, bias, eps, fixed, activation, residual, back
     fn = partial(_blocks.sample_block, ctx, ax, per, weight, bias, eps, fixed, activation,
                  return_stats)
     if not return_stats:
-        return run_blocks(fn, xw, others)
+        return run_blocks(fn, xw, others, into=out)
     dt = V.param_dtype(x.dtype)
     chunks = stat_chunks(xw, (0, ax), {ax: tuple(ch // per for ch in xw.chunks[ax])})
     y, mean, rstd = run_blocks(fn, xw, others, [(chunks, dt), (chunks, dt)])
@@ -170,7 +174,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=N
     if x.size == 0:
         return _empty(x, (x.shape[0], groups), V.param_dtype(x.dtype), return_stats)
     return _per_sample(x, ax, c // groups, weight, bias, eps, None, activation, residual,
-                       backend, return_stats)
+                       backend, return_stats, out)
 
 
 @_stores_out
@@ -200,11 +204,13 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
             _update_running(running_mean, mom["mean"].mean(axis=0), momentum)
         if running_var is not None:
             _update_running(running_var, (mom["m2"] / (spatial - 1)).mean(axis=0), momentum)
-    return _per_sample(x, ax, 1, weight, bias, eps, fixed, None, None, backend, return_stats)
+    return _per_sample(x, ax, 1, weight, bias, eps, fixed, None, None, backend, return_stats,
+                       out)
 
 
 # ====================================================================== Layer / RMS
-def _rows(x, normalized_shape, weight, bias, eps, backend, return_stats, rms, what):
+def _rows(x, normalized_shape, weight, bias, eps, backend, return_stats, rms, what,
+          out=None):
     check_input(x)
     ns = V.normalized_shape(normalized_shape, x, what)
     weight, bias = small(weight), small(bias)
@@ -215,7 +221,7 @@ def _rows(x, normalized_shape, weight, bias, eps, backend, return_stats, rms, wh
     xw = whole(x, range(lead, x.ndim))
     fn = partial(_blocks.rows_block, ctx, ns, weight, bias, eps, rms, return_stats)
     if not return_stats:
-        return run_blocks(fn, xw)
+        return run_blocks(fn, xw, into=out)
     dt = V.param_dtype(x.dtype)
     chunks = stat_chunks(xw, range(lead))
     y, mean, rstd = run_blocks(fn, xw, (), [None if rms else (chunks, dt), (chunks, dt)])
@@ -228,7 +234,7 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
                backend=None, return_stats=False):
     eps = V.check_eps(eps, "layer_norm")
     return _rows(x, normalized_shape, weight, bias, eps, backend, return_stats, False,
-                 "layer_norm")
+                 "layer_norm", out)
 
 
 @_stores_out
@@ -237,4 +243,4 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, backend=No
     check_input(x)
     eps = V.default_rms_eps(x.dtype) if eps is None else V.check_eps(eps, "rms_norm")
     return _rows(x, normalized_shape, weight, None, eps, backend, return_stats, True,
-                 "rms_norm")
+                 "rms_norm", out)
