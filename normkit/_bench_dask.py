@@ -98,6 +98,16 @@ def _floor_impls(x, d):
     }
 
 
+def _one_thread(fn):
+    """fn with normkit's kernels on one thread (docs/dask.md: with Dask's threads)."""
+    before = nk.get_num_threads()
+    nk.set_num_threads(1)
+    try:
+        return fn()
+    finally:
+        nk.set_num_threads(before)
+
+
 def _one_size(mib, repeats, chunks=OVERHEAD_CHUNKS):
     import dask.array as da
     n = max(chunks, mib * 2 ** 20 // (64 * 32 * 32 * 4))
@@ -117,6 +127,8 @@ def _one_size(mib, repeats, chunks=OVERHEAD_CHUNKS):
                                   strict=True):
         rows[name] = _ratios({"numpy": lambda c=call: c(x),
                               "dask compute()": lambda c=call: c(d).compute(),
+                              "dask compute(), 1 thr": lambda c=call: _one_thread(
+                                  lambda: c(d).compute()),
                               "dask out=": lambda c=call: c(d, out=out),
                               "dask expression": lambda e=expr: e().compute()}, repeats)
     return {"shape": x.shape, "chunks": d.chunks, "calls": rows,

@@ -131,3 +131,32 @@ def test_overhead_table_runs():
         assert set(res) >= {"numpy", "dask compute()", "dask out="}
         assert all(t > 0 and r > 0 for t, r in res.values())
     assert rows[1]["floor"]["identity map_blocks"][0] > 0
+
+
+class _ThreadsSeen(Callback):
+    """normkit's kernel thread count at the start of every task."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def _pretask(self, key, dsk, state):
+        self.seen.add(nk.get_num_threads())
+
+
+@pytest.mark.parametrize("scheduler, inside", [("threads", 1), ("sync", 2)])
+def test_eager_computations_use_one_kernel_thread_per_dask_thread(scheduler, inside):
+    """2 Dask threads x 1 kernel thread on 2 threads' worth of cores (no oversubscription)
+    during out= and training BatchNorm's eager statistics; the synchronous scheduler
+    runs one task at a time and keeps the kernels' threads; restored afterwards."""
+    x = RNG.normal(size=(16, C, 8, 8)).astype(np.float32)
+    d = da.from_array(x, chunks=(2, C, 8, 8))
+    before = nk.get_num_threads()
+    nk.set_num_threads(2)
+    try:
+        with dask.config.set(scheduler=scheduler, num_workers=2), _ThreadsSeen() as t:
+            nk.batch_norm(d, None, None, None, None, True, out=np.empty_like(x))
+        assert t.seen == {inside}
+        assert nk.get_num_threads() == 2
+    finally:
+        nk.set_num_threads(before)

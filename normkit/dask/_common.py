@@ -2,12 +2,15 @@
 block functions with several outputs."""
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from functools import partial
 
 import numpy as np
 
 from .. import _validate as V
+from ..backends import get_num_threads, set_num_threads
 from . import _blocks
 from ._hook import is_dask
 
@@ -72,30 +75,65 @@ def store_into(result, out):
     (``dask.array.store``: x is never whole in memory; a NumPy ``out`` for a distributed
     scheduler gets the computed result copied in); returns what the NumPy call
     returns with ``out=``: ``out``, or ``(out, mean, rstd)`` with NumPy statistics."""
-    import dask
     import dask.array as da
     y, stats = (result[0], result[1:]) if isinstance(result, tuple) else (result, ())
     wanted = [s for s in stats if s is not None]
-    if isinstance(out, np.ndarray) and not _local_scheduler(y):
+    if isinstance(out, np.ndarray) and not _local_scheduler():
         # a distributed worker would write into its own unpickled copy of out
-        y, *done = dask.compute(y, *wanted)
+        y, *done = compute(y, *wanted)
         out[...] = y
     else:
-        done = dask.compute(da.store(y, out, compute=False), *wanted)[1:]
+        done = compute(da.store(y, out, compute=False), *wanted)[1:]
     if not isinstance(result, tuple):
         return out
     it = iter(done)
     return (out,) + tuple(None if s is None else next(it) for s in stats)
 
 
-def _local_scheduler(y):
-    """True when ``y.compute()`` would run in this process (threads or synchronous), so
-    a task can write into a NumPy array of the caller."""
+def _scheduler():
+    """The scheduler ``dask.compute`` of a Dask array would use now."""
+    import dask.array as da
     import dask.base
+    return dask.base.get_scheduler(cls=da.Array)
+
+
+def _local_scheduler():
+    """True when computing runs in this process (threads or synchronous), so a task can
+    write into a NumPy array of the caller."""
     import dask.local
     import dask.threaded
-    return dask.base.get_scheduler(collections=[y]) in (dask.threaded.get,
-                                                         dask.local.get_sync)
+    return _scheduler() in (dask.threaded.get, dask.local.get_sync)
+
+
+@contextlib.contextmanager
+def _threads_per_task():
+    """While Dask's threaded scheduler runs k tasks at once in this process, normkit's
+    kernels use ``get_num_threads() // k`` threads each (at least 1), as a worker process
+    does (``set_task_threads``): k tasks times the kernels' own threads would otherwise
+    put more threads than cores to work, and a multi-threaded kernel waits at its
+    barrier for threads that have no core. Restored afterwards. (A normkit call that
+    another thread of yours makes meanwhile sees the reduced count too.)"""
+    import dask
+    import dask.threaded
+    before = get_num_threads()
+    workers = dask.config.get("num_workers", None) or os.cpu_count() or 1
+    per = max(1, before // workers)
+    if _scheduler() is not dask.threaded.get or per == before:
+        yield
+        return
+    set_num_threads(per)
+    try:
+        yield
+    finally:
+        set_num_threads(before)
+
+
+def compute(*collections, **kwargs):
+    """``dask.compute`` for the computations normkit itself starts (eager statistics,
+    ``out=``, recalibration, reports), with ``_threads_per_task``."""
+    import dask
+    with _threads_per_task():
+        return dask.compute(*collections, **kwargs)
 
 
 def _graph_arrays(y):
@@ -121,18 +159,18 @@ def write_into(fn, x, others, out):
     import dask.array as da
     nd = x.ndim
     inputs = (x, *others)
-    if not isinstance(out, np.ndarray) or not _local_scheduler(x):
+    if not isinstance(out, np.ndarray) or not _local_scheduler():
         return store_into(da.map_blocks(fn, *inputs, dtype=x.dtype,
                                         meta=np.empty((0,) * nd, x.dtype)), out)
     if any(np.may_share_memory(a, out) for d in inputs for a in _graph_arrays(d)):
-        out[...] = da.map_blocks(fn, *inputs, dtype=x.dtype,
-                                 meta=np.empty((0,) * nd, x.dtype)).compute()
+        (out[...],) = compute(da.map_blocks(fn, *inputs, dtype=x.dtype,
+                                            meta=np.empty((0,) * nd, x.dtype)))
         return out
     # name= given: map_blocks would otherwise hash all of out to name the graph
     done = da.map_blocks(partial(_blocks.write_block, fn, out), *inputs, dtype=bool,
                          chunks=tuple((1,) * len(c) for c in x.chunks),
                          meta=np.empty((0,) * nd, bool), name=f"normkit-out-{uuid.uuid4().hex}")
-    done.compute()
+    compute(done)
     return out
 
 

@@ -31,6 +31,7 @@ from ._backward import (  # noqa: F401
 from ._common import (
     check_input,
     check_out,
+    compute,
     like,
     run_blocks,
     small,
@@ -125,7 +126,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     if x.size == 0:
         return _empty(x, (c,), dt, return_stats)
     if training:        # eager: the statistics of the whole array, exactly merged
-        mom = population_moments(x, (ax,), backend=ctx.backend).compute()
+        (mom,) = compute(population_moments(x, (ax,), backend=ctx.backend))
         mean, m2 = mom["mean"], mom["m2"]
         var = m2 / count
         if running_mean is not None:
@@ -199,7 +200,7 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
         return _empty(x, (n, c), V.param_dtype(x.dtype), return_stats)
     if use_input_stats and (running_mean is not None or running_var is not None):
         # eager, as training BatchNorm: per-instance moments, then the batch average
-        mom = population_moments(x, (0, ax), backend=backend).compute()
+        (mom,) = compute(population_moments(x, (0, ax), backend=backend))
         if running_mean is not None:
             _update_running(running_mean, mom["mean"].mean(axis=0), momentum)
         if running_var is not None:
