@@ -6,7 +6,8 @@ Cases (``docs/dask.md`` has the numbers from this machine):
    along N) normalized by plain normkit (NumPy), by normkit through ``dask.array`` on
    the threaded scheduler -- ``compute()`` (blocks, then their concatenation into a new
    array) and ``out=`` (the kernels write every block into one NumPy array) -- and by
-   the hand-written Dask expression; ratio = time / NumPy time (target <= 1.5x). Dask's
+   the hand-written Dask expression; ratio = time / NumPy time (target <= 1.5x; plain
+   normkit with ``out=`` too, the fair partner of Dask's ``out=``). Dask's
    floor on the same chunks: an identity ``map_blocks`` computed (scheduling, plus the
    final concatenation: one full copy), and a graph whose tasks return one byte each
    (scheduling only), next to one ``np.copy`` of x. Training BatchNorm runs two graphs
@@ -52,17 +53,23 @@ def _time(fn):
     return time.perf_counter() - t
 
 
-def _ratios(impls, repeats):
-    """Median time of each impl and median ratio to the first, interleaved."""
+def _ratios(impls, repeats, partners=None):
+    """Median time of each impl and median ratio to the first, interleaved; for the
+    impls named in ``partners`` ({impl: other impl}), also the median ratio to that one."""
     for fn in impls.values():           # warm-up: compile, load backends, build caches
         fn()
     times: dict[str, list[float]] = {k: [] for k in impls}
     for _ in range(repeats):
         for k, fn in impls.items():
             times[k].append(_time(fn))
-    base = next(iter(impls))
-    return {k: (statistics.median(v),
-                statistics.median(a / b for a, b in zip(v, times[base], strict=True)))
+
+    def ratio(k, base):
+        return statistics.median(a / b for a, b in zip(times[k], times[base], strict=True))
+
+    first = next(iter(impls))
+    partners = partners or {}
+    return {k: (statistics.median(v), ratio(k, first))
+            + ((ratio(k, partners[k]),) if k in partners else ())
             for k, v in times.items()}
 
 
@@ -126,11 +133,13 @@ def _one_size(mib, repeats, chunks=OVERHEAD_CHUNKS):
     for (name, call), expr in zip(calls.items(), _expressions(d, rm, rv).values(),
                                   strict=True):
         rows[name] = _ratios({"numpy": lambda c=call: c(x),
+                              "numpy out=": lambda c=call: c(x, out=out),
                               "dask compute()": lambda c=call: c(d).compute(),
                               "dask compute(), 1 thr": lambda c=call: _one_thread(
                                   lambda: c(d).compute()),
                               "dask out=": lambda c=call: c(d, out=out),
-                              "dask expression": lambda e=expr: e().compute()}, repeats)
+                              "dask expression": lambda e=expr: e().compute()}, repeats,
+                             {"dask out=": "numpy out="})
     return {"shape": x.shape, "chunks": d.chunks, "calls": rows,
             "floor": _ratios(_floor_impls(x, d), repeats)}
 
@@ -289,8 +298,9 @@ def _print_ratios(title, rows, out):
     out.write(f"\n{title}\n")
     for case, res in rows.items():
         out.write(f"  {case}\n")
-        for impl, (t, ratio) in res.items():
-            out.write(f"    {impl:26s} {t * 1e3:9.2f} ms   x{ratio:5.2f}\n")
+        for impl, (t, ratio, *partner) in res.items():
+            also = f"   (x{partner[0]:5.2f} of numpy out=)" if partner else ""
+            out.write(f"    {impl:26s} {t * 1e3:9.2f} ms   x{ratio:5.2f}{also}\n")
 
 
 def run(args=None, out=sys.stdout) -> int:
