@@ -10,7 +10,9 @@
   reduction of ``_reduce``; the running statistics are updated in place then, as for
   NumPy input; the normalized output stays lazy (one more pass over x when computed).
 * ``out=`` (an ndarray, Zarr array, ...): the call becomes eager; the result is written
-  into ``out`` block by block and ``out`` is returned, as for NumPy input.
+  into ``out`` block by block and ``out`` is returned, as for NumPy input. A NumPy
+  ``out`` on a local scheduler is the kernels' own output (``_common.write_into``): no
+  output blocks, no concatenation.
 """
 from __future__ import annotations
 
