@@ -162,3 +162,33 @@ def test_eager_computations_use_one_kernel_thread_per_dask_thread(scheduler, ins
         assert nk.get_num_threads() == 2
     finally:
         nk.set_num_threads(before)
+
+
+class _Graphs(Callback):
+    """How many graphs were run."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def _start(self, dsk):
+        self.count += 1
+
+
+@pytest.mark.parametrize("chunks", [(3, C, 5, 6), (4, 4, 5, 6)])
+def test_training_batch_norm_into_numpy_out_is_one_graph(chunks):
+    """Training BatchNorm with a NumPy out: the moments and the normalized blocks in one
+    graph (one scheduling cost, x's blocks read once from the graph), the running
+    statistics updated after it exactly as by the two-graph lazy call."""
+    x = RNG.normal(3.0, 2.0, (10, C, 5, 6)).astype(np.float32)
+    d = da.from_array(x, chunks=chunks)
+    rm1, rv1 = np.zeros(C, np.float32), np.ones(C, np.float32)
+    rm2, rv2 = rm1.copy(), rv1.copy()
+    want = nk.batch_norm(d, rm1, rv1, training=True, momentum=0.3).compute()
+    out = np.empty_like(x)
+    with _Graphs() as graphs:
+        assert nk.batch_norm(d, rm2, rv2, training=True, momentum=0.3, out=out) is out
+    assert graphs.count == 1
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(rm2, rm1)
+    np.testing.assert_array_equal(rv2, rv1)

@@ -130,6 +130,21 @@ def affine_block(ctx, ax, mean, var, weight, bias, eps, activation, block, resid
                         backend=be, activation=activation, residual=residual, out=out)
 
 
+def train_block(ctx, ax, weight, bias, eps, activation, block, mom, residual=None,
+                block_info=None, out=None):
+    """Training BatchNorm on a block, with the merged moments (``_reduce.MOMENTS``) of
+    this block's channels as a task input: statistics and output in one graph."""
+    be = enter(ctx)
+    block, residual, weight, bias = aligned(block, residual, weight, bias)
+    c0, c1 = channel_range(block_info, ax)
+    sl = slice(c0, c1)
+    mom = mom.reshape(-1)
+    return F.batch_norm(block, mom["mean"], mom["m2"] / mom["n"],
+                        None if weight is None else weight[sl],
+                        None if bias is None else bias[sl], False, 0.0, eps, axis=ax,
+                        backend=be, activation=activation, residual=residual, out=out)
+
+
 def write_block(fn, target, *blocks, block_info=None):
     """``fn`` on one block, its output going straight into that block's region of the
     NumPy array ``target`` (no output block, no final concatenation); returns a

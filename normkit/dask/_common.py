@@ -144,34 +144,50 @@ def _graph_arrays(y):
             yield v
 
 
-def write_into(fn, x, others, out):
-    """``out=`` for a block function ``fn`` (the ``run_blocks`` case without extras).
+def direct_ok(out, inputs):
+    """Tasks may write straight into ``out``: a NumPy array, a scheduler in this
+    process, and no memory shared with an array in the inputs' graphs (a block written
+    early must not change what a later block reads)."""
+    return (isinstance(out, np.ndarray) and _local_scheduler()
+            and not any(np.may_share_memory(a, out) for d in inputs for a in _graph_arrays(d)))
 
-    A NumPy ``out`` on a local scheduler: every task writes its block's result straight
-    into ``out`` (``_blocks.write_block``) -- no output blocks, no final concatenation,
-    the one full copy a NumPy result from ``compute()`` costs. If ``out`` shares memory
-    with data in the graph, the whole result is computed first, then copied (a block
-    written early must not change what a later block reads). Anything else (Zarr, HDF5,
-    a memmap, or a NumPy array for a distributed scheduler): ``store_into``.
-    """
+
+def write_direct(fn, inputs, out, *also):
+    """Compute ``fn`` on the blocks of ``inputs`` (aligned as by ``map_blocks``, the
+    first one giving the output's chunks) into ``out`` (``_blocks.write_block``),
+    together with the Dask arrays ``also`` in the same ``dask.compute``; returns their
+    values."""
     import uuid
 
     import dask.array as da
-    nd = x.ndim
-    inputs = (x, *others)
-    if not isinstance(out, np.ndarray) or not _local_scheduler():
-        return store_into(da.map_blocks(fn, *inputs, dtype=x.dtype,
-                                        meta=np.empty((0,) * nd, x.dtype)), out)
-    if any(np.may_share_memory(a, out) for d in inputs for a in _graph_arrays(d)):
-        (out[...],) = compute(da.map_blocks(fn, *inputs, dtype=x.dtype,
-                                            meta=np.empty((0,) * nd, x.dtype)))
-        return out
+    x = inputs[0]
     # name= given: map_blocks would otherwise hash all of out to name the graph
     done = da.map_blocks(partial(_blocks.write_block, fn, out), *inputs, dtype=bool,
                          chunks=tuple((1,) * len(c) for c in x.chunks),
-                         meta=np.empty((0,) * nd, bool), name=f"normkit-out-{uuid.uuid4().hex}")
-    compute(done)
-    return out
+                         meta=np.empty((0,) * x.ndim, bool),
+                         name=f"normkit-out-{uuid.uuid4().hex}")
+    return compute(done, *also)[1:]
+
+
+def write_into(fn, x, others, out):
+    """``out=`` for a block function ``fn`` (the ``run_blocks`` case without extras).
+
+    ``direct_ok``: every task writes its block's result straight into ``out``
+    (``write_direct``) -- no output blocks, no final concatenation, the one full copy a
+    NumPy result from ``compute()`` costs. A NumPy ``out`` sharing memory with the data:
+    the whole result is computed first, then copied. Anything else (Zarr, HDF5, a
+    memmap, or a NumPy array for a distributed scheduler): ``store_into``.
+    """
+    import dask.array as da
+    inputs = (x, *others)
+    if direct_ok(out, inputs):
+        write_direct(fn, inputs, out)
+        return out
+    y = da.map_blocks(fn, *inputs, dtype=x.dtype, meta=np.empty((0,) * x.ndim, x.dtype))
+    if isinstance(out, np.ndarray) and _local_scheduler():
+        (out[...],) = compute(y)
+        return out
+    return store_into(y, out)
 
 
 def like(a, x, name):

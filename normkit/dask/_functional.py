@@ -34,6 +34,7 @@ from ._common import (
     check_input,
     check_out,
     compute,
+    direct_ok,
     like,
     run_blocks,
     small,
@@ -41,6 +42,7 @@ from ._common import (
     stat_chunks,
     store_into,
     whole,
+    write_direct,
 )
 from ._reduce import population_moments
 
@@ -63,6 +65,17 @@ def _stores_out(fn):
 def _update_running(running, batch_value, momentum):
     """As normkit.functional: in place, in the running statistic's own dtype."""
     running[...] = (1.0 - momentum) * running.astype(np.float64) + momentum * batch_value
+
+
+def _batch_stats(mom, count, running_mean, running_var, momentum):
+    """(mean, biased var) of training BatchNorm from its moments; the running statistics
+    updated in place (unbiased variance)."""
+    mean, m2 = mom["mean"], mom["m2"]
+    if running_mean is not None:
+        _update_running(running_mean, mean, momentum)
+    if running_var is not None:
+        _update_running(running_var, m2 / (count - 1), momentum)
+    return mean, m2 / count
 
 
 def _empty(x, stats_shape, dt, return_stats, with_mean=True):
@@ -127,19 +140,22 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     ctx = _blocks.task_context(backend)
     if x.size == 0:
         return _empty(x, (c,), dt, return_stats)
+    others = () if residual is None else (residual,)
+    if training and not return_stats and direct_ok(out, (x, *others)):
+        # one graph: the moments, then every block normalized into out with them
+        moments = population_moments(x, (ax,), backend=ctx.backend)
+        per_block = moments[tuple(slice(None) if i == ax else None for i in range(x.ndim))]
+        fn = partial(_blocks.train_block, ctx, ax, weight, bias, eps, activation)
+        (mom,) = write_direct(fn, (x, per_block, *others), out, moments)
+        _batch_stats(mom, count, running_mean, running_var, momentum)
+        return out
     if training:        # eager: the statistics of the whole array, exactly merged
         (mom,) = compute(population_moments(x, (ax,), backend=ctx.backend))
-        mean, m2 = mom["mean"], mom["m2"]
-        var = m2 / count
-        if running_mean is not None:
-            _update_running(running_mean, mean, momentum)
-        if running_var is not None:
-            _update_running(running_var, m2 / (count - 1), momentum)
+        mean, var = _batch_stats(mom, count, running_mean, running_var, momentum)
     else:
         mean, var = running_mean.copy(), running_var.astype(np.float64)
     fn = partial(_blocks.affine_block, ctx, ax, mean, var, weight, bias, eps, activation)
-    y = run_blocks(fn, x, () if residual is None else (residual,),
-                   into=None if return_stats else out)
+    y = run_blocks(fn, x, others, into=None if return_stats else out)
     if not return_stats:
         return y
     rstd = 1.0 / np.sqrt(var + eps)
