@@ -2,12 +2,16 @@
 
 Cases (``docs/dask.md`` has the numbers from this machine):
 
-1. overhead: the same in-memory array normalized by plain normkit (NumPy) and by normkit
-   through ``dask.array`` on the threaded scheduler (8 chunks); ratio = Dask / NumPy
-   (target <= 1.5x), and Dask's own floor: ``(x + 0).compute()`` on the same chunks
-   (graph, scheduling, one output block per chunk and the final concatenation).
-   Training BatchNorm reads x twice through Dask (eager statistics, then the lazy
-   output), LayerNorm / GroupNorm once.
+1. overhead: the same in-memory (N, 64, 32, 32) float32 array (16, 64, 256 MiB; 8 chunks
+   along N) normalized by plain normkit (NumPy), by normkit through ``dask.array`` on
+   the threaded scheduler -- ``compute()`` (blocks, then their concatenation into a new
+   array) and ``out=`` (the kernels write every block into one NumPy array) -- and by
+   the hand-written Dask expression; ratio = time / NumPy time (target <= 1.5x; plain
+   normkit with ``out=`` too, the fair partner of Dask's ``out=``). Dask's
+   floor on the same chunks: an identity ``map_blocks`` computed (scheduling, plus the
+   final concatenation: one full copy), and a graph whose tasks return one byte each
+   (scheduling only), next to one ``np.copy`` of x. Training BatchNorm runs two graphs
+   (eager statistics, then the lazy output); the others one.
 2. peers: training-BatchNorm-style standardization of the same Dask array by normkit,
    by the hand-written ``(x - x.mean(axes, keepdims=True)) / x.std(axes, keepdims=True)``
    and, on (N, C) data, by dask-ml's ``StandardScaler`` (if installed).
@@ -49,41 +53,104 @@ def _time(fn):
     return time.perf_counter() - t
 
 
-def _ratios(impls, repeats):
-    """Median time of each impl and median ratio to the first, interleaved."""
+def _ratios(impls, repeats, partners=None):
+    """Median time of each impl and median ratio to the first, interleaved; for the
+    impls named in ``partners`` ({impl: other impl}), also the median ratio to that one."""
     for fn in impls.values():           # warm-up: compile, load backends, build caches
         fn()
     times: dict[str, list[float]] = {k: [] for k in impls}
     for _ in range(repeats):
         for k, fn in impls.items():
             times[k].append(_time(fn))
-    base = next(iter(impls))
-    return {k: (statistics.median(v),
-                statistics.median(a / b for a, b in zip(v, times[base], strict=True)))
+
+    def ratio(k, base):
+        return statistics.median(a / b for a, b in zip(times[k], times[base], strict=True))
+
+    first = next(iter(impls))
+    partners = partners or {}
+    return {k: (statistics.median(v), ratio(k, first))
+            + ((ratio(k, partners[k]),) if k in partners else ())
             for k, v in times.items()}
 
 
-def overhead_cases(repeats=15):
-    import dask
-    import dask.array as da
-    rng = np.random.default_rng(0)
-    x = rng.normal(2.0, 3.0, (64, 64, 32, 32)).astype(np.float32)      # 16 MiB
-    d = da.from_array(x, chunks=(8, 64, 32, 32))
-    rows = {}
-    calls = {
-        "batch_norm (training)": lambda a: nk.batch_norm(a, None, None, None, None, True),
-        "batch_norm (eval)": lambda a: nk.batch_norm(a, np.zeros(64), np.ones(64)),
-        "layer_norm (C,H,W)": lambda a: nk.layer_norm(a, a.shape[1:]),
-        "group_norm (8 groups)": lambda a: nk.group_norm(a, 8),
+OVERHEAD_SIZES_MIB = (16, 64, 256)
+OVERHEAD_CHUNKS = 8          # along the batch axis: 4 tasks per thread of a 2-core machine
+
+
+def _expressions(d, rm, rv, eps=1e-5):
+    """What a Dask user writes for each norm (centered variance, float32 throughout)."""
+    def standardize(a, axes):
+        return (a - a.mean(axes, keepdims=True)) / (a.var(axes, keepdims=True) + eps) ** 0.5
+
+    n, c, h, w = d.shape
+    return {
+        "batch_norm (training)": lambda: standardize(d, (0, 2, 3)),
+        "batch_norm (eval)": lambda: ((d - rm[:, None, None])
+                                      / np.sqrt(rv + eps)[:, None, None]).astype(d.dtype),
+        "layer_norm (C,H,W)": lambda: standardize(d, (1, 2, 3)),
+        "group_norm (8 groups)": lambda: standardize(d.reshape(n, 8, c // 8, h, w),
+                                                     (2, 3, 4)).reshape(d.shape),
     }
+
+
+def _floor_impls(x, d):
+    """Dask's own cost on the same chunks, next to one NumPy pass over x."""
+    import dask.array as da
+    ones = tuple((1,) * len(c) for c in d.chunks)
+    return {
+        "np.copy(x) (one pass)": lambda: np.copy(x),
+        "identity map_blocks": lambda: d.map_blocks(lambda b: b).compute(),
+        "scheduling only": lambda: da.map_blocks(lambda b: np.zeros((1,) * b.ndim, bool), d,
+                                                 chunks=ones, dtype=bool).compute(),
+    }
+
+
+def _one_thread(fn):
+    """fn with normkit's kernels on one thread (docs/dask.md: with Dask's threads)."""
+    before = nk.get_num_threads()
+    nk.set_num_threads(1)
+    try:
+        return fn()
+    finally:
+        nk.set_num_threads(before)
+
+
+def _one_size(mib, repeats, chunks=OVERHEAD_CHUNKS):
+    import dask.array as da
+    n = max(chunks, mib * 2 ** 20 // (64 * 32 * 32 * 4))
+    x = np.random.default_rng(0).normal(2.0, 3.0, (n, 64, 32, 32)).astype(np.float32)
+    d = da.from_array(x, chunks=(n // chunks, 64, 32, 32))
+    out = np.empty_like(x)
+    rm, rv = np.zeros(64, np.float32), np.ones(64, np.float32)
+    calls = {
+        "batch_norm (training)": lambda a, **k: nk.batch_norm(a, None, None, None, None,
+                                                              True, **k),
+        "batch_norm (eval)": lambda a, **k: nk.batch_norm(a, rm, rv, **k),
+        "layer_norm (C,H,W)": lambda a, **k: nk.layer_norm(a, a.shape[1:], **k),
+        "group_norm (8 groups)": lambda a, **k: nk.group_norm(a, 8, **k),
+    }
+    rows = {}
+    for (name, call), expr in zip(calls.items(), _expressions(d, rm, rv).values(),
+                                  strict=True):
+        rows[name] = _ratios({"numpy": lambda c=call: c(x),
+                              "numpy out=": lambda c=call: c(x, out=out),
+                              "dask compute()": lambda c=call: c(d).compute(),
+                              "dask compute(), 1 thr": lambda c=call: _one_thread(
+                                  lambda: c(d).compute()),
+                              "dask out=": lambda c=call: c(d, out=out),
+                              "dask expression": lambda e=expr: e().compute()}, repeats,
+                             {"dask out=": "numpy out="})
+    return {"shape": x.shape, "chunks": d.chunks, "calls": rows,
+            "floor": _ratios(_floor_impls(x, d), repeats)}
+
+
+def overhead_cases(sizes_mib=OVERHEAD_SIZES_MIB, repeats=3):
+    """normkit on NumPy against normkit on Dask (``compute()``, which concatenates the
+    blocks into a new array, and ``out=``, which writes them into one) and the Dask
+    expression, per size; plus Dask's floor on the same chunks. Threaded scheduler."""
+    import dask
     with dask.config.set(scheduler="threads"):
-        for name, call in calls.items():
-            res = _ratios({"numpy": lambda c=call: c(x),
-                           "dask": lambda c=call: c(d).compute(),
-                           "dask x + 0 (engine floor)": lambda: (d + 0).compute()},
-                          repeats)
-            rows[name] = res
-    return rows, x.shape, d.chunks
+        return {mib: _one_size(mib, repeats) for mib in sizes_mib}
 
 
 def peer_cases(repeats=9):
@@ -231,8 +298,9 @@ def _print_ratios(title, rows, out):
     out.write(f"\n{title}\n")
     for case, res in rows.items():
         out.write(f"  {case}\n")
-        for impl, (t, ratio) in res.items():
-            out.write(f"    {impl:26s} {t * 1e3:9.2f} ms   x{ratio:5.2f}\n")
+        for impl, (t, ratio, *partner) in res.items():
+            also = f"   (x{partner[0]:5.2f} of numpy out=)" if partner else ""
+            out.write(f"    {impl:26s} {t * 1e3:9.2f} ms   x{ratio:5.2f}{also}\n")
 
 
 def run(args=None, out=sys.stdout) -> int:
@@ -245,9 +313,12 @@ def run(args=None, out=sys.stdout) -> int:
     out.write(f"normkit {nk.__version__} on Dask {dask.__version__}; backend "
               f"{nk.backends.resolve().NAME}, {nk.get_num_threads()} threads, "
               f"{os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
-    rows, shape, chunks = overhead_cases()
-    _print_ratios(f"1. overhead, threaded scheduler, {shape} float32 in {len(chunks[0])} "
-                  "chunks (ratio to plain normkit on the NumPy array)", rows, out)
+    for mib, res in overhead_cases().items():
+        _print_ratios(f"1. overhead, threaded scheduler, {res['shape']} float32 ({mib} MiB) "
+                      f"in {len(res['chunks'][0])} chunks of {res['chunks'][0][0]} samples "
+                      "(ratio to plain normkit on the NumPy array)", res["calls"], out)
+        _print_ratios(f"   Dask's floor on the same chunks ({mib} MiB; ratio to np.copy)",
+                      {"floor": res["floor"]}, out)
     _print_ratios("2. against the hand-written Dask expression and dask-ml "
                   f"(ratio to normkit){'' if _dask_ml_scaler() else ' [dask-ml absent]'}",
                   peer_cases(), out)

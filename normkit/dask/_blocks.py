@@ -67,15 +67,17 @@ def _keepdims(stat, block_shape, kept):
 
 
 # ---------------------------------------------------------------- forward blocks
-def rows_block(ctx, ns, weight, bias, eps, rms, return_stats, block):
-    """LayerNorm / RMSNorm on a block holding whole rows."""
+def rows_block(ctx, ns, weight, bias, eps, rms, return_stats, block, block_info=None,
+               out=None):
+    """LayerNorm / RMSNorm on a block holding whole rows (``out``: see ``write_block``)."""
     be = enter(ctx)
     block, weight, bias = aligned(block, weight, bias)
     if rms:
-        res = F.rms_norm(block, ns, weight, eps, backend=be, return_stats=return_stats)
+        res = F.rms_norm(block, ns, weight, eps, backend=be, return_stats=return_stats,
+                         out=out)
     else:
         res = F.layer_norm(block, ns, weight, bias, eps, backend=be,
-                           return_stats=return_stats)
+                           return_stats=return_stats, out=out)
     if not return_stats:
         return res
     y, mean, rstd = res
@@ -85,7 +87,7 @@ def rows_block(ctx, ns, weight, bias, eps, rms, return_stats, block):
 
 
 def sample_block(ctx, ax, per, weight, bias, eps, fixed, activation, return_stats,
-                 block, residual=None, block_info=None):
+                 block, residual=None, block_info=None, out=None):
     """GroupNorm (per = C / G) or InstanceNorm (per = 1) on a block of whole groups.
 
     ``fixed=(running_mean, running_var)``: InstanceNorm with use_input_stats=False.
@@ -99,14 +101,14 @@ def sample_block(ctx, ax, per, weight, bias, eps, fixed, activation, return_stat
     b = None if bias is None else bias[sl]
     if fixed is not None:
         res = F.instance_norm(block, fixed[0][sl], fixed[1][sl], w, b, False, 0.0, eps,
-                              axis=ax, backend=be, return_stats=return_stats)
+                              axis=ax, backend=be, return_stats=return_stats, out=out)
     elif per == 1 and residual is None and activation is None:
         res = F.instance_norm(block, None, None, w, b, True, 0.0, eps, axis=ax,
-                              backend=be, return_stats=return_stats)
+                              backend=be, return_stats=return_stats, out=out)
     else:
         res = F.group_norm(block, (c1 - c0) // per, w, b, eps, axis=ax, backend=be,
                            return_stats=return_stats, activation=activation,
-                           residual=residual)
+                           residual=residual, out=out)
     if not return_stats:
         return res
     y, mean, rstd = res
@@ -116,7 +118,7 @@ def sample_block(ctx, ax, per, weight, bias, eps, fixed, activation, return_stat
 
 
 def affine_block(ctx, ax, mean, var, weight, bias, eps, activation, block, residual=None,
-                 block_info=None):
+                 block_info=None, out=None):
     """BatchNorm with fixed per-channel statistics (running, or the exact batch ones)."""
     be = enter(ctx)
     block, residual, mean, var, weight, bias = aligned(block, residual, mean, var, weight,
@@ -125,7 +127,37 @@ def affine_block(ctx, ax, mean, var, weight, bias, eps, activation, block, resid
     sl = slice(c0, c1)
     return F.batch_norm(block, mean[sl], var[sl], None if weight is None else weight[sl],
                         None if bias is None else bias[sl], False, 0.0, eps, axis=ax,
-                        backend=be, activation=activation, residual=residual)
+                        backend=be, activation=activation, residual=residual, out=out)
+
+
+def train_block(ctx, ax, weight, bias, eps, activation, block, mom, residual=None,
+                block_info=None, out=None):
+    """Training BatchNorm on a block, with the merged moments (``_reduce.MOMENTS``) of
+    this block's channels as a task input: statistics and output in one graph."""
+    be = enter(ctx)
+    block, residual, weight, bias = aligned(block, residual, weight, bias)
+    c0, c1 = channel_range(block_info, ax)
+    sl = slice(c0, c1)
+    mom = mom.reshape(-1)
+    return F.batch_norm(block, mom["mean"], mom["m2"] / mom["n"],
+                        None if weight is None else weight[sl],
+                        None if bias is None else bias[sl], False, 0.0, eps, axis=ax,
+                        backend=be, activation=activation, residual=residual, out=out)
+
+
+def write_block(fn, target, *blocks, block_info=None):
+    """``fn`` on one block, its output going straight into that block's region of the
+    NumPy array ``target`` (no output block, no final concatenation); returns a
+    one-element placeholder. Where the region is not one contiguous piece of memory
+    (``target`` chunked across a non-leading axis), the block's result is copied in.
+    """
+    region = tuple(slice(a, b) for a, b in block_info[0]["array-location"])
+    view = target[region]
+    if view.flags.c_contiguous and view.flags.aligned:
+        fn(*blocks, block_info=block_info, out=view)
+    else:
+        view[...] = fn(*blocks, block_info=block_info)
+    return np.zeros((1,) * view.ndim, bool)
 
 
 def item(k, parts):

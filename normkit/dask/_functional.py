@@ -10,7 +10,9 @@
   reduction of ``_reduce``; the running statistics are updated in place then, as for
   NumPy input; the normalized output stays lazy (one more pass over x when computed).
 * ``out=`` (an ndarray, Zarr array, ...): the call becomes eager; the result is written
-  into ``out`` block by block and ``out`` is returned, as for NumPy input.
+  into ``out`` block by block and ``out`` is returned, as for NumPy input. A NumPy
+  ``out`` on a local scheduler is the kernels' own output (``_common.write_into``): no
+  output blocks, no concatenation.
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ from ._backward import (  # noqa: F401
 from ._common import (
     check_input,
     check_out,
+    compute,
+    direct_ok,
     like,
     run_blocks,
     small,
@@ -38,25 +42,40 @@ from ._common import (
     stat_chunks,
     store_into,
     whole,
+    write_direct,
 )
 from ._reduce import population_moments
 
 
 def _stores_out(fn):
-    """``out=``: run the lazy call, then store its result into ``out`` (``store_into``)."""
+    """``out=``: checked here, then passed on; the call writes into ``out`` block by block
+    and returns it (``_common.write_into``), or returns a lazy result (with statistics,
+    or for empty x) that is stored into ``out`` here (``store_into``)."""
     @functools.wraps(fn)
     def wrapper(x, *args, out=None, **kwargs):
         if out is None:
             return fn(x, *args, **kwargs)
         check_input(x)
         check_out(out, x)
-        return store_into(fn(x, *args, **kwargs), out)
+        res = fn(x, *args, out=out, **kwargs)
+        return res if res is out else store_into(res, out)
     return wrapper
 
 
 def _update_running(running, batch_value, momentum):
     """As normkit.functional: in place, in the running statistic's own dtype."""
     running[...] = (1.0 - momentum) * running.astype(np.float64) + momentum * batch_value
+
+
+def _batch_stats(mom, count, running_mean, running_var, momentum):
+    """(mean, biased var) of training BatchNorm from its moments; the running statistics
+    updated in place (unbiased variance)."""
+    mean, m2 = mom["mean"], mom["m2"]
+    if running_mean is not None:
+        _update_running(running_mean, mean, momentum)
+    if running_var is not None:
+        _update_running(running_var, m2 / (count - 1), momentum)
+    return mean, m2 / count
 
 
 def _empty(x, stats_shape, dt, return_stats, with_mean=True):
@@ -121,18 +140,22 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     ctx = _blocks.task_context(backend)
     if x.size == 0:
         return _empty(x, (c,), dt, return_stats)
+    others = () if residual is None else (residual,)
+    if training and not return_stats and direct_ok(out, (x, *others)):
+        # one graph: the moments, then every block normalized into out with them
+        moments = population_moments(x, (ax,), backend=ctx.backend)
+        per_block = moments[tuple(slice(None) if i == ax else None for i in range(x.ndim))]
+        fn = partial(_blocks.train_block, ctx, ax, weight, bias, eps, activation)
+        (mom,) = write_direct(fn, (x, per_block, *others), out, moments)
+        _batch_stats(mom, count, running_mean, running_var, momentum)
+        return out
     if training:        # eager: the statistics of the whole array, exactly merged
-        mom = population_moments(x, (ax,), backend=ctx.backend).compute()
-        mean, m2 = mom["mean"], mom["m2"]
-        var = m2 / count
-        if running_mean is not None:
-            _update_running(running_mean, mean, momentum)
-        if running_var is not None:
-            _update_running(running_var, m2 / (count - 1), momentum)
+        (mom,) = compute(population_moments(x, (ax,), backend=ctx.backend))
+        mean, var = _batch_stats(mom, count, running_mean, running_var, momentum)
     else:
         mean, var = running_mean.copy(), running_var.astype(np.float64)
     fn = partial(_blocks.affine_block, ctx, ax, mean, var, weight, bias, eps, activation)
-    y = run_blocks(fn, x, () if residual is None else (residual,))
+    y = run_blocks(fn, x, others, into=None if return_stats else out)
     if not return_stats:
         return y
     rstd = 1.0 / np.sqrt(var + eps)
@@ -141,7 +164,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
 
 # ====================================================================== Group / Instance
 def _per_sample(x, ax, per, weight, bias, eps, fixed, activation, residual, backend,
-                return_stats):
+                return_stats, out=None):
     """GroupNorm / InstanceNorm block by block; stats (N, C / per)."""
     ctx = _blocks.task_context(backend)
     spatial = [i for i in range(1, x.ndim) if i != ax]
@@ -150,7 +173,7 @@ def _per_sample(x, ax, per, weight, bias, eps, fixed, activation, residual, back
     fn = partial(_blocks.sample_block, ctx, ax, per, weight, bias, eps, fixed, activation,
                  return_stats)
     if not return_stats:
-        return run_blocks(fn, xw, others)
+        return run_blocks(fn, xw, others, into=out)
     dt = V.param_dtype(x.dtype)
     chunks = stat_chunks(xw, (0, ax), {ax: tuple(ch // per for ch in xw.chunks[ax])})
     y, mean, rstd = run_blocks(fn, xw, others, [(chunks, dt), (chunks, dt)])
@@ -170,7 +193,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=N
     if x.size == 0:
         return _empty(x, (x.shape[0], groups), V.param_dtype(x.dtype), return_stats)
     return _per_sample(x, ax, c // groups, weight, bias, eps, None, activation, residual,
-                       backend, return_stats)
+                       backend, return_stats, out)
 
 
 @_stores_out
@@ -195,16 +218,18 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
         return _empty(x, (n, c), V.param_dtype(x.dtype), return_stats)
     if use_input_stats and (running_mean is not None or running_var is not None):
         # eager, as training BatchNorm: per-instance moments, then the batch average
-        mom = population_moments(x, (0, ax), backend=backend).compute()
+        (mom,) = compute(population_moments(x, (0, ax), backend=backend))
         if running_mean is not None:
             _update_running(running_mean, mom["mean"].mean(axis=0), momentum)
         if running_var is not None:
             _update_running(running_var, (mom["m2"] / (spatial - 1)).mean(axis=0), momentum)
-    return _per_sample(x, ax, 1, weight, bias, eps, fixed, None, None, backend, return_stats)
+    return _per_sample(x, ax, 1, weight, bias, eps, fixed, None, None, backend, return_stats,
+                       out)
 
 
 # ====================================================================== Layer / RMS
-def _rows(x, normalized_shape, weight, bias, eps, backend, return_stats, rms, what):
+def _rows(x, normalized_shape, weight, bias, eps, backend, return_stats, rms, what,
+          out=None):
     check_input(x)
     ns = V.normalized_shape(normalized_shape, x, what)
     weight, bias = small(weight), small(bias)
@@ -215,7 +240,7 @@ def _rows(x, normalized_shape, weight, bias, eps, backend, return_stats, rms, wh
     xw = whole(x, range(lead, x.ndim))
     fn = partial(_blocks.rows_block, ctx, ns, weight, bias, eps, rms, return_stats)
     if not return_stats:
-        return run_blocks(fn, xw)
+        return run_blocks(fn, xw, into=out)
     dt = V.param_dtype(x.dtype)
     chunks = stat_chunks(xw, range(lead))
     y, mean, rstd = run_blocks(fn, xw, (), [None if rms else (chunks, dt), (chunks, dt)])
@@ -228,7 +253,7 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
                backend=None, return_stats=False):
     eps = V.check_eps(eps, "layer_norm")
     return _rows(x, normalized_shape, weight, bias, eps, backend, return_stats, False,
-                 "layer_norm")
+                 "layer_norm", out)
 
 
 @_stores_out
@@ -237,4 +262,4 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, backend=No
     check_input(x)
     eps = V.default_rms_eps(x.dtype) if eps is None else V.check_eps(eps, "rms_norm")
     return _rows(x, normalized_shape, weight, None, eps, backend, return_stats, True,
-                 "rms_norm")
+                 "rms_norm", out)

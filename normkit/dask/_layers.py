@@ -22,6 +22,7 @@ import numpy as np
 from .. import _moments
 from ..layers import BatchNorm
 from ..recalibration import _as_named_layers, _batch_for
+from ._common import compute
 from ._hook import is_dask
 from ._reduce import population_moments
 
@@ -63,7 +64,6 @@ def recalibrate(layers_or_callable: Any, batches: Any, *, layers: Any = None,
     (the callable form is not handled here). ``progress=True`` shows Dask's local
     progress bar (a distributed cluster has its dashboard instead).
     """
-    import dask
     if layers is not None or callable(layers_or_callable) and not hasattr(
             layers_or_callable, "track_running_stats"):
         raise TypeError("normkit.dask.recalibrate takes layers (the callable form runs "
@@ -84,9 +84,9 @@ def recalibrate(layers_or_callable: Any, batches: Any, *, layers: Any = None,
     if progress:
         from dask.diagnostics import ProgressBar
         with ProgressBar():
-            (done,) = dask.compute(lazy)
+            (done,) = compute(lazy)
     else:
-        (done,) = dask.compute(lazy)
+        (done,) = compute(lazy)
     return _finish(named, done)
 
 

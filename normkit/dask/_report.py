@@ -26,7 +26,7 @@ from ..diagnostics import _from_moments as fm
 from ..diagnostics import _noise_model as noise
 from ..diagnostics._config import Thresholds
 from ..diagnostics._report import BatchStatsReport
-from ._common import known_chunks, stand_in
+from ._common import compute, known_chunks, stand_in
 from ._reduce import population_moments
 
 
@@ -56,7 +56,6 @@ def batch_stats_report(x: Any, *, axis: int = 1, kind: str = "batch",
 
 def _batch_moments(x, ax, thr, backend):
     """(mu, m2) (N, C), m and the kurtosis subsample (N, C, k), float64."""
-    import dask
     if ax == 0:       # no sample structure: every value is a sample (m = 1)
         import dask.array as da
         mu = da.moveaxis(x, 0, -1).reshape(-1, x.shape[0]).astype(np.float64).compute()
@@ -67,7 +66,7 @@ def _batch_moments(x, ax, thr, backend):
     lazy = [population_moments(x, (0, ax), backend=backend)]
     if m > 3:         # within_kurtosis reads the subsample only then
         lazy.append(_subsample(x, ax, xm_shape, fm.subsample_size(thr, x.shape[0], m)))
-    done = dask.compute(*lazy)
+    done = compute(*lazy)
     mom = done[0]
     sub = np.moveaxis(done[1], 0, -1) if m > 3 else np.empty(mom.shape + (0,))
     return mom["mean"], mom["m2"], m, sub
@@ -91,7 +90,7 @@ def _group_moments(x, ax, groups, backend):
     import dask.array as da
     n_samples, c = x.shape[0], x.shape[ax]
     per = c // groups
-    mom = population_moments(x, (0, ax), backend=backend).compute()
+    (mom,) = compute(population_moments(x, (0, ax), backend=backend))
     m = x.size // (n_samples * c)
     mean, m2 = _moments.merge_equal(mom["mean"].reshape(n_samples, groups, per),
                                     mom["m2"].reshape(n_samples, groups, per), m, axis=2)
@@ -102,6 +101,6 @@ def _group_moments(x, ax, groups, backend):
         x.chunks[i] if i in (0, ax) else (1,) for i in range(x.ndim)))
     dev2 = (x.astype(np.float64) - centre_d) ** 2
     spatial = tuple(i for i in range(x.ndim) if i not in (0, ax))
-    r4 = (dev2 * dev2).sum(axis=spatial).compute()           # (N, C)
+    (r4,) = compute((dev2 * dev2).sum(axis=spatial))         # (N, C)
     r4 = r4.reshape(n_samples, groups, per).sum(axis=2)
     return mean, m2, r4, m * per
