@@ -128,3 +128,33 @@ def tol_running_state_float32_peer(x, steps):
     stat = np.maximum(bound_merged_mean(np.abs(rows).mean(axis=1), n, U32),
                       bound_merged_var(rows, 1, U32) * n / max(n - 1, 1))
     return dict(rtol=4 * steps * U32, atol=steps * float(stat.max()))
+
+
+# ------------------------------------------------------------ a kernel's backward
+def bound_rows_backward(dy, x, mean, rstd, w, rms, dtype):
+    """Bounds of the rows_backward kernel's (dweight, dbias, dx) against the float64
+    reference. dx = r (g - a - xhat bc), a = mean(g) (0 for RMS), bc = mean(g xhat):
+    the two float64 means of K terms, then ~6 roundings in dtype; dw, db: float64 sums
+    over R. xhat is formed from the float64 mean (to working precision of dtype, see
+    _cases). 16-bit data: the float32 bound (terms of the means possibly formed in
+    float32, ``term_roundoff``) plus the 16-bit rounding of both sides (``narrowing``).
+    (The same bound as tests/test_kernels.py's _rows_backward_bounds.)"""
+    u = K.compute_roundoff(dtype)
+    ut = K.term_roundoff(dtype)
+    r, mu = rstd[:, None], mean[:, None]
+    xhat = (x.astype(np.float64) - mu) * r
+    g = dy.astype(np.float64) * w.astype(np.float64)
+    k = x.shape[1]
+    gk = K.gamma(k)
+    a = 0.0 if rms else g.mean(axis=1, keepdims=True)
+    bc = (g * xhat).mean(axis=1, keepdims=True)
+    d_a = 0.0 if rms else (2 * gk + 4 * ut) * np.abs(g).mean(axis=1, keepdims=True)
+    d_bc = ((2 * gk + 4 * ut) * np.abs(g * xhat).mean(axis=1, keepdims=True)
+            + 8 * u * np.abs(bc))
+    dx = (r * (d_a + np.abs(xhat) * d_bc)
+          + 8 * u * r * (np.abs(g) + np.abs(a) + 2 * np.abs(xhat * bc))
+          + 2 * u * u * r * r * np.abs(mu * bc))
+    dx = K.narrowing(dtype, dx, r * (np.abs(g) + np.abs(a) + np.abs(xhat * bc)))
+    dw = K.bound_sum(np.abs(dy * xhat).sum(axis=0), x.shape[0], dtype)
+    db = K.bound_sum(np.abs(dy.astype(np.float64)).sum(axis=0), x.shape[0], dtype)
+    return [dw, db, dx]
