@@ -158,3 +158,16 @@ def bound_rows_backward(dy, x, mean, rstd, w, rms, dtype):
     dw = K.bound_sum(np.abs(dy * xhat).sum(axis=0), x.shape[0], dtype)
     db = K.bound_sum(np.abs(dy.astype(np.float64)).sum(axis=0), x.shape[0], dtype)
     return [dw, db, dx]
+
+
+def bound_moments_from_stats(mean, var, n, u=K.U64):
+    """Two-sided bounds (d_mean, d_var) of a float64 population mean and variance of n
+    values computed by two algorithms (Chan merges, pairwise, two-pass), from the
+    statistics alone (for data too large to revisit): K.bound_mean and K.bound_m2 / n
+    with mean|x| <= sqrt(E[x^2]) (Cauchy-Schwarz), E[x^2] = var + mean^2, M2 = n var."""
+    mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
+    meansq = var + mean * mean
+    g = K.gamma(n, u)
+    d_mean = 2 * K.gamma(n + 1, u) * np.sqrt(meansq)
+    d_var = 4 * (g * np.sqrt(var * meansq) + g * g * meansq + g * var)
+    return d_mean, d_var
