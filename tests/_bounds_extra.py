@@ -5,6 +5,8 @@ normalized-output bounds are reused, never restated.
 """
 from __future__ import annotations
 
+import math
+
 import _cases as K
 import numpy as np
 
@@ -171,3 +173,54 @@ def bound_moments_from_stats(mean, var, n, u=K.U64):
     d_mean = 2 * K.gamma(n + 1, u) * np.sqrt(meansq)
     d_var = 4 * (g * np.sqrt(var * meansq) + g * g * meansq + g * var)
     return d_mean, d_var
+
+
+# ------------------------------------------------------------ Monte-Carlo checks
+# Statistical tolerances (not rounding bounds) of the diagnostics' Monte-Carlo tests:
+# z times the standard error of the estimated statistic under the test's own sampling
+# model, z the two-sided normal quantile of P_FAIL, so that a correct estimator fails
+# with probability ~P_FAIL over re-drawn seeds (the seeds are fixed: it then never
+# flips). Where two random quantities are compared, their SEs add (sd(A - B) <=
+# sd(A) + sd(B) whatever their correlation).
+P_FAIL = 1e-9
+
+
+def z_score(p_fail=P_FAIL):
+    """Two-sided standard normal quantile: 6.11 for 1e-9."""
+    from scipy import stats
+    return float(stats.norm.isf(p_fail / 2))
+
+
+def rel_se_sd(kurtosis, count):
+    """Relative SE of a standard deviation estimated from ``count`` i.i.d. values of
+    kurtosis k (delta method: Var(s^2)/sigma^4 = (k - 1)/count, halved for the sqrt):
+    sqrt((k - 1) / (4 count)); pooled by RMS over C replicates, count = B C. For the
+    sample variance of n normal values, k = 3 + 12 / (n - 1)."""
+    return math.sqrt((kurtosis - 1) / (4 * count))
+
+
+def rel_se_rms(samples):
+    """Relative SE of the RMS of independent replicates v_i: RMS^2 = mean(v^2) has SE
+    sd(v^2) / sqrt(N) (central limit theorem), the sqrt halves its relative SE."""
+    v2 = np.asarray(samples, np.float64).ravel() ** 2
+    return float(v2.std(ddof=1) / (2 * v2.mean() * math.sqrt(v2.size)))
+
+
+def chi2_ratio_interval(df, p_fail=P_FAIL):
+    """(lo, hi) with P(lo <= s^2 / sigma^2 <= hi) = 1 - p_fail for a normal-theory
+    variance estimate on ``df`` degrees of freedom (s^2 ~ sigma^2 chi2(df) / df), from
+    scipy's exact chi2 quantiles."""
+    from scipy import stats
+    return (float(stats.chi2.ppf(p_fail / 2, df)) / df,
+            float(stats.chi2.isf(p_fail / 2, df)) / df)
+
+
+def median_interval(samples, p_fail=P_FAIL):
+    """Distribution-free interval of the population median from independent samples:
+    the number of samples below it is Binomial(N, 1/2), so it lies between the order
+    statistics k and N + 1 - k, k = binom.ppf(p_fail / 2, N, 1/2), with probability
+    >= 1 - p_fail (scipy's exact binomial quantiles)."""
+    from scipy import stats
+    v = np.sort(np.asarray(samples, np.float64).ravel())
+    k = max(int(stats.binom.ppf(p_fail / 2, v.size, 0.5)), 1)
+    return float(v[k - 1]), float(v[v.size - k])

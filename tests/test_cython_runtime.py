@@ -14,6 +14,8 @@ import sys
 import textwrap
 import threading
 
+import _bounds_extra as BX
+import _cases as K
 import ml_dtypes
 import numpy as np
 import pytest
@@ -21,9 +23,6 @@ import pytest
 import normkit
 from normkit.backends import numpy_ref as ref
 from normkit.backends import resolve
-
-import _bounds_extra as BX
-import _cases as K
 
 try:
     from normkit.backends import cython_backend as cy
@@ -149,11 +148,11 @@ def _bounds_all(d, dtype, eps=1e-5):
             b += [K.bound_elementwise(dtype, xc * p1, p2, res) for res in (0.0, dy, dy)]
     for x, g in ((d["x3"], 5), (d["x3"], 1), (d["long"].reshape(2, 1, 70000), 1)):
         n, c, s = x.shape
-        per = lambda p: _f64(p[:c]).reshape(1, g, c // g, 1)
+        w, bias = (_f64(d[k][:c]).reshape(1, g, c // g, 1) for k in ("w", "b"))
         blocks = x.reshape(n * g, -1)
         b += [K.bound_mean(blocks, 1).reshape(n, g), K.bound_rstd(blocks, 1, eps).reshape(n, g),
-              K.bound_normalized(x.reshape(n, g, c // g, s), (2, 3), eps, per(d["w"]),
-                                 per(d["b"]), dtype).reshape(x.shape)]
+              K.bound_normalized(x.reshape(n, g, c // g, s), (2, 3), eps, w, bias,
+                                 dtype).reshape(x.shape)]
     return b
 
 

@@ -23,6 +23,8 @@ import pytest
 
 da = pytest.importorskip("dask.array", reason="dask is not installed "
                          "(pip install 'normkit[dask]')")
+import _bounds_extra as BX  # noqa: E402
+import _cases as K  # noqa: E402
 import dask
 from dask.callbacks import Callback
 
@@ -30,9 +32,6 @@ import normkit as nk
 import normkit.dask as nkd
 from normkit.backends import resolve
 from normkit.diagnostics import batch_stats_report
-
-import _bounds_extra as BX  # noqa: E402
-import _cases as K  # noqa: E402
 
 RNG = np.random.default_rng(2027)
 

@@ -14,12 +14,11 @@ Table-driven, every backend:
 """
 import warnings
 
+import _cases as K
 import numpy as np
 import pytest
 
 import normkit as nk
-
-import _cases as K
 
 try:
     import torch
