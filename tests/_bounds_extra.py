@@ -5,6 +5,8 @@ normalized-output bounds are reused, never restated.
 """
 from __future__ import annotations
 
+import math
+
 import _cases as K
 import numpy as np
 
@@ -128,3 +130,97 @@ def tol_running_state_float32_peer(x, steps):
     stat = np.maximum(bound_merged_mean(np.abs(rows).mean(axis=1), n, U32),
                       bound_merged_var(rows, 1, U32) * n / max(n - 1, 1))
     return dict(rtol=4 * steps * U32, atol=steps * float(stat.max()))
+
+
+# ------------------------------------------------------------ a kernel's backward
+def bound_rows_backward(dy, x, mean, rstd, w, rms, dtype):
+    """Bounds of the rows_backward kernel's (dweight, dbias, dx) against the float64
+    reference. dx = r (g - a - xhat bc), a = mean(g) (0 for RMS), bc = mean(g xhat):
+    the two float64 means of K terms, then ~6 roundings in dtype; dw, db: float64 sums
+    over R. xhat is formed from the float64 mean (to working precision of dtype, see
+    _cases). 16-bit data: the float32 bound (terms of the means possibly formed in
+    float32, ``term_roundoff``) plus the 16-bit rounding of both sides (``narrowing``).
+    (The same bound as tests/test_kernels.py's _rows_backward_bounds.)"""
+    u = K.compute_roundoff(dtype)
+    ut = K.term_roundoff(dtype)
+    r, mu = rstd[:, None], mean[:, None]
+    xhat = (x.astype(np.float64) - mu) * r
+    g = dy.astype(np.float64) * w.astype(np.float64)
+    k = x.shape[1]
+    gk = K.gamma(k)
+    a = 0.0 if rms else g.mean(axis=1, keepdims=True)
+    bc = (g * xhat).mean(axis=1, keepdims=True)
+    d_a = 0.0 if rms else (2 * gk + 4 * ut) * np.abs(g).mean(axis=1, keepdims=True)
+    d_bc = ((2 * gk + 4 * ut) * np.abs(g * xhat).mean(axis=1, keepdims=True)
+            + 8 * u * np.abs(bc))
+    dx = (r * (d_a + np.abs(xhat) * d_bc)
+          + 8 * u * r * (np.abs(g) + np.abs(a) + 2 * np.abs(xhat * bc))
+          + 2 * u * u * r * r * np.abs(mu * bc))
+    dx = K.narrowing(dtype, dx, r * (np.abs(g) + np.abs(a) + np.abs(xhat * bc)))
+    dw = K.bound_sum(np.abs(dy * xhat).sum(axis=0), x.shape[0], dtype)
+    db = K.bound_sum(np.abs(dy.astype(np.float64)).sum(axis=0), x.shape[0], dtype)
+    return [dw, db, dx]
+
+
+def bound_moments_from_stats(mean, var, n, u=K.U64):
+    """Two-sided bounds (d_mean, d_var) of a float64 population mean and variance of n
+    values computed by two algorithms (Chan merges, pairwise, two-pass), from the
+    statistics alone (for data too large to revisit): K.bound_mean and K.bound_m2 / n
+    with mean|x| <= sqrt(E[x^2]) (Cauchy-Schwarz), E[x^2] = var + mean^2, M2 = n var."""
+    mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
+    meansq = var + mean * mean
+    g = K.gamma(n, u)
+    d_mean = 2 * K.gamma(n + 1, u) * np.sqrt(meansq)
+    d_var = 4 * (g * np.sqrt(var * meansq) + g * g * meansq + g * var)
+    return d_mean, d_var
+
+
+# ------------------------------------------------------------ Monte-Carlo checks
+# Statistical tolerances (not rounding bounds) of the diagnostics' Monte-Carlo tests:
+# z times the standard error of the estimated statistic under the test's own sampling
+# model, z the two-sided normal quantile of P_FAIL, so that a correct estimator fails
+# with probability ~P_FAIL over re-drawn seeds (the seeds are fixed: it then never
+# flips). Where two random quantities are compared, their SEs add (sd(A - B) <=
+# sd(A) + sd(B) whatever their correlation).
+P_FAIL = 1e-9
+
+
+def z_score(p_fail=P_FAIL):
+    """Two-sided standard normal quantile: 6.11 for 1e-9."""
+    from scipy import stats
+    return float(stats.norm.isf(p_fail / 2))
+
+
+def rel_se_sd(kurtosis, count):
+    """Relative SE of a standard deviation estimated from ``count`` i.i.d. values of
+    kurtosis k (delta method: Var(s^2)/sigma^4 = (k - 1)/count, halved for the sqrt):
+    sqrt((k - 1) / (4 count)); pooled by RMS over C replicates, count = B C. For the
+    sample variance of n normal values, k = 3 + 12 / (n - 1)."""
+    return math.sqrt((kurtosis - 1) / (4 * count))
+
+
+def rel_se_rms(samples):
+    """Relative SE of the RMS of independent replicates v_i: RMS^2 = mean(v^2) has SE
+    sd(v^2) / sqrt(N) (central limit theorem), the sqrt halves its relative SE."""
+    v2 = np.asarray(samples, np.float64).ravel() ** 2
+    return float(v2.std(ddof=1) / (2 * v2.mean() * math.sqrt(v2.size)))
+
+
+def chi2_ratio_interval(df, p_fail=P_FAIL):
+    """(lo, hi) with P(lo <= s^2 / sigma^2 <= hi) = 1 - p_fail for a normal-theory
+    variance estimate on ``df`` degrees of freedom (s^2 ~ sigma^2 chi2(df) / df), from
+    scipy's exact chi2 quantiles."""
+    from scipy import stats
+    return (float(stats.chi2.ppf(p_fail / 2, df)) / df,
+            float(stats.chi2.isf(p_fail / 2, df)) / df)
+
+
+def median_interval(samples, p_fail=P_FAIL):
+    """Distribution-free interval of the population median from independent samples:
+    the number of samples below it is Binomial(N, 1/2), so it lies between the order
+    statistics k and N + 1 - k, k = binom.ppf(p_fail / 2, N, 1/2), with probability
+    >= 1 - p_fail (scipy's exact binomial quantiles)."""
+    from scipy import stats
+    v = np.sort(np.asarray(samples, np.float64).ravel())
+    k = max(int(stats.binom.ppf(p_fail / 2, v.size, 0.5)), 1)
+    return float(v[k - 1]), float(v[v.size - k])

@@ -6,8 +6,9 @@ Tolerance of the report comparison: the Dask path computes the same float64 mome
 as the in-memory path, merged in another order (Chan's merge of per-block partials
 against NumPy's pairwise sums); a sum of n terms reordered moves by at most
 n * eps64 * (sum of |terms|), here (n <= 2**18 values, |mean| / std <= 4) a relative
-1e-10 at most. The report's other numbers are smooth functions of those moments
-(ratios of variance components, square roots, a clip at 0 that is continuous) with
+1e-10 at most: the mean and variance are checked against that bound computed
+(BX.bound_moments_from_stats). The report's other numbers are smooth functions of
+those moments (ratios of variance components, square roots, a clip at 0) with
 well-conditioned data here (no near-cancellation: rho well away from 0 and 1), so
 rtol 1e-8 keeps a margin of 100; integers, flags and messages must be equal.
 """
@@ -23,6 +24,8 @@ import pytest
 
 da = pytest.importorskip("dask.array", reason="dask is not installed "
                          "(pip install 'normkit[dask]')")
+import _bounds_extra as BX  # noqa: E402
+import _cases as K  # noqa: E402
 import dask
 from dask.callbacks import Callback
 
@@ -53,8 +56,14 @@ def _data(shape, ax, dtype=np.float32):
 
 
 def _assert_same_report(got, want):
+    # the statistics themselves: float64 moments of n values merged in two orders
+    d_mean, d_var = BX.bound_moments_from_stats(want.mean, want.var, want.values_per_channel)
+    K.assert_within(got.mean, want.mean, d_mean, "mean")
+    K.assert_within(got.var, want.var, d_var, "var")
     for f in dataclasses.fields(want):
         g, w = getattr(got, f.name), getattr(want, f.name)
+        if f.name in ("mean", "var"):
+            continue
         if isinstance(w, np.ndarray) and w.dtype.kind == "f":
             assert g.shape == w.shape, f.name
             np.testing.assert_allclose(g, w, rtol=1e-8, atol=1e-300, equal_nan=True,
@@ -162,7 +171,11 @@ def test_out_numpy_filled_by_compute():
     out = np.full_like(x, np.nan)
     got = nk.layer_norm(d, x.shape[1:], out=out)
     assert got is out
-    np.testing.assert_allclose(out, nk.layer_norm(x, x.shape[1:]), rtol=0, atol=1e-13)
+    # two float64 normalizations of the same values (blocks merged or not), each within
+    # K.bound_normalized of the float64 formula: 2x that bound apart
+    norm = lambda axes, **k: 2 * K.bound_normalized(x, axes, k.pop("eps", 1e-5), None,
+                                                    None, np.float64, **k)
+    K.assert_within(out, nk.layer_norm(x, x.shape[1:]), norm((1, 2, 3)), "layer_norm")
     out2 = np.empty_like(x)
     rm, rv = np.zeros(6), np.ones(6)
     rm_np, rv_np = rm.copy(), rv.copy()
@@ -170,11 +183,22 @@ def test_out_numpy_filled_by_compute():
     y_np, mean_np, rstd_np = nk.batch_norm(x, rm_np, rv_np, training=True,
                                            return_stats=True)
     assert y is out2 and isinstance(mean, np.ndarray) and isinstance(rstd, np.ndarray)
-    for g, w in ((out2, y_np), (mean, mean_np), (rstd, rstd_np), (rm, rm_np), (rv, rv_np)):
-        np.testing.assert_allclose(g, w, rtol=0, atol=1e-12)
+    # statistics per channel over (N, H, W): each side within K's bound of the exact
+    # value; running buffers blend them with momentum 0.1 (the variance unbiased, n/(n-1))
+    # plus a few roundings of the blend (4 u64)
+    rows = np.moveaxis(x, 1, 0).reshape(6, -1)
+    n = rows.shape[1]
+    d_mean, d_rstd = 2 * K.bound_mean(rows, 1), 2 * K.bound_rstd(rows, 1, 1e-5)
+    d_rm = 0.1 * d_mean + 4 * K.U64 * np.abs(rm_np)
+    d_rv = 0.1 * 2 * K.bound_m2(rows, 1) / (n - 1) + 4 * K.U64 * np.abs(rv_np)
+    for g, w, b, what in ((out2, y_np, norm((0, 2, 3)), "y"), (mean, mean_np, d_mean, "mean"),
+                          (rstd, rstd_np, d_rstd, "rstd"), (rm, rm_np, d_rm, "running_mean"),
+                          (rv, rv_np, d_rv, "running_var")):
+        K.assert_within(g, w, b, what)
     y, mean, rstd = nk.rms_norm(d, 4, out=out, return_stats=True)
     assert y is out and mean is None
-    np.testing.assert_allclose(out, nk.rms_norm(x, 4), rtol=0, atol=1e-13)
+    K.assert_within(out, nk.rms_norm(x, 4), norm(3, rms=True, eps=np.finfo(np.float64).eps),
+                    "rms_norm")
 
 
 def test_out_zarr_written_block_by_block(tmp_path):
@@ -184,8 +208,11 @@ def test_out_zarr_written_block_by_block(tmp_path):
     z = zarr.open(str(tmp_path / "y.zarr"), mode="w", shape=x.shape, chunks=(2, 4, 6, 6),
                   dtype=x.dtype)
     assert nk.group_norm(d, 2, out=z) is z
-    np.testing.assert_allclose(z[...], nk.group_norm(x, 2), rtol=0,
-                               atol=12 * np.finfo(np.float32).eps * 8)
+    # two float32 normalizations of the same values, each within K.bound_normalized of
+    # the float64 formula (groups of 2 channels x 36 values)
+    bound = 2 * K.bound_normalized(x.reshape(8, 2, 2, 36), (2, 3), 1e-5, None, None,
+                                   np.float32)
+    K.assert_within(z[...], nk.group_norm(x, 2), bound.reshape(x.shape), "group_norm")
 
 
 def test_out_errors_say_what_to_do():
@@ -294,8 +321,11 @@ def test_report_on_a_cluster_past_its_memory_limit():
                                  x.var(axis=(0, 2, 3), dtype=np.float64))
     assert x.nbytes >= 4 * 2 * limit * 2 ** 20
     assert rep.values_per_channel == n * hw * hw and rep.num_samples == n
-    np.testing.assert_allclose(rep.mean, mean, rtol=1e-8)
-    np.testing.assert_allclose(rep.var, var, rtol=1e-8)
+    # float64 moments of the same float32 values by two merge orders (Chan's merges of
+    # per-block partials vs dask's tree of chunk moments): BX.bound_moments_from_stats
+    d_mean, d_var = BX.bound_moments_from_stats(mean, var, rep.values_per_channel)
+    K.assert_within(rep.mean, mean, d_mean, "mean")
+    K.assert_within(rep.var, var, d_var, "var")
     assert not rep.unstable, rep.reasons
 
 

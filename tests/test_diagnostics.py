@@ -5,14 +5,13 @@ convergence scenarios. Formulas and assumptions: docs/diagnostics.md.
 import math
 import warnings
 
+import _cases as K
 import numpy as np
 import pytest
 
 import normkit as nk
 from normkit import diagnostics as D
 from normkit.diagnostics import UnstableBatchStatisticsWarning as W
-
-import _cases as K
 
 
 @pytest.fixture(autouse=True)
@@ -33,119 +32,6 @@ def _image_like(rng, n, c, h, rho, dtype=np.float32):
     """Per-(sample, channel) random offsets plus i.i.d. noise: intra-sample correlation rho."""
     a = math.sqrt(rho) * rng.standard_normal((n, c, 1, 1))
     return (a + math.sqrt(1 - rho) * rng.standard_normal((n, c, h, h))).astype(dtype)
-
-
-# ============================================================ Monte Carlo: the statistics
-def _monte_carlo(gen, batches, sigma2=None):
-    """Empirical spread of the batch statistics over many batches vs the reports.
-
-    Returns (empirical var CV, predicted var_rel_se, empirical n_eff, predicted n_eff
-    (median), predicted mean_rel_se, empirical mean SE / sigma). Channels are independent
-    replicates, so spreads are taken per channel over batches and pooled (RMS) over
-    channels; predictions are the RMS of the per-batch estimates (they estimate a
-    variance, so averaging squares is what is unbiased).
-    """
-    reps = [D.batch_stats_report(gen()) for _ in range(batches)]
-    var = np.array([r.var for r in reps])
-    mean = np.array([r.mean for r in reps])
-    emp_cv = math.sqrt(np.mean((var.std(axis=0, ddof=1) / var.mean(axis=0)) ** 2))
-    pred_cv = math.sqrt(np.mean(np.array([r.var_rel_se for r in reps]) ** 2))
-    s2 = var.mean() if sigma2 is None else sigma2
-    var_of_mean = mean.var(axis=0, ddof=1).mean()
-    emp_neff = s2 / var_of_mean
-    pred_neff = float(np.median([r.n_eff for r in reps]))
-    pred_mse = math.sqrt(np.mean(np.array([r.mean_rel_se for r in reps]) ** 2))
-    return emp_cv, pred_cv, emp_neff, pred_neff, pred_mse, math.sqrt(var_of_mean / s2), reps
-
-
-def _mc_cv_rtol(n, batches, channels, p_fail=1e-9):
-    """Statistical tolerance (not a rounding bound) of an empirical CV of the variance
-    estimated from ``batches`` i.i.d. normal batches in each of ``channels`` independent
-    channels, pooled by RMS: the sample variance of n normal values has kurtosis
-    k = 3 + 12 / (n - 1), so a standard deviation estimated from B of them has relative
-    SE sqrt((k - 1) / 4B), pooled over C channels sqrt((k - 1) / 4BC). Two-sided normal
-    quantile at p_fail: a false failure over re-drawn seeds has probability ~p_fail."""
-    from scipy import stats
-    k = 3 + 12 / (n - 1)
-    return float(stats.norm.isf(p_fail / 2) * math.sqrt((k - 1) / (4 * batches * channels)))
-
-
-@pytest.mark.parametrize("shape", [(4, 32, 8, 8), (16, 32), (64, 32), (2, 48)])
-def test_var_rel_se_iid_normal(shape):
-    rng = np.random.default_rng(1)
-    emp, pred, emp_neff, pred_neff, pred_mse, emp_mse, reps = _monte_carlo(
-        lambda: rng.standard_normal(shape), 250, sigma2=1.0)
-    n = reps[0].values_per_channel
-    assert n == math.prod(shape) // shape[1]
-    # statistical, not rounding: emp estimates a CV from 250 batches x 32 channels
-    assert abs(pred / emp - 1) < _mc_cv_rtol(n, 250, shape[1]), (pred, emp)
-    assert abs(pred / math.sqrt(2 / (n - 1)) - 1) < 0.1         # the textbook value
-    assert abs(pred_mse / emp_mse - 1) < 0.2
-    assert abs(pred_neff / n - 1) < 0.05                      # no correlation: n_eff ~ n
-
-
-def test_var_rel_se_heavy_tails_uses_kurtosis():
-    """Student t(6) has kurtosis 6: the normal formula would be ~37% too small."""
-    rng = np.random.default_rng(2)
-    shape = (8, 16, 8, 8)
-    emp, pred, *_ = _monte_carlo(lambda: rng.standard_t(6, shape), 200, sigma2=1.5)
-    n = 8 * 64
-    normal = math.sqrt(2 / (n - 1))
-    assert abs(normal / emp - 1) > 0.25                       # the normal formula fails
-    assert abs(pred / emp - 1) < 0.2, (pred, emp)
-
-
-@pytest.mark.parametrize("n,h,rho", [(8, 16, 0.3), (16, 8, 0.1), (4, 32, 0.5)])
-def test_correlated_image_like_n_eff_and_var_rel_se(n, h, rho):
-    rng = np.random.default_rng(3)
-    emp, pred, emp_neff, pred_neff, pred_mse, emp_mse, reps = _monte_carlo(
-        lambda: _image_like(rng, n, 32, h, rho, np.float64), 250, sigma2=1.0)
-    values = n * h * h
-    # n_eff: close to the truth measured the same way (variance of the batch mean over
-    # batches), and far below the number of values
-    # (per-batch n_eff from N samples is a ratio estimate, biased up at small N: the
-    # layers pool it over steps; see test_layer_pools_structure_over_steps_at_batch_2)
-    assert abs(pred_neff / emp_neff - 1) < (0.2 if n >= 8 else 0.25), (pred_neff, emp_neff)
-    assert emp_neff < values / 5 and pred_neff < values / 5
-    assert abs(pred_mse / emp_mse - 1) < 0.2
-    # var_rel_se from the variance components matches the empirical spread ...
-    assert abs(pred / emp - 1) < 0.2, (pred, emp)
-    # ... where the naive sqrt(2 / (n_eff - 1)) does not (it treats the variance like
-    # the mean; the between-sample part enters the variance squared)
-    if rho >= 0.3:
-        naive = math.sqrt(2 / (emp_neff - 1))
-        assert naive / emp > 1.3, (naive, emp)
-
-
-def test_heteroscedastic_samples():
-    """Samples of different scale: the per-sample variances spread more than the model
-    of identical samples allows; the empirical term keeps var_rel_se calibrated."""
-    rng = np.random.default_rng(4)
-
-    def gen():
-        s = np.exp(0.4 * rng.standard_normal((8, 32, 1, 1)))
-        return (math.sqrt(0.3) * rng.standard_normal((8, 32, 1, 1))
-                + math.sqrt(0.7) * s * rng.standard_normal((8, 32, 16, 16)))
-    emp, pred, *_ = _monte_carlo(gen, 250)
-    assert abs(pred / emp - 1) < 0.2, (pred, emp)
-
-
-def test_layer_pools_structure_over_steps_at_batch_2():
-    """One batch of 2 samples measures rho on 1 degree of freedom; the layer pools the
-    variance components over steps and converges to the true rho."""
-    rng = np.random.default_rng(5)
-    bn = nk.BatchNorm(32, diagnostics={"check_every": 1, "warn_every": None})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", W)
-        for _ in range(60):
-            bn(_image_like(rng, 2, 32, 28, 0.5))
-    rho = bn._diag_state.pooled_rho()
-    assert abs(np.median(rho) - 0.5) < 0.1
-    true_neff = 2 * 784 / (1 + 783 * 0.5)                      # 3.99
-    pool = bn._diag_state.pool
-    n_eff, mse, vse, _ = D._noise_model.expected_noise(
-        rho, 784, 2, *(pool[k] for k in ("beta_w", "het", "beta_b")))
-    assert abs(np.median(n_eff) / true_neff - 1) < 0.25
 
 
 # ============================================================ report object

@@ -3,28 +3,13 @@
 torch, onnx and onnxruntime are optional peers: each group of tests skips on its own
 when its package is missing; the rest of the file still runs.
 
-The model-zoo test uses the "light" ResNet-50, DenseNet-121, Inception-v2 and
-ShuffleNet graphs that the onnx package ships under ``onnx/backend/test/data/light``.
-They keep the real graph structure but not the real weights: most weights (and most
-BatchNormalization parameters) are computed by ``ConstantOfShape`` nodes filling them
-with 0.02, a few BN parameters are stored initializers. The test therefore
-
-1. imports every BatchNormalization node with ``normkit.from_onnx`` (which evaluates
-   the constant subgraphs),
-2. runs the whole model once in ONNX Runtime (graph optimizations off, so Conv+BN is
-   not fused) on a seeded standard-normal input of the model's input shape
-   (1, 3, 224, 224), with every BN node's input and output added as graph outputs,
-3. feeds each BN node's real input to its normkit layer and compares with ORT's output
-   of that node, relative to the output's magnitude (ResNet-50's activations grow to
-   ~1e18 with these weights; they stay finite).
-
-All 292 BatchNormalization nodes are checked (53 + 121 + 69 + 49).
+The model-zoo tests (every BatchNormalization node of four ONNX models, and folding them
+into the convolutions) are in tests/test_interop_onnx_fold.py.
 """
 import os
 import sys
 
 import _bounds_extra as BX
-import _cases as K
 import numpy as np
 import pytest
 
@@ -373,141 +358,6 @@ def test_import_normkit_does_not_import_peers():
     code = ("import sys, normkit; bad = [m for m in ('torch', 'onnx', 'onnxruntime') "
             "if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
-
-
-# ====================================================================== ONNX: model zoo
-LIGHT_MODELS = ["resnet50", "densenet121", "inception_v2", "shufflenet"]
-EXPECTED_BN_NODES = {"resnet50": 53, "densenet121": 121, "inception_v2": 69, "shufflenet": 49}
-
-
-def _light_path(name):
-    return os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light",
-                        f"light_{name}.onnx")
-
-
-def _run_with_tensors(model, tensor_names, seed=0):
-    """Run ``model`` in ORT (no graph optimizations) exposing ``tensor_names`` as outputs."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    have = {o.name for o in model.graph.output}
-    for t in tensor_names:
-        if t not in have:
-            model.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
-            have.add(t)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
-    inp = sess.get_inputs()[0]
-    x = np.random.default_rng(seed).standard_normal(inp.shape).astype(np.float32)
-    names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, {inp.name: x})))
-
-
-def _rel_err(got, expected):
-    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
-    return np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-30)
-
-
-@needs_ort
-@pytest.mark.parametrize("name", LIGHT_MODELS)
-def test_light_models_every_batch_norm_node_matches_ort(name):
-    path = _light_path(name)
-    model = onnx.load(path)
-    bn_nodes = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
-    assert len(bn_nodes) == EXPECTED_BN_NODES[name]
-    layers = normkit.from_onnx(path)
-    assert list(layers) == [n.name for n in bn_nodes]
-    tensors = _run_with_tensors(model, [t for n in bn_nodes for t in (n.input[0], n.output[0])])
-    for node in bn_nodes:
-        layer = layers[node.name]
-        assert isinstance(layer, normkit.BatchNorm) and not layer.training
-        x, expected = tensors[node.input[0]], tensors[node.output[0]]
-        assert np.isfinite(expected).all()
-        y = layer(x)
-        assert y.dtype == np.float32 and y.shape == expected.shape
-        # eval BatchNorm, no reduction: both compute (x - m) * s + b elementwise in float32
-        # (a few roundings, K.bound_elementwise of the terms; ORT may fold s and b first)
-        s = layer.weight / np.sqrt(layer.running_var + layer.eps)
-        view = (1, -1) + (1,) * (x.ndim - 2)
-        terms = (np.abs(x * s.reshape(view)), np.abs(layer.running_mean * s).reshape(view),
-                 np.abs(layer.bias).reshape(view))
-        K.assert_within(y, expected, K.bound_elementwise(np.float32, *terms), node.name)
-
-
-@needs_ort
-@pytest.mark.parametrize("name", ["shufflenet", "densenet121"])
-def test_fold_onnx_batch_norms_light_models(name):
-    """Folding BN into the convolutions keeps every BN output tensor (ORT vs ORT).
-
-    ShuffleNet has grouped convolutions and every BN follows a Conv; DenseNet-121 has
-    BNs after Concat/pooling, which must stay. (ResNet-50 and Inception-v2 fold too,
-    see docs/inference.md; left out here to keep the suite fast.)
-    """
-    path = _light_path(name)
-    model = onnx.load(path)
-    before = model.SerializeToString()
-    folded = normkit.fold_onnx_batch_norms(model)
-    assert model.SerializeToString() == before            # input untouched
-    onnx.checker.check_model(folded)
-    bn_nodes = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
-    left = [n for n in folded.graph.node if n.op_type == "BatchNormalization"]
-    producers = {o: n.op_type for n in model.graph.node for o in n.output}
-    # every BN fed by a Conv is folded; the others (DenseNet's BN after Concat/pooling) stay
-    assert len(left) == sum(producers[n.input[0]] != "Conv" for n in bn_nodes)
-    names = [n.output[0] for n in bn_nodes]
-    a = _run_with_tensors(model, names)
-    b = _run_with_tensors(folded, names)
-    for t in names:
-        assert _rel_err(b[t], a[t]) < 1e-4, t
-
-
-@needs_ort
-def test_fold_onnx_batch_norms_conv_transpose():
-    """A grouped, strided ConvTranspose + BN folds (checked in ORT; onnx.reference's
-    ConvTranspose does not handle groups)."""
-    rng = np.random.default_rng(5)
-    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)      # in=4, out=6, groups=2
-    params = [(rng.random(6) + 0.5), rng.standard_normal(6), rng.standard_normal(6),
-              rng.random(6) + 0.5]
-    nodes = [helper.make_node("ConvTranspose", ["x", "w"], ["c"], group=2, strides=[2, 2]),
-             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"])]
-    inits = [numpy_helper.from_array(w, "w")] + [
-        numpy_helper.from_array(p.astype(np.float32), n) for n, p in zip("sbmv", params)]
-    graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 5])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)],
-                              ir_version=8)
-    folded = normkit.fold_onnx_batch_norms(model)
-    assert [n.op_type for n in folded.graph.node] == ["ConvTranspose"]
-    assert {t.name for t in folded.graph.initializer} == {"w__bnfolded",
-                                                          "BatchNormalization_1__bias"}
-    x = rng.standard_normal((1, 4, 5, 5)).astype(np.float32)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    expected, got = (ort.InferenceSession(m.SerializeToString(), opts,
-                                          providers=["CPUExecutionProvider"])
-                     .run(None, {"x": x})[0] for m in (model, folded))
-    # folded vs unfolded (BX.bound_folded, u32): each output is a dot product of at most
-    # (4 / 2 groups) * 3 * 3 products; the terms' magnitudes from the same ConvTranspose
-    # run on |x| and |w|
-    abs_graph = helper.make_graph(
-        nodes[:1], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 5])],
-        [helper.make_tensor_value_info("c", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(np.abs(w), "w")])
-    abs_model = helper.make_model(abs_graph, opset_imports=[helper.make_opsetid("", 15)],
-                                  ir_version=8)
-    abs_out = ort.InferenceSession(abs_model.SerializeToString(), opts,
-                                   providers=["CPUExecutionProvider"]).run(
-        None, {"x": np.abs(x)})[0].astype(np.float64)
-    gamma, beta, mean, var = (p.astype(np.float32).astype(np.float64) for p in params)
-    scale = np.abs(gamma) / np.sqrt(var + 1e-5)              # ONNX's default epsilon
-    view = (1, -1, 1, 1)
-    bound = BX.bound_folded(scale.reshape(view) * abs_out,
-                            (scale * np.abs(mean) + np.abs(beta)).reshape(view),
-                            2 * 3 * 3, np.float32)
-    K.assert_within(got, expected, bound, "folded ConvTranspose")
 
 
 # ====================================================================== docs
