@@ -139,8 +139,7 @@ def bound_rows_backward(dy, x, mean, rstd, w, rms, dtype):
     the two float64 means of K terms, then ~6 roundings in dtype; dw, db: float64 sums
     over R. xhat is formed from the float64 mean (to working precision of dtype, see
     _cases). 16-bit data: the float32 bound (terms of the means possibly formed in
-    float32, ``term_roundoff``) plus the 16-bit rounding of both sides (``narrowing``).
-    (The same bound as tests/test_kernels.py's _rows_backward_bounds.)"""
+    float32, ``term_roundoff``) plus the 16-bit rounding of both sides (``narrowing``)."""
     u = K.compute_roundoff(dtype)
     ut = K.term_roundoff(dtype)
     r, mu = rstd[:, None], mean[:, None]

@@ -11,6 +11,7 @@ kernels that write ``out`` are also run in place (``out`` is ``x``) and must giv
 same bits. A kernel added to ``_spec.KERNELS`` without an entry here fails the table
 test. NaN/Inf propagation has its own test over the same table.
 """
+import _bounds_extra as BX
 import _cases as K
 import numpy as np
 import pytest
@@ -79,35 +80,8 @@ def _rows_backward(shape, dtype, kind, variant, seed):
     w = _params(1, s, dtype, seed + 2)[0]
     mean, rstd = ref.rows_forward(x, w, w, EPS, rms, np.empty(x.shape))
     return Call([dy, x, mean, rstd, w, rms, np.empty_like(x)], out=6,
-                bounds=_rows_backward_bounds(dy, x, mean, rstd, w, rms, dtype),
+                bounds=BX.bound_rows_backward(dy, x, mean, rstd, w, rms, dtype),
                 inplace=False)
-
-
-def _rows_backward_bounds(dy, x, mean, rstd, w, rms, dtype):
-    """dx = r (g - a - xhat bc), a = mean(g) (0 for RMS), bc = mean(g xhat): the two
-    float64 means of K terms, then ~6 roundings in dtype; dw, db: float64 sums over R.
-    xhat is formed from the float64 mean (to working precision of dtype, see _cases).
-    16-bit data: the float32 bound (terms of the means possibly formed in float32,
-    ``term_roundoff``) plus the 16-bit rounding of both sides (``narrowing``)."""
-    u = K.compute_roundoff(dtype)
-    ut = K.term_roundoff(dtype)
-    r, mu = rstd[:, None], mean[:, None]
-    xhat = (x.astype(np.float64) - mu) * r
-    g = dy.astype(np.float64) * w.astype(np.float64)
-    k = x.shape[1]
-    gk = K.gamma(k)
-    a = 0.0 if rms else g.mean(axis=1, keepdims=True)
-    bc = (g * xhat).mean(axis=1, keepdims=True)
-    d_a = 0.0 if rms else (2 * gk + 4 * ut) * np.abs(g).mean(axis=1, keepdims=True)
-    d_bc = ((2 * gk + 4 * ut) * np.abs(g * xhat).mean(axis=1, keepdims=True)
-            + 8 * u * np.abs(bc))
-    dx = (r * (d_a + np.abs(xhat) * d_bc)
-          + 8 * u * r * (np.abs(g) + np.abs(a) + 2 * np.abs(xhat * bc))
-          + 2 * u * u * r * r * np.abs(mu * bc))
-    dx = K.narrowing(dtype, dx, r * (np.abs(g) + np.abs(a) + np.abs(xhat * bc)))
-    dw = K.bound_sum(np.abs(dy * xhat).sum(axis=0), x.shape[0], dtype)
-    db = K.bound_sum(np.abs(dy.astype(np.float64)).sum(axis=0), x.shape[0], dtype)
-    return [dw, db, dx]
 
 
 def _per_channel_inputs(shape, dtype, kind, variant, seed):
