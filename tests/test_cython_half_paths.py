@@ -53,7 +53,7 @@ def test_half_kernel_tails(level, dtype, name, variant, kind, shape):
         args = list(call.args)
         args[call.out] = args[0] = np.array(call.args[0], copy=True)
         again = TK._results(getattr(be, name), call, args)
-        for a, b in zip(again, got):
+        for a, b in zip(again, got, strict=True):
             np.testing.assert_array_equal(a, b, err_msg=f"{level} {name} in place")
 
 
