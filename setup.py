@@ -51,7 +51,7 @@ TEMPLATE = os.path.join(BACKENDS, "_cython_kernels.pyx.tp")
 # the template's parts and the C header: rendered or included into every build
 DEPENDS = [os.path.join(BACKENDS, name) for name in (
     "_kernels_shared.pxi.tp", "_kernels_stats.pxi.tp", "_kernels_elementwise.pxi.tp",
-    "_kernels_api.pxi.tp", "nk_helpers.h")]
+    "_kernels_api.pxi.tp", "nk_helpers.h", "nk_half.h")]
 
 OPENMP_TEST = textwrap.dedent("""\
     #include <omp.h>

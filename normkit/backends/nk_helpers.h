@@ -59,7 +59,7 @@
    selects as bit masks -- so gcc vectorizes loops that call them, at every SIMD
    level, without -ffast-math. */
 #include <stdint.h>
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX512F__)
 #  include <immintrin.h>
 #endif
 typedef uint16_t nk_f16;
@@ -111,42 +111,6 @@ static inline nk_bf16 nk_f32_to_bf16(float f) {
     return (nk_bf16)nk_sel((u & 0x7fffffffu) > 0x7f800000u, nan, rounded);
 }
 
-/* Elementwise kernels on 16-bit data work on blocks of at most NK_BLOCK values:
-   widened into a float32 buffer, computed there, narrowed back. So the float16
-   conversions run as F16C vector instructions where the build has them (gcc does not
-   vectorize the scalar F16C intrinsics, and the portable formulas cost ~2x the
-   float32 kernel). F16C narrows with round to nearest even to the same bits as
-   nk_f32_to_f16 for every input but a signalling NaN, which arithmetic never
-   produces; the kernels only narrow arithmetic results. */
-#define NK_BLOCK 256
-
-static inline void nk_widen_f16(const nk_f16 *p, float *dst, Py_ssize_t n) {
-    Py_ssize_t i = 0;
-#if defined(__F16C__)
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + i))));
-#endif
-    for (; i < n; i++) dst[i] = nk_f16_to_f32(p[i]);
-}
-
-static inline void nk_narrow_f16(const float *src, nk_f16 *q, Py_ssize_t n) {
-    Py_ssize_t i = 0;
-#if defined(__F16C__)
-    for (; i + 8 <= n; i += 8)
-        _mm_storeu_si128((__m128i *)(q + i),
-                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-#endif
-    for (; i < n; i++) q[i] = nk_f32_to_f16(src[i]);
-}
-
-static inline void nk_widen_bf16(const nk_bf16 *p, float *dst, Py_ssize_t n) {
-    for (Py_ssize_t i = 0; i < n; i++) dst[i] = nk_bf16_to_f32(p[i]);
-}
-
-static inline void nk_narrow_bf16(const float *src, nk_bf16 *q, Py_ssize_t n) {
-    for (Py_ssize_t i = 0; i < n; i++) q[i] = nk_f32_to_bf16(src[i]);
-}
-
 /* Moments of a block in one pass with explicit vectors (GCC/clang vector extensions):
    s1 = sum(p - k), s2 = sum((p - k)^2) in double, 4 accumulators of NK_VW lanes each,
    i.e. the NK_ACC scheme written out. gcc's own vectorizer turns the same loop into a
@@ -168,20 +132,39 @@ typedef uint32_t nk_vu __attribute__((vector_size(NK_VW * 4)));
 typedef uint16_t nk_vh __attribute__((vector_size(NK_VW * 2)));
 typedef int32_t nk_vi __attribute__((vector_size(NK_VW * 4)));
 
+/* float -> double and uint16 -> uint32 lanes: the intrinsics where the build has
+   them (gcc lowers __builtin_convertvector of 256/512-bit vectors to halves and
+   inserts, ~2x the instructions) */
+static inline nk_vd nk_vf_to_vd(nk_vf v) {
+#if defined(__AVX512F__) && NK_VW == 8
+    return (nk_vd)_mm512_cvtps_pd((__m256)v);
+#elif defined(__AVX__) && NK_VW == 4
+    return (nk_vd)_mm256_cvtps_pd((__m128)v);
+#else
+    return __builtin_convertvector(v, nk_vd);
+#endif
+}
+
 static inline nk_vd nk_vld_f32(const float *p) {
     nk_vf v;
     memcpy(&v, p, sizeof v);
-    return __builtin_convertvector(v, nk_vd);
+    return nk_vf_to_vd(v);
 }
 
 static inline nk_vu nk_vld_u16(const uint16_t *p) {
+#if defined(__AVX2__) && NK_VW == 8
+    return (nk_vu)_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+#elif defined(__AVX2__) && NK_VW == 4
+    return (nk_vu)_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)p));
+#else
     nk_vh h;
     memcpy(&h, p, sizeof h);
     return __builtin_convertvector(h, nk_vu);
+#endif
 }
 
 static inline nk_vd nk_vld_bf16(const nk_bf16 *p) {
-    return __builtin_convertvector((nk_vf)(nk_vld_u16(p) << 16), nk_vd);
+    return nk_vf_to_vd((nk_vf)(nk_vld_u16(p) << 16));
 }
 
 /* float16 -> float32 on NK_VW lanes: F16C where the build has it (NaN comes out
@@ -204,7 +187,7 @@ static inline nk_vd nk_vld_f16(const nk_f16 *p) {
     nk_vu r = (special & is_special) | (~is_special & ((sub & is_sub) | (normal & ~is_sub)));
     v = (nk_vf)(r | ((h & 0x8000u) << 16));
 #endif
-    return __builtin_convertvector(v, nk_vd);
+    return nk_vf_to_vd(v);
 }
 
 #define NK_SHIFTED(NAME, T, VLOAD, WIDEN)                                          \
@@ -238,6 +221,10 @@ static void NAME(const T *p, Py_ssize_t n, double k, double *s1, double *s2) {  
 NK_SHIFTED(nk_shifted_f32, float, nk_vld_f32, )
 NK_SHIFTED(nk_shifted_f16, nk_f16, nk_vld_f16, nk_f16_to_f32)
 NK_SHIFTED(nk_shifted_bf16, nk_bf16, nk_vld_bf16, nk_bf16_to_f32)
+
+/* The C kernels of the 16-bit rows: elementwise passes with conversions in registers,
+   fused backward sums, channels-last column sums. */
+#include "nk_half.h"
 
 /* Which of setup.py's builds this CPU (and OS) can run: 0 baseline, 1 AVX2 + F16C,
    2 AVX-512 (F, CD, VL, DQ, BW) + F16C: the flags those builds are compiled with. */

@@ -1,0 +1,402 @@
+/* C kernels of normkit's Cython backend for float16/bfloat16 data (the rows of the
+   dtype table with LD): included by nk_helpers.h after the conversions, NK_HAVE_VEC,
+   the double vectors (nk_vd, NK_VW) and their loads. */
+#ifndef NK_HALF_H
+#define NK_HALF_H
+
+/* ---------------------------------------------------------------- 16-bit elementwise
+   The elementwise passes on float16/bfloat16 data load NK_FW values, widen them in
+   registers, compute in float32 and narrow once on the store: no float32 buffer in
+   between (a block buffer cost three passes over L1 and ran at ~0.85-1.2x the float32
+   time). float16 converts with F16C in the AVX2/AVX-512 builds (round to nearest
+   even, the bits of nk_f32_to_f16 for every value arithmetic produces; hardware
+   quiets a signalling NaN), else -- and bfloat16 always -- with nk_helpers' bit
+   formulas on vectors. A tail of w < NK_FW values is loaded zero-padded and stored
+   partially (AVX-512: masked loads/stores), so it runs the same arithmetic as the
+   full vectors. Without GCC vector extensions (NK_HAVE_VEC 0) a "vector" is one float. */
+#if NK_HAVE_VEC
+#  if defined(__AVX512F__)
+#    define NK_FW 16
+#  elif defined(__AVX2__)
+#    define NK_FW 8
+#  else
+#    define NK_FW 4
+#  endif
+typedef float nk_wf __attribute__((vector_size(NK_FW * 4)));
+typedef uint32_t nk_wu __attribute__((vector_size(NK_FW * 4)));
+typedef int32_t nk_wi __attribute__((vector_size(NK_FW * 4)));
+typedef uint16_t nk_wh __attribute__((vector_size(NK_FW * 2)));
+
+/* w <= NK_FW 16-bit values (the rest zero) / the first w lanes stored */
+static inline nk_wh nk_h_ld(const uint16_t *p, Py_ssize_t w) {
+    nk_wh h = {0};
+    if (w == NK_FW)
+        memcpy(&h, p, sizeof h);
+    else
+#  if defined(__AVX512BW__) && defined(__AVX512VL__)
+        h = (nk_wh)_mm256_maskz_loadu_epi16((__mmask16)((1u << w) - 1u), p);
+#  else
+        memcpy(&h, p, (size_t)w * 2);
+#  endif
+    return h;
+}
+
+static inline void nk_h_st(uint16_t *q, nk_wh h, Py_ssize_t w) {
+    if (w == NK_FW)
+        memcpy(q, &h, sizeof h);
+    else
+#  if defined(__AVX512BW__) && defined(__AVX512VL__)
+        _mm256_mask_storeu_epi16(q, (__mmask16)((1u << w) - 1u), (__m256i)h);
+#  else
+        memcpy(q, &h, (size_t)w * 2);
+#  endif
+}
+
+/* w <= NK_FW float32 parameters (the rest zero) */
+static inline nk_wf nk_ld_f32(const float *p, Py_ssize_t w) {
+    nk_wf v = {0};
+    if (w == NK_FW)
+        memcpy(&v, p, sizeof v);
+    else
+#  if defined(__AVX512F__)
+        v = (nk_wf)_mm512_maskz_loadu_ps((__mmask16)((1u << w) - 1u), p);
+#  else
+        memcpy(&v, p, (size_t)w * 4);
+#  endif
+    return v;
+}
+
+static inline nk_wu nk_wsel(nk_wi c, nk_wu a, nk_wu b) {
+    return (a & (nk_wu)c) | (b & ~(nk_wu)c);
+}
+
+/* uint16 <-> uint32 lanes (values < 2^16): intrinsics where the build has them, as
+   for nk_vld_u16 */
+static inline nk_wu nk_wh_to_wu(nk_wh h) {
+#  if defined(__AVX512F__) && NK_FW == 16
+    return (nk_wu)_mm512_cvtepu16_epi32((__m256i)h);
+#  elif defined(__AVX2__) && NK_FW == 8
+    return (nk_wu)_mm256_cvtepu16_epi32((__m128i)h);
+#  else
+    return __builtin_convertvector(h, nk_wu);
+#  endif
+}
+
+static inline nk_wh nk_wu_to_wh(nk_wu u) {
+#  if defined(__AVX512F__) && NK_FW == 16
+    return (nk_wh)_mm512_cvtepi32_epi16((__m512i)u);
+#  elif defined(__AVX2__) && NK_FW == 8
+    __m256i p = _mm256_packus_epi32((__m256i)u, (__m256i)u);   /* per 128-bit lane */
+    return (nk_wh)_mm256_castsi256_si128(_mm256_permute4x64_epi64(p, 0x08));
+#  else
+    return __builtin_convertvector(u, nk_wh);
+#  endif
+}
+
+static inline nk_wf nk_cvt_f16(nk_wh h) {
+#  if defined(__F16C__) && NK_FW == 16
+    return (nk_wf)_mm512_cvtph_ps((__m256i)h);
+#  elif defined(__F16C__) && NK_FW == 8
+    return (nk_wf)_mm256_cvtph_ps((__m128i)h);
+#  else
+    nk_wu u = nk_wh_to_wu(h);                          /* nk_f16_to_f32 on vectors */
+    nk_wu em = u & 0x7fffu;
+    nk_wu normal = (em << 13) + (112u << 23);
+    nk_wu sub = (nk_wu)(__builtin_convertvector((nk_wi)em, nk_wf) * 5.9604644775390625e-8f);
+    nk_wu r = nk_wsel(em >= 0x7c00u, normal + (112u << 23), nk_wsel(em < 0x0400u, sub, normal));
+    return (nk_wf)(r | ((u & 0x8000u) << 16));
+#  endif
+}
+
+static inline nk_wh nk_cvt_to_f16(nk_wf v) {
+#  if defined(__F16C__) && NK_FW == 16
+    return (nk_wh)_mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT);
+#  elif defined(__F16C__) && NK_FW == 8
+    return (nk_wh)_mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT);
+#  else
+    nk_wu u = (nk_wu)v;                                 /* nk_f32_to_f16 on vectors */
+    nk_wu sign = (u >> 16) & 0x8000u;
+    nk_wu a = u & 0x7fffffffu;
+    nk_wu sub = (nk_wu)((nk_wf)a + 0.5f) - 0x3f000000u;
+    nk_wu normal = (a - (112u << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13;
+    nk_wu payload = (a >> 13) & 0x3ffu;
+    nk_wu nan = 0x7c00u | payload | ((nk_wu)(payload == 0) & 1u);
+    nk_wu big = nk_wsel(a > 0x7f800000u, nan, (nk_wu){0} + 0x7c00u);
+    nk_wu r = sign | nk_wsel(a >= 0x47800000u, big, nk_wsel(a < 0x38800000u, sub, normal));
+    return nk_wu_to_wh(r);
+#  endif
+}
+
+static inline nk_wf nk_cvt_bf16(nk_wh h) {
+    return (nk_wf)(nk_wh_to_wu(h) << 16);
+}
+
+static inline nk_wh nk_cvt_to_bf16(nk_wf v) {               /* nk_f32_to_bf16 on vectors */
+    nk_wu u = (nk_wu)v;
+    nk_wu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    nk_wu nan = ((u >> 16) & 0x8000u) | 0x7fc0u;
+    return nk_wu_to_wh(nk_wsel((u & 0x7fffffffu) > 0x7f800000u, nan, rounded));
+}
+
+/* max(y, 0) keeping NaN and -0 (y < 0 is false for both), as _relu */
+static inline nk_wf nk_relu(nk_wf y) { return (nk_wf)((nk_wu)y & ~(nk_wu)(y < 0.0f)); }
+
+#  define NK_DEF_LDST(SUF, T)                                                          \
+static inline nk_wf nk_ld_##SUF(const T *p, Py_ssize_t w) { return nk_cvt_##SUF(nk_h_ld(p, w)); } \
+static inline void nk_st_##SUF(T *q, nk_wf v, Py_ssize_t w) { nk_h_st(q, nk_cvt_to_##SUF(v), w); }
+#else     /* no vector extensions: one value at a time */
+#  define NK_FW 1
+typedef float nk_wf;
+static inline nk_wf nk_ld_f32(const float *p, Py_ssize_t w) { (void)w; return *p; }
+static inline nk_wf nk_relu(nk_wf y) { return y < 0 ? 0.0f : y; }
+#  define NK_DEF_LDST(SUF, T)                                                          \
+static inline nk_wf nk_ld_##SUF(const T *p, Py_ssize_t w) { (void)w; return nk_##SUF##_to_f32(*p); } \
+static inline void nk_st_##SUF(T *q, nk_wf v, Py_ssize_t w) { (void)w; *q = nk_f32_to_##SUF(v); }
+#endif
+NK_DEF_LDST(f16, nk_f16)
+NK_DEF_LDST(bf16, nk_bf16)
+
+/* BODY for i_ = 0, NK_FW, ... with w_ = NK_FW lanes, then once for the w_ < NK_FW
+   left (the same BODY: the tail computes what a full vector would) */
+#define NK_EW_FOR(n, BODY) do {                                                        \
+    Py_ssize_t i_ = 0;                                                                 \
+    for (; i_ + NK_FW <= (n); i_ += NK_FW) { const Py_ssize_t w_ = NK_FW; BODY; }     \
+    if (i_ < (n)) { const Py_ssize_t w_ = (n) - i_; BODY; }                            \
+} while (0)
+
+/* The elementwise kernels of _kernels_elementwise / _kernels_stats for 16-bit rows,
+   the same float32 expressions in the same order (see the Cython loops of the other
+   rows). LD(a): NK_FW widened values of data array a at i_, F(a): of float32 array a. */
+#define NK_HALF_KERNELS(SUF, T)                                                        \
+static void nk_widen_##SUF(const T *p, float *dst, Py_ssize_t n) {                     \
+    NK_EW_FOR(n, nk_wf v_ = nk_ld_##SUF(p + i_, w_); memcpy(dst + i_, &v_, (size_t)w_ * 4)); \
+}                                                                                      \
+static void nk_narrow_##SUF(const float *src, T *q, Py_ssize_t n) {                   \
+    NK_EW_FOR(n, nk_st_##SUF(q + i_, nk_ld_f32(src + i_, w_), w_));                    \
+}                                                                                      \
+/* q = (p - m) * a + b [+ r] [ReLU], as (p/2 - m/2) * (2a) + b: the caller passes    \
+   m/2 and 2a. r may be q (each vector is read before it is written). */              \
+static void nk_affine_##SUF(const T *p, T *q, const T *r, Py_ssize_t n, float m,      \
+                            float a, float b, int relu) {                              \
+    if (r == NULL && !relu)                                                            \
+        NK_EW_FOR(n, nk_st_##SUF(q + i_, (LD(p) * 0.5f - m) * a + b, w_));             \
+    else if (r == NULL)                                                                \
+        NK_EW_FOR(n, nk_st_##SUF(q + i_, nk_relu((LD(p) * 0.5f - m) * a + b), w_));    \
+    else if (!relu)                                                                    \
+        NK_EW_FOR(n, nk_st_##SUF(q + i_, (LD(p) * 0.5f - m) * a + b + LD(r), w_));     \
+    else                                                                               \
+        NK_EW_FOR(n, nk_st_##SUF(q + i_, nk_relu((LD(p) * 0.5f - m) * a + b + LD(r)), w_)); \
+}                                                                                      \
+/* one channels-last row: q = (p/2 - sh/2) * (2 sc) + of [+ r] [ReLU] */             \
+static void nk_cl_affine_##SUF(const T *p, T *q, const T *r, Py_ssize_t n,            \
+                               const float *sh, const float *sc, const float *of,      \
+                               int relu) {                                             \
+    if (r == NULL && !relu)                                                            \
+        NK_EW_FOR(n, nk_st_##SUF(q + i_, NK_HALFDIFF(p) + F(of), w_));                 \
+    else if (r == NULL)                                                                \
+        NK_EW_FOR(n, nk_st_##SUF(q + i_, nk_relu(NK_HALFDIFF(p) + F(of)), w_));        \
+    else if (!relu)                                                                    \
+        NK_EW_FOR(n, nk_st_##SUF(q + i_, NK_HALFDIFF(p) + F(of) + LD(r), w_));         \
+    else                                                                               \
+        NK_EW_FOR(n, nk_st_##SUF(q + i_, nk_relu(NK_HALFDIFF(p) + F(of) + LD(r)), w_)); \
+}                                                                                      \
+/* dx = a * dy + (b * (x - m) + z) */                                                 \
+static void nk_apply_##SUF(const T *dy, const T *x, T *dx, Py_ssize_t n, float m,     \
+                           float a, float b, float z) {                                \
+    NK_EW_FOR(n, nk_st_##SUF(dx + i_, a * LD(dy) + (b * (LD(x) - m) + z), w_));        \
+}                                                                                      \
+/* one channels-last row: dx = cdy * dy + (cx * (x - sh) + c1) */                      \
+static void nk_cl_apply_##SUF(const T *dy, const T *x, T *dx, Py_ssize_t n,           \
+                              const float *sh, const float *cdy, const float *cx,      \
+                              const float *c1) {                                       \
+    NK_EW_FOR(n, nk_st_##SUF(dx + i_, F(cdy) * LD(dy) + (F(cx) * (LD(x) - F(sh)) + F(c1)), w_)); \
+}                                                                                      \
+/* a LayerNorm row: ((x/2 - mh) - ml) * rs2 * w + b; RMSNorm (rms): x * rs2 * w */     \
+static void nk_row_forward_##SUF(const T *x, T *out, Py_ssize_t n, const float *w,    \
+                                 const float *b, float mh, float ml, float rs2,        \
+                                 int rms) {                                            \
+    if (rms)                                                                           \
+        NK_EW_FOR(n, nk_st_##SUF(out + i_, LD(x) * rs2 * F(w), w_));                   \
+    else                                                                               \
+        NK_EW_FOR(n, nk_st_##SUF(out + i_, ((LD(x) * 0.5f - mh) - ml) * rs2 * F(w) + F(b), w_)); \
+}                                                                                      \
+/* a LayerNorm/RMSNorm row's dx = a * (dy * w) + (c * ((x - mh) - ml) + b0) */         \
+static void nk_row_backward_##SUF(const T *dy, const T *x, T *dx, Py_ssize_t n,       \
+                                  const float *w, float a, float c, float b0,          \
+                                  float mh, float ml) {                                \
+    NK_EW_FOR(n, nk_st_##SUF(dx + i_, a * (LD(dy) * F(w)) + (c * ((LD(x) - mh) - ml) + b0), w_)); \
+}
+
+#define LD(a) nk_ld_f16((a) + i_, w_)
+#define F(a) nk_ld_f32((a) + i_, w_)
+#define NK_HALFDIFF(p) ((LD(p) * 0.5f - F(sh) * 0.5f) * (F(sc) * 2.0f))
+NK_HALF_KERNELS(f16, nk_f16)
+#undef LD
+#define LD(a) nk_ld_bf16((a) + i_, w_)
+NK_HALF_KERNELS(bf16, nk_bf16)
+#undef LD
+#undef F
+#undef NK_HALFDIFF
+
+/* Fused double-vector reductions of the backward passes (16-bit rows; the scalar
+   loops of _kernels_stats widen each value on its own, which costs the float16
+   formula per element, and take one pass per sum):
+   nk_gsum_*: s = sum(dy), t = sum(dy * (x - m)) over n values (grad_sums, one plane);
+   nk_row_grad_*: s_g = sum(dy * w), s_gx = sum((dy * w) * (x - mean)) and the row's
+   share of dweight/dbias, dw += dy * ((x - mean) * rstd), db += dy (rows_backward).
+   In double, as the scalar loops; 4 (gsum) or 2 (row_grad) accumulators per sum. */
+#if NK_HAVE_VEC
+static inline nk_vd nk_vld_f64(const double *p) { nk_vd v; memcpy(&v, p, sizeof v); return v; }
+static inline void nk_vst_f64(double *p, nk_vd v) { memcpy(p, &v, sizeof v); }
+static inline double nk_hsum(nk_vd v) {
+    double s = 0.0;
+    for (int l = 0; l < NK_VW; l++) s += v[l];
+    return s;
+}
+
+#  define NK_GSUM(NAME, T, VLOAD, WIDEN)                                             \
+static void NAME(const T *dy, const T *x, Py_ssize_t n, double m, double *s, double *t) { \
+    nk_vd a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0}; \
+    Py_ssize_t i = 0;                                                                  \
+    for (; i + 4 * NK_VW <= n; i += 4 * NK_VW) {                                       \
+        nk_vd d0 = VLOAD(dy + i), d1 = VLOAD(dy + i + NK_VW);                          \
+        nk_vd d2 = VLOAD(dy + i + 2 * NK_VW), d3 = VLOAD(dy + i + 3 * NK_VW);          \
+        a0 += d0; a1 += d1; a2 += d2; a3 += d3;                                        \
+        b0 += d0 * (VLOAD(x + i) - m);                                                 \
+        b1 += d1 * (VLOAD(x + i + NK_VW) - m);                                         \
+        b2 += d2 * (VLOAD(x + i + 2 * NK_VW) - m);                                     \
+        b3 += d3 * (VLOAD(x + i + 3 * NK_VW) - m);                                     \
+    }                                                                                  \
+    double u = nk_hsum((a0 + a1) + (a2 + a3)), v = nk_hsum((b0 + b1) + (b2 + b3));     \
+    for (; i < n; i++) {                                                               \
+        double d = WIDEN(dy[i]);                                                       \
+        u += d;                                                                        \
+        v += d * ((double)WIDEN(x[i]) - m);                                            \
+    }                                                                                  \
+    *s = u;                                                                            \
+    *t = v;                                                                            \
+}
+
+#  define NK_ROW_GRAD(NAME, T, VLOAD, WIDEN)                                         \
+static void NAME(const T *dy, const T *x, const float *w, Py_ssize_t n, double mean,  \
+                 double rstd, double *sg, double *sgx, double *dw, double *db) {       \
+    nk_vd a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0};                                      \
+    Py_ssize_t i = 0;                                                                  \
+    for (; i + 2 * NK_VW <= n; i += 2 * NK_VW) {                                       \
+        nk_vd d0 = VLOAD(dy + i), d1 = VLOAD(dy + i + NK_VW);                          \
+        nk_vd x0 = VLOAD(x + i) - mean, x1 = VLOAD(x + i + NK_VW) - mean;              \
+        nk_vd g0 = d0 * nk_vld_f32(w + i), g1 = d1 * nk_vld_f32(w + i + NK_VW);        \
+        a0 += g0; a1 += g1;                                                            \
+        b0 += g0 * x0; b1 += g1 * x1;                                                  \
+        nk_vst_f64(dw + i, nk_vld_f64(dw + i) + d0 * (x0 * rstd));                     \
+        nk_vst_f64(dw + i + NK_VW, nk_vld_f64(dw + i + NK_VW) + d1 * (x1 * rstd));     \
+        nk_vst_f64(db + i, nk_vld_f64(db + i) + d0);                                   \
+        nk_vst_f64(db + i + NK_VW, nk_vld_f64(db + i + NK_VW) + d1);                   \
+    }                                                                                  \
+    double u = nk_hsum(a0 + a1), v = nk_hsum(b0 + b1);                                 \
+    for (; i < n; i++) {                                                               \
+        double d = WIDEN(dy[i]), xc = (double)WIDEN(x[i]) - mean, g = d * w[i];        \
+        u += g;                                                                        \
+        v += g * xc;                                                                   \
+        dw[i] += d * (xc * rstd);                                                      \
+        db[i] += d;                                                                    \
+    }                                                                                  \
+    *sg = u;                                                                           \
+    *sgx = v;                                                                          \
+}
+#else     /* no vector extensions: the same sums, one value at a time */
+#  define NK_GSUM(NAME, T, VLOAD, WIDEN)                                             \
+static void NAME(const T *dy, const T *x, Py_ssize_t n, double m, double *s, double *t) { \
+    double u = 0.0, v = 0.0;                                                           \
+    for (Py_ssize_t i = 0; i < n; i++) {                                               \
+        double d = WIDEN(dy[i]);                                                       \
+        u += d;                                                                        \
+        v += d * ((double)WIDEN(x[i]) - m);                                            \
+    }                                                                                  \
+    *s = u;                                                                            \
+    *t = v;                                                                            \
+}
+#  define NK_ROW_GRAD(NAME, T, VLOAD, WIDEN)                                         \
+static void NAME(const T *dy, const T *x, const float *w, Py_ssize_t n, double mean,  \
+                 double rstd, double *sg, double *sgx, double *dw, double *db) {       \
+    double u = 0.0, v = 0.0;                                                           \
+    for (Py_ssize_t i = 0; i < n; i++) {                                               \
+        double d = WIDEN(dy[i]), xc = (double)WIDEN(x[i]) - mean, g = d * w[i];        \
+        u += g;                                                                        \
+        v += g * xc;                                                                   \
+        dw[i] += d * (xc * rstd);                                                      \
+        db[i] += d;                                                                    \
+    }                                                                                  \
+    *sg = u;                                                                           \
+    *sgx = v;                                                                          \
+}
+#endif
+NK_GSUM(nk_gsum_f16, nk_f16, nk_vld_f16, nk_f16_to_f32)
+NK_GSUM(nk_gsum_bf16, nk_bf16, nk_vld_bf16, nk_bf16_to_f32)
+NK_ROW_GRAD(nk_row_grad_f16, nk_f16, nk_vld_f16, nk_f16_to_f32)
+NK_ROW_GRAD(nk_row_grad_bf16, nk_bf16, nk_vld_bf16, nk_bf16_to_f32)
+
+/* Channels-last column sums over rows of C values (16-bit rows; the scalar loops of
+   _cl_unit / _gs_rows widen value by value): vectors along the row, the sums in
+   double arrays of C, each element in the order of the scalar loops.
+   nk_cl_dev_*: rows 1..ln-1 of a block starting at row k: t1 += q - k, t2 += (q - k)^2;
+   nk_gs_rows_*: rows 0..rows-1: sdy += dy, sdyx += dy * (x - sh). */
+#if NK_HAVE_VEC
+#  define NK_CL_SUMS(DEV, GS, T, VLOAD, WIDEN)                                       \
+static void DEV(const T *k, Py_ssize_t ln, Py_ssize_t C, double *t1, double *t2) {     \
+    for (Py_ssize_t r = 1; r < ln; r++) {                                              \
+        const T *q = k + r * C;                                                        \
+        Py_ssize_t c = 0;                                                              \
+        for (; c + NK_VW <= C; c += NK_VW) {                                           \
+            nk_vd d = VLOAD(q + c) - VLOAD(k + c);                                     \
+            nk_vst_f64(t1 + c, nk_vld_f64(t1 + c) + d);                                \
+            nk_vst_f64(t2 + c, nk_vld_f64(t2 + c) + d * d);                            \
+        }                                                                              \
+        for (; c < C; c++) {                                                           \
+            double d = (double)WIDEN(q[c]) - (double)WIDEN(k[c]);                      \
+            t1[c] += d;                                                                \
+            t2[c] += d * d;                                                            \
+        }                                                                              \
+    }                                                                                  \
+}                                                                                      \
+static void GS(const T *dy, const T *x, const float *sh, Py_ssize_t rows, Py_ssize_t C, \
+               double *sdy, double *sdyx) {                                            \
+    for (Py_ssize_t r = 0; r < rows; r++) {                                            \
+        const T *g = dy + r * C, *p = x + r * C;                                       \
+        Py_ssize_t c = 0;                                                              \
+        for (; c + NK_VW <= C; c += NK_VW) {                                           \
+            nk_vd d = VLOAD(g + c);                                                    \
+            nk_vst_f64(sdy + c, nk_vld_f64(sdy + c) + d);                              \
+            nk_vst_f64(sdyx + c, nk_vld_f64(sdyx + c) + d * (VLOAD(p + c) - nk_vld_f32(sh + c))); \
+        }                                                                              \
+        for (; c < C; c++) {                                                           \
+            double d = WIDEN(g[c]);                                                    \
+            sdy[c] += d;                                                               \
+            sdyx[c] += d * ((double)WIDEN(p[c]) - (double)sh[c]);                      \
+        }                                                                              \
+    }                                                                                  \
+}
+#else
+#  define NK_CL_SUMS(DEV, GS, T, VLOAD, WIDEN)                                       \
+static void DEV(const T *k, Py_ssize_t ln, Py_ssize_t C, double *t1, double *t2) {     \
+    for (Py_ssize_t r = 1; r < ln; r++)                                                \
+        for (Py_ssize_t c = 0; c < C; c++) {                                           \
+            double d = (double)WIDEN(k[r * C + c]) - (double)WIDEN(k[c]);              \
+            t1[c] += d;                                                                \
+            t2[c] += d * d;                                                            \
+        }                                                                              \
+}                                                                                      \
+static void GS(const T *dy, const T *x, const float *sh, Py_ssize_t rows, Py_ssize_t C, \
+               double *sdy, double *sdyx) {                                            \
+    for (Py_ssize_t r = 0; r < rows; r++)                                              \
+        for (Py_ssize_t c = 0; c < C; c++) {                                           \
+            double d = WIDEN(dy[r * C + c]);                                           \
+            sdy[c] += d;                                                               \
+            sdyx[c] += d * ((double)WIDEN(x[r * C + c]) - (double)sh[c]);              \
+        }                                                                              \
+}
+#endif
+NK_CL_SUMS(nk_cl_dev_f16, nk_gs_rows_f16, nk_f16, nk_vld_f16, nk_f16_to_f32)
+NK_CL_SUMS(nk_cl_dev_bf16, nk_gs_rows_bf16, nk_bf16, nk_vld_bf16, nk_bf16_to_f32)
+
+#endif /* NK_HALF_H */
