@@ -41,7 +41,7 @@ from ._canonical import (
     rows_result,
     rows_view,
 )
-from ._validate import F16, param_dtype, storage_dtype
+from ._validate import BF16, F16, param_dtype, storage_dtype
 from .backends.numpy_ref import narrow
 
 # Private hook for normkit.diagnostics: while ``capture.on`` is true in this thread,
@@ -87,7 +87,8 @@ def rstd(var, eps):
 
 def stat_out(a, dtype, shape=None):
     """Statistics handed back to users: the parameter dtype (float32 for 16-bit input)."""
-    a = np.array(a, dtype=dtype)   # a copy: never hand out a live running statistic
+    # a copy: never hand out a live running statistic
+    a = a.astype(dtype) if isinstance(a, np.ndarray) else np.array(a, dtype=dtype)
     return a if shape is None else a.reshape(shape)
 
 
@@ -317,37 +318,70 @@ def _read_only(a):
     return a
 
 
-def _row_params(w, b, k, dt):
-    """weight and bias of a row norm as length-k arrays of the parameter dtype ``dt``."""
+def _affine_params(w, b, k, dt):
+    """weight and bias (rows: length K, per channel: length C) as arrays of the
+    parameter dtype ``dt``."""
     return (constant(1.0, k, dt) if w is None else w if w.dtype == dt else w.astype(dt),
             constant(0.0, k, dt) if b is None else b if b.dtype == dt else b.astype(dt))
 
 
-def _row_copies(w, b, k, dt):
-    """_row_params, always new (or shared constant) arrays: safe to keep between calls."""
+def _affine_copies(w, b, k, dt):
+    """_affine_params, always new (or shared constant) arrays: safe to keep between calls."""
     return (constant(1.0, k, dt) if w is None else _read_only(w.astype(dt)),
             constant(0.0, k, dt) if b is None else _read_only(b.astype(dt)))
 
 
-def fast_rows(be, x, w, b, eps, rms):
+# From how many elements widening a 16-bit parameter costs more than ``derived``'s
+# content check (~1.5 us for two arrays here): NumPy widens float16 one element at a
+# time (~1.4 ns each), ml_dtypes' bfloat16 cast is ~10x faster.
+_WIDEN_ONCE_FROM = {F16: 256, BF16: 4096}
+
+
+def _widen_once(p):
+    return p is not None and p.size >= _WIDEN_ONCE_FROM.get(p.dtype, 1 << 62)
+
+
+def fast_affine_params(w, b, k, dt):
+    """_affine_params for the fast paths: long 16-bit ones widened once per contents."""
+    if _widen_once(w) or _widen_once(b):
+        return derived(("affine", dt), (w, b), lambda w_, b_: _affine_copies(w_, b_, k, dt))
+    return _affine_params(w, b, k, dt)
+
+
+def fast_rows(be, x, w, b, eps, rms, return_stats=False):
     """rows_forward on a validated contiguous native x, parameters of its parameter dtype
-    (or of x's 16-bit dtype), without ``out``."""
+    (or of x's 16-bit dtype), without ``out``: y, or (y, mean, rstd) as the general path
+    returns them (mean None for RMSNorm)."""
     k = x.shape[-1]
     dt = param_dtype(x.dtype)
-    if (w is not None and w.dtype == F16) or (b is not None and b.dtype == F16):
-        # NumPy widens float16 one element at a time (~1.4 ns each here, 10x bfloat16's
-        # cast): reuse the widened copies while the parameters are unchanged
-        w, b = derived(("rows", dt), (w, b), lambda w_, b_: _row_copies(w_, b_, k, dt))
-    else:
-        w, b = _row_params(w, b, k, dt)
+    w, b = fast_affine_params(w, b, k, dt)
     out = np.empty_like(x)
-    be.rows_forward(x.reshape(-1, k), w, b, eps, rms, out.reshape(-1, k))
-    return out
+    mean, r = be.rows_forward(x.reshape(-1, k), w, b, eps, rms, out.reshape(-1, k))
+    if not return_stats:
+        return out
+    shape = x.shape[:-1]
+    return out, None if rms else stat_out(mean, dt, shape), stat_out(r, dt, shape)
+
+
+def fast_group_norm(be, x, groups, w, b, eps, return_stats=False):
+    """GroupNorm (InstanceNorm: groups == C) on validated contiguous native channels-first
+    x in the one fused kernel the general path uses there: y or (y, mean, rstd)."""
+    n, c = x.shape[0], x.shape[1]
+    dt = param_dtype(x.dtype)
+    w, b = fast_affine_params(w, b, c, dt)
+    shape = (n, c, x.size // (n * c))
+    out = np.empty_like(x)
+    mean, r = be.channels_first_group_forward(x.reshape(shape), groups, w, b, eps,
+                                              out.reshape(shape))
+    if not return_stats:
+        return out
+    return out, stat_out(mean, dt), stat_out(r, dt)
 
 
 def _bn_eval_coefs(dt, eps, running_mean, running_var, weight, bias):
-    """(shift, scale, offset) as (1, C) arrays of the parameter dtype ``dt``, or None when
-    var + eps <= 0 somewhere (NaN included)."""
+    """((shift, scale, offset) as (1, C) arrays, (mean, rstd) as return_stats gives
+    them), all of the parameter dtype ``dt``; or None when var + eps <= 0 somewhere (NaN
+    included)."""
     c = running_var.shape[0]
     # float64 for the coefficients, then one cast, in the general path's order of
     # operations (so both paths give bit-identical results)
@@ -357,11 +391,14 @@ def _bn_eval_coefs(dt, eps, running_mean, running_var, weight, bias):
         return None
     np.sqrt(r, out=r)
     np.divide(1.0, r, out=r)
+    rstd_ = _read_only(r.astype(dt))
+    mean = _read_only(stat_out(running_mean if running_mean.dtype == dt
+                               else running_mean.astype(np.float64), dt))
     if weight is not None:
         np.multiply(r, weight, out=r)
     offs = np.zeros(c, dt) if bias is None else bias.astype(dt)
-    return tuple(_read_only(a.astype(dt).reshape(1, c))
-                 for a in (running_mean, r, offs))
+    coefs_ = tuple(_read_only(a.astype(dt).reshape(1, c)) for a in (running_mean, r, offs))
+    return coefs_, (mean, rstd_)
 
 
 def _bn_kernel(shape, axis):
@@ -379,22 +416,26 @@ def _bn_kernel(shape, axis):
 _bn_layouts: dict = {}
 
 
-def fast_batch_norm_eval(be, x, axis, running_mean, running_var, weight, bias, eps):
+def fast_batch_norm_eval(be, x, axis, running_mean, running_var, weight, bias, eps,
+                         return_stats=False):
     """Eval BatchNorm on validated contiguous, aligned native x and per-channel
-    parameters of its parameter dtype (or of x's 16-bit dtype).
+    parameters of its parameter dtype (or of x's 16-bit dtype): y or (y, mean, rstd).
 
     Returns None (the caller takes the general path) when var + eps <= 0 somewhere,
     so the NaN/Inf that follows is produced under the general path's errstate.
     """
     dt = param_dtype(x.dtype)
-    coefs_ = derived(("bn_eval", dt, eps), (running_mean, running_var, weight, bias),
+    folded = derived(("bn_eval", dt, eps), (running_mean, running_var, weight, bias),
                      lambda *p: _bn_eval_coefs(dt, eps, *p))
-    if coefs_ is None:
+    if folded is None:
         return None
     name, shape = _bn_kernel(x.shape, axis)
     out = np.empty_like(x)
-    getattr(be, name)(x.reshape(shape), *coefs_, out.reshape(shape))
-    return out
+    getattr(be, name)(x.reshape(shape), *folded[0], out.reshape(shape))
+    if not return_stats:
+        return out
+    mean, rstd_ = folded[1]
+    return out, mean.copy(), rstd_.copy()     # copies: the user may write them
 
 
 # ---------------------------------------------------------------- backward
