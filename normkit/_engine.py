@@ -14,7 +14,9 @@ Shared steps, each in one function:
   when |mean| >> std;
 * coefficients: ``rstd``, ``coefs``; running statistics: ``update_running``;
 * the channel backward: ``channel_backward``;
-* the capture hook ``capture`` read by ``normkit.diagnostics``.
+* the capture hook ``capture`` read by ``normkit.diagnostics``;
+* the fast paths (``fast_*``) of the common inference call, with ``derived``: per-channel
+  and per-row arrays reused while the parameters they come from are unchanged.
 
 dtypes (``backends/_spec.py``): the data (x, dy, out, dx, residual) stays in its
 *storage dtype* -- float16 and bfloat16 included, never copied to float32 -- and the

@@ -49,10 +49,11 @@ __all__ = [
 # ---------------------------------------------------------------- fast paths
 # The common inference call (contiguous aligned native float16/bfloat16/float32/float64
 # input, parameters of its parameter dtype -- float32 for 16-bit data, as torch's
-# autocast layout --, no out=; with or without return_stats) skips the general validation and view
-# machinery: per-call overhead dominates on small inputs. Anything else takes the
-# general path, which validates fully; so must the fast path never accept what the
-# general path rejects.
+# autocast layout -- or of x's 16-bit dtype, no out=, return_stats or not) skips the
+# general validation and view machinery: per-call overhead dominates on small inputs.
+# Anything else takes the general path, which validates fully; so must the fast path
+# never accept what the general path rejects, and it gives the same bits
+# (tests/test_call_overhead_paths.py).
 _FAST_DTYPES = (V.F32, V.F64, V.F16, V.BF16)
 # data dtype -> the parameter dtypes its fast path takes: the parameter dtype, or the
 # data's own 16-bit dtype (widened exactly by the engine)
