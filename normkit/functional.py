@@ -49,54 +49,81 @@ __all__ = [
 # ---------------------------------------------------------------- fast paths
 # The common inference call (contiguous aligned native float16/bfloat16/float32/float64
 # input, parameters of its parameter dtype -- float32 for 16-bit data, as torch's
-# autocast layout --, no out=, no stats) skips the general validation and view
-# machinery: per-call overhead dominates on small inputs. Anything else takes the
-# general path, which validates fully; so must the fast path never accept what the
-# general path rejects.
+# autocast layout -- or of x's 16-bit dtype, no out=, return_stats or not) skips the
+# general validation and view machinery: per-call overhead dominates on small inputs.
+# Anything else takes the general path, which validates fully; so must the fast path
+# never accept what the general path rejects, and it gives the same bits
+# (tests/test_call_overhead_paths.py).
 _FAST_DTYPES = (V.F32, V.F64, V.F16, V.BF16)
-
-
-def _fast_param(p, dtype, n, data_dtype=None):
-    """None, or a contiguous aligned 1-D array of length n and exactly ``dtype`` (or
-    ``data_dtype``: 16-bit parameters of 16-bit data, widened exactly by the engine)."""
-    return p is None or (type(p) is np.ndarray and (p.dtype == dtype or p.dtype == data_dtype)
-                         and p.shape == (n,) and p.flags.c_contiguous and p.flags.aligned)
+# data dtype -> the parameter dtypes its fast path takes: the parameter dtype, or the
+# data's own 16-bit dtype (widened exactly by the engine)
+_FAST_PARAMS = {V.F32: (V.F32,), V.F64: (V.F64,), V.F16: (V.F32, V.F16),
+                V.BF16: (V.F32, V.BF16)}
 
 
 def _fast_input(x, eps):
-    return (type(x) is np.ndarray and x.dtype in _FAST_DTYPES and x.flags.c_contiguous
-            and x.flags.aligned and x.size > 0 and type(eps) is float and eps >= 0.0)
+    """The parameter dtypes the fast path takes for x, or None when x (contiguous,
+    aligned, native, not empty) or eps (a float >= 0) does not suit it."""
+    if type(x) is not np.ndarray or type(eps) is not float or not eps >= 0.0:
+        return None
+    dtypes = _FAST_PARAMS.get(x.dtype)
+    if dtypes is None or x.size == 0:
+        return None
+    flags = x.flags
+    return dtypes if flags.c_contiguous and flags.aligned else None
 
 
-def _fast_rows(x, ns, weight, bias, eps, backend, rms):
+def _fast_param(p, n, dtypes, as_is=True):
+    """None, or a 1-D ndarray of length n and one of ``dtypes``; contiguous and aligned
+    too when the kernels get it ``as_is`` (BatchNorm's are always folded into copies)."""
+    if p is None:
+        return True
+    if type(p) is not np.ndarray or p.shape != (n,) or p.dtype not in dtypes:
+        return False
+    return not as_is or (p.flags.c_contiguous and p.flags.aligned)
+
+
+def _fast_rows(x, ns, weight, bias, eps, backend, rms, return_stats):
     """LayerNorm/RMSNorm over the last axis, or None when the general path is needed."""
-    if not _fast_input(x, eps) or x.ndim == 0:
+    dtypes = _fast_input(x, eps)
+    if dtypes is None or x.ndim == 0:
         return None
     k = x.shape[-1]
     if not ((type(ns) is int and ns == k)
             or (type(ns) is tuple and len(ns) == 1 and type(ns[0]) is int and ns[0] == k)):
         return None
-    pdt = V.param_dtype(x.dtype)
-    if not (_fast_param(weight, pdt, k, x.dtype) and _fast_param(bias, pdt, k, x.dtype)):
+    if not (_fast_param(weight, k, dtypes) and _fast_param(bias, k, dtypes)):
         return None
-    return E.fast_rows(resolve(backend), x, weight, bias, eps, rms)
+    return E.fast_rows(resolve(backend), x, weight, bias, eps, rms, return_stats)
 
 
-def _fast_batch_norm_eval(x, running_mean, running_var, weight, bias, eps, axis, backend):
+def _fast_batch_norm_eval(x, running_mean, running_var, weight, bias, eps, axis, backend,
+                          return_stats):
     """Eval-mode BatchNorm on channels-first (axis=1) or channels-last (axis=-1) input."""
-    if not _fast_input(x, eps) or x.ndim < 2:
+    dtypes = _fast_input(x, eps)
+    if dtypes is None or x.ndim < 2 or type(axis) is not int or not (axis == 1 or axis == -1):
         return None
-    if type(axis) is not int or not (axis == -1 or axis == 1):
-        return None
-    dt = V.param_dtype(x.dtype)
     c = x.shape[axis]
     if not (running_mean is not None and running_var is not None
-            and _fast_param(running_mean, dt, c, x.dtype)
-            and _fast_param(running_var, dt, c, x.dtype)
-            and _fast_param(weight, dt, c, x.dtype) and _fast_param(bias, dt, c, x.dtype)):
+            and _fast_param(running_mean, c, dtypes, False)
+            and _fast_param(running_var, c, dtypes, False)
+            and _fast_param(weight, c, dtypes, False) and _fast_param(bias, c, dtypes, False)):
         return None
     return E.fast_batch_norm_eval(resolve(backend), x, axis % x.ndim, running_mean,
-                                  running_var, weight, bias, eps)
+                                  running_var, weight, bias, eps, return_stats)
+
+
+def _fast_group_norm(x, groups, weight, bias, eps, axis, backend, return_stats):
+    """GroupNorm (InstanceNorm: groups == C) on channels-first input (axis=1)."""
+    dtypes = _fast_input(x, eps)
+    if (dtypes is None or x.ndim < 2 or type(axis) is not int or axis != 1
+            or type(groups) is not int):
+        return None
+    c = x.shape[1]
+    if not (groups >= 1 and c % groups == 0 and _fast_param(weight, c, dtypes)
+            and _fast_param(bias, c, dtypes)):
+        return None
+    return E.fast_group_norm(resolve(backend), x, groups, weight, bias, eps, return_stats)
 
 
 def _eps(eps, what, negative_ok=False):
@@ -159,10 +186,9 @@ def batch_norm(x: ArrayLike, running_mean: np.ndarray | None = None,
         An empty input gives an empty output (NaN statistics) and leaves the running
         statistics as they are, as torch.
     """
-    if not training and out is None and not return_stats and activation is None \
-            and residual is None:
+    if not training and out is None and activation is None and residual is None:
         y = _fast_batch_norm_eval(x, running_mean, running_var, weight, bias, eps, axis,
-                                  backend)
+                                  backend, return_stats)
         if y is not None:
             return y
     x, ax, running, w, b, eps, momentum, out, epilogue = _batch_norm_args(
@@ -258,6 +284,10 @@ def group_norm(x: ArrayLike, num_groups: int, weight: ArrayLike | None = None,
     out, backend, return_stats, activation, residual
         As in :func:`batch_norm`; statistics have shape (N, num_groups).
     """
+    if out is None and activation is None and residual is None:
+        y = _fast_group_norm(x, num_groups, weight, bias, eps, axis, backend, return_stats)
+        if y is not None:
+            return y
     x = V.as_input(x, min_ndim=2)
     ax = V.channel_axis(x, axis, "group_norm", allow_batch_axis=False)
     V.check_channels(x, ax, "group_norm", weight=weight, bias=bias)
@@ -306,6 +336,13 @@ def instance_norm(x: ArrayLike, running_mean: np.ndarray | None = None,
         As in :func:`batch_norm` (eps may be negative, as in :func:`group_norm`);
         statistics have shape (N, C).
     """
+    if (use_input_stats is True and running_mean is None and running_var is None
+            and out is None and type(momentum) is float and type(x) is np.ndarray
+            and x.ndim >= 2 and x.size > x.shape[0] * x.shape[1] > 0):
+        # more than one spatial element per instance, as the general path demands
+        y = _fast_group_norm(x, x.shape[1], weight, bias, eps, axis, backend, return_stats)
+        if y is not None:
+            return y
     x = V.as_input(x, min_ndim=2)
     ax = V.channel_axis(x, axis, "instance_norm", allow_batch_axis=False)
     V.check_channels(x, ax, "instance_norm", running_mean=running_mean,
@@ -394,8 +431,8 @@ def layer_norm(x: ArrayLike, normalized_shape: int | Sequence[int],
     out, backend, return_stats
         As in :func:`batch_norm`; statistics have shape ``x.shape[:-len(normalized_shape)]``.
     """
-    if out is None and not return_stats:
-        y = _fast_rows(x, normalized_shape, weight, bias, eps, backend, False)
+    if out is None:
+        y = _fast_rows(x, normalized_shape, weight, bias, eps, backend, False, return_stats)
         if y is not None:
             return y
     x = V.as_input(x)
@@ -417,9 +454,10 @@ def rms_norm(x: ArrayLike, normalized_shape: int | Sequence[int],
     a negative eps is used as given (NaN where mean(x^2) + eps < 0).
     With ``return_stats=True`` returns ``(y, None, rstd)``.
     """
-    if out is None and not return_stats and type(x) is np.ndarray and x.dtype in _FAST_DTYPES:
+    if out is None and type(x) is np.ndarray and x.dtype in _FAST_DTYPES:
         y = _fast_rows(x, normalized_shape, weight, None,
-                       _default_rms_eps(x) if eps is None else eps, backend, True)
+                       _default_rms_eps(x) if eps is None else eps, backend, True,
+                       return_stats)
         if y is not None:
             return y
     x = V.as_input(x)

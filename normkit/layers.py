@@ -133,12 +133,16 @@ class Norm:
 
         Dask arrays pass through untouched (the functional API handles them lazily).
         """
-        if V.is_dask(x):
+        if type(x) is not np.ndarray and V.is_dask(x):
             return x
         x = V.as_input(x, min_ndim=self._min_ndim)
         channels = self._channels()
         if channels is not None:
-            ax = V.channel_axis(x, self.axis, type(self).__name__)
+            ax = self.axis
+            if type(ax) is int and -x.ndim <= ax < x.ndim:    # the usual case, quickly
+                ax %= x.ndim
+            else:
+                ax = V.channel_axis(x, ax, type(self).__name__)
             if x.shape[ax] != channels:
                 raise ValueError(V.wrong_channels(x.shape, ax, channels, self._short_name(),
                                                   "build the layer with"))
