@@ -293,6 +293,7 @@ def rows_forward(be, x, k, w, b, eps, out, rms, dt):
 _DERIVED_ENTRIES = 32            # bounded: the oldest entry goes when full
 _DERIVED_MAX_BYTES = 1 << 15     # larger parameters are recomputed (cheap next to x)
 _derived: dict = {}
+_derived_lock = threading.Lock()
 
 
 def _snapshot(arrays):
@@ -309,9 +310,12 @@ def derived(what, arrays, compute):
         return hit[1]
     value = compute(*arrays)
     if all(a is None or a.nbytes <= _DERIVED_MAX_BYTES for a in arrays):
-        if len(_derived) >= _DERIVED_ENTRIES:
-            _derived.pop(next(iter(_derived), None), None)
-        _derived[key] = (snapshot, value)
+        # a lock: Dask's or the user's threads call in at once, and iterating the dict
+        # while another thread inserts would raise
+        with _derived_lock:
+            if len(_derived) >= _DERIVED_ENTRIES:
+                _derived.pop(next(iter(_derived)), None)
+            _derived[key] = (snapshot, value)
     return value
 
 
