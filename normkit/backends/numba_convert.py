@@ -269,6 +269,37 @@ def _ov_cv(a, v):
     return lambda a, v: np.float64(v)
 
 
+def _wide_buf(a, n):
+    """A float32 buffer of n values for rows of 16-bit ``a`` (an empty array otherwise)."""
+    raise NotImplementedError("only callable from jitted code")
+
+
+def _wide(a, buf):
+    """1-D ``a`` widened into ``buf`` (16-bit data), or ``a`` itself (float32/float64)."""
+    raise NotImplementedError("only callable from jitted code")
+
+
+@overload(_wide_buf, jit_options={"error_model": "numpy"})
+def _ov_wide_buf(a, n):
+    if a.dtype in _STORAGE_16:
+        return lambda a, n: np.empty(n, np.float32)
+    return lambda a, n: np.empty(0, a.dtype)
+
+
+@overload(_wide, jit_options={"error_model": "numpy"})
+def _ov_wide(a, buf):
+    """Widening a short row (in L1) once costs less than widening it in each of the 2-3
+    passes over it: the float64 reductions then convert float32 -> float64 only, as
+    for float32 data (vcvtph2ps + vcvtps2pd per 4 values was their bottleneck)."""
+    if a.dtype in _STORAGE_16:
+        def wide(a, buf):
+            for i in range(a.shape[0]):
+                buf[i] = _ld(a, i)
+            return buf
+        return wide
+    return lambda a, buf: a
+
+
 @njit(**_JIT)
 def convert(src, dst):
     """dst[i] = src[i] through ``_ld``/``_st`` (1-D arrays): the conversions alone, for

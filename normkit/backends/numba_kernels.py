@@ -52,7 +52,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .numba_convert import _cv, _ld, _st
+from .numba_convert import _cv, _ld, _st, _wide, _wide_buf
 
 # Flags that let a float reduction vectorize, and nothing more (no nnan/ninf/nsz).
 _FM = {"reassoc", "contract"}
@@ -64,6 +64,8 @@ _BLOCK = 1 << 16
 # runs of _RUN // S whole planes per work item.
 _SMALL_PLANE = 512
 _RUN = 4096
+# rows_forward: rows in this many blocks per call (one widening buffer per block)
+_ROW_BLOCKS = 64
 
 
 def _at(v, i):
@@ -434,25 +436,28 @@ def _d_channels_last_moments(x, nc, mean, m2):
 
 def _d_rows_forward(x, weight, bias, eps, rms, out, mean, rstd):
     R, K = x.shape
-    for r in prange(R):
-        xr = x[r]
-        if rms:
-            mu = 0.0
-            var = _h_sumsq(xr, 0, K) / K
-        else:
-            # corrected two-pass: the deviations' sum fixes the rounding of the first
-            # mean (a long row's sum loses a few ulps), and the variance with it
-            m0 = _h_sum(xr, 0, K) / K
-            sd, q = _h_dev(xr, 0, K, m0)
-            mu = m0 + sd / K
-            var = (q - sd * (sd / K)) / K
-        rs = 1.0 / np.sqrt(var + eps)
-        mean[r] = mu
-        rstd[r] = rs
-        if rms:
-            _h_row_out_rms(xr, weight, rs, out[r])
-        else:
-            _h_row_out(xr, weight, bias, mu, rs, out[r])
+    nb = min(R, _ROW_BLOCKS)
+    for t in prange(nb):
+        buf = _wide_buf(x, K)       # 16-bit: each row widened once (else empty)
+        for r in range(t * R // nb, (t + 1) * R // nb):
+            xr = _wide(x[r], buf)
+            if rms:
+                mu = 0.0
+                var = _h_sumsq(xr, 0, K) / K
+            else:
+                # corrected two-pass: the deviations' sum fixes the rounding of the
+                # first mean (a long row's sum loses a few ulps), and the variance
+                m0 = _h_sum(xr, 0, K) / K
+                sd, q = _h_dev(xr, 0, K, m0)
+                mu = m0 + sd / K
+                var = (q - sd * (sd / K)) / K
+            rs = 1.0 / np.sqrt(var + eps)
+            mean[r] = mu
+            rstd[r] = rs
+            if rms:
+                _h_row_out_rms(xr, weight, rs, out[r])
+            else:
+                _h_row_out(xr, weight, bias, mu, rs, out[r])
 
 
 def _d_rows_backward(dy, x, mean, rstd, weight, rms, dx, nblk, dw, db):
@@ -460,12 +465,14 @@ def _d_rows_backward(dy, x, mean, rstd, weight, rms, dx, nblk, dw, db):
     pw = np.zeros((nblk, K))
     pb = np.zeros((nblk, K))
     for t in prange(nblk):
+        bd, bx = _wide_buf(dy, K), _wide_buf(x, K)     # as in _d_rows_forward
         for r in range(t * R // nblk, (t + 1) * R // nblk):
             mu = mean[r]
             rs = rstd[r]
-            s1, s2 = _h_row_gsums(dy[r], x[r], weight, mu, rs)
+            dyr, xr = _wide(dy[r], bd), _wide(x[r], bx)
+            s1, s2 = _h_row_gsums(dyr, xr, weight, mu, rs)
             a = 0.0 if rms else s1 / K
-            _h_row_dx(dy[r], x[r], weight, mu, rs, a, s2 / K, dx[r], pw[t], pb[t])
+            _h_row_dx(dyr, xr, weight, mu, rs, a, s2 / K, dx[r], pw[t], pb[t])
     for k in range(K):
         dw[k] = pw[0, k]
         db[k] = pb[0, k]
