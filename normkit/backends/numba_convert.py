@@ -25,7 +25,9 @@ tests/test_numba_runtime.py:
   into a float32 and multiplied by 2**112 re-biases the exponent (and normalizes
   subnormals exactly); Inf/NaN exponents are then forced to all ones. NaN payloads are
   kept, as NumPy does.
-* float32 -> float16: Giesen's "float_to_half_fast3_rtne" made branch-free: normal
+* float32 -> float16: with F16C LLVM's ``fptrunc`` (``vcvtps2ph``) plus a select that
+  gives a NaN NumPy's bits (the hardware would quiet a signalling one), else
+  Giesen's "float_to_half_fast3_rtne" made branch-free: normal
   results add the exponent re-bias and the RNE rounding bias ``0xfff + odd`` before
   the shift (a carry into the exponent gives the next binade, or Inf above 65504);
   subnormal results come from one float32 addition of a magic number, which rounds
@@ -159,6 +161,32 @@ def _f32_to_f16(typingctx, f):
     return types.int16(types.float32), codegen
 
 
+@intrinsic
+def _f32_to_f16_f16c(typingctx, f):
+    """float32 -> float16 bits (int16) by LLVM's ``fptrunc`` to half (one vcvtps2ph with
+    F16C: RNE, overflow to Inf, subnormals exact), bit for bit ``_f32_to_f16`` except
+    that the hardware quiets a signalling NaN; a select puts NumPy's NaN bits back
+    (``0x7c00 | m >> 13``, 0x7c01 if that reads as Inf), so every input narrows as
+    NumPy's cast does."""
+    if f != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32, i16 = ir.IntType(32), ir.IntType(16)
+
+        def k(v):
+            return ir.Constant(i32, v)
+        hw = builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), i16)
+        b = builder.bitcast(args[0], i32)
+        m = builder.lshr(builder.and_(b, k(0x7FFFFF)), k(13))
+        nan = builder.or_(builder.or_(k(0x7C00), m),
+                          builder.zext(builder.icmp_unsigned("==", m, k(0)), i32))
+        nan = builder.or_(nan, builder.and_(builder.lshr(b, k(16)), k(0x8000)))
+        is_nan = builder.fcmp_unordered("uno", args[0], args[0])
+        return builder.select(is_nan, builder.trunc(nan, i16), hw)
+    return types.int16(types.float32), codegen
+
+
 # ============================================================ bfloat16
 @njit(**_JIT)
 def _bf16_to_f32(h):
@@ -214,6 +242,10 @@ def _ov_ld(a, i):
 
 @overload(_st, jit_options={"error_model": "numpy"})
 def _ov_st(a, i, v):
+    if a.dtype == types.int16 and _F16C:
+        def st_f16c(a, i, v):
+            a[i] = _f32_to_f16_f16c(np.float32(v))
+        return st_f16c
     if a.dtype == types.int16:
         def st_f16(a, i, v):
             a[i] = _f32_to_f16(np.float32(v))
@@ -237,6 +269,37 @@ def _ov_cv(a, v):
     return lambda a, v: np.float64(v)
 
 
+def _wide_buf(a, n):
+    """A float32 buffer of n values for rows of 16-bit ``a`` (an empty array otherwise)."""
+    raise NotImplementedError("only callable from jitted code")
+
+
+def _wide(a, buf):
+    """1-D ``a`` widened into ``buf`` (16-bit data), or ``a`` itself (float32/float64)."""
+    raise NotImplementedError("only callable from jitted code")
+
+
+@overload(_wide_buf, jit_options={"error_model": "numpy"})
+def _ov_wide_buf(a, n):
+    if a.dtype in _STORAGE_16:
+        return lambda a, n: np.empty(n, np.float32)
+    return lambda a, n: np.empty(0, a.dtype)
+
+
+@overload(_wide, jit_options={"error_model": "numpy"})
+def _ov_wide(a, buf):
+    """Widening a short row (in L1) once costs less than widening it in each of the 2-3
+    passes over it: the float64 reductions then convert float32 -> float64 only, as
+    for float32 data (vcvtph2ps + vcvtps2pd per 4 values was their bottleneck)."""
+    if a.dtype in _STORAGE_16:
+        def wide(a, buf):
+            for i in range(a.shape[0]):
+                buf[i] = _ld(a, i)
+            return buf
+        return wide
+    return lambda a, buf: a
+
+
 @njit(**_JIT)
 def convert(src, dst):
     """dst[i] = src[i] through ``_ld``/``_st`` (1-D arrays): the conversions alone, for
@@ -251,3 +314,11 @@ def widen_f16_software(src, dst):
     machine, also where ``_ld`` uses F16C)."""
     for i in range(src.shape[0]):
         dst[i] = _f16_to_f32(src[i])
+
+
+@njit(**_JIT)
+def narrow_f16_software(src, dst):
+    """dst[i] = float32 src[i] narrowed to float16 bits by the software path (tested on
+    every machine, also where ``_st`` uses F16C)."""
+    for i in range(src.shape[0]):
+        dst[i] = _f32_to_f16(src[i])

@@ -52,7 +52,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .numba_convert import _cv, _ld, _st
+from .numba_convert import _cv, _ld, _st, _wide, _wide_buf
 
 # Flags that let a float reduction vectorize, and nothing more (no nnan/ninf/nsz).
 _FM = {"reassoc", "contract"}
@@ -60,6 +60,12 @@ _JIT = {"cache": True, "error_model": "numpy"}
 # The longest piece of a row that one two-pass moment pass covers (``_h_block_moments``):
 # 256 KiB in float32 / 512 KiB in float64, so the second pass rereads it from L2.
 _BLOCK = 1 << 16
+# Channels-first element-wise passes over planes of at most _SMALL_PLANE values take
+# runs of _RUN // S whole planes per work item.
+_SMALL_PLANE = 512
+_RUN = 4096
+# rows_forward: rows in this many blocks per call (one widening buffer per block)
+_ROW_BLOCKS = 64
 
 
 def _at(v, i):
@@ -73,6 +79,19 @@ def _ov_at(v, i):
     if isinstance(v, types.Array):
         return lambda v, i: v[i]
     return lambda v, i: v
+
+
+def _row(v, q):
+    """Parameter of row q: for a (1, K) view of per-plane parameters v[0, q % K] (K = C
+    for per-channel, N * C for per-sample parameters: row q is plane q), else v."""
+    return v[0, q % v.shape[1]] if isinstance(v, np.ndarray) and v.ndim == 2 else v
+
+
+@overload(_row, jit_options={"error_model": "numpy"})
+def _ov_row(v, q):
+    if isinstance(v, types.Array) and v.ndim == 2:
+        return lambda v, q: v[0, q % v.shape[1]]
+    return lambda v, q: v
 
 
 # ============================================================ helpers: reductions
@@ -230,7 +249,7 @@ def _h_cl_gsums(dyn, xn, lo, hi, sh, p1, p2):
 
 # ============================================================ helpers: element-wise
 @njit(inline="always", **_JIT)
-def _l_act(a, r, o, W, sh, sc, of, res, relu):
+def _l_act(a, r, o, W, sh, sc, of, q0, res, relu):
     """o = (a - sh) * sc + of [+ r] [then ReLU] in the data's dtype, overflow-safe:
     computed as (a/2 - sh/2) * (2 sc), which is the same bits (scaling by 2 is exact)
     but cannot overflow where a - sh would (3e38 - -3e38 in float32). Exception: a
@@ -238,8 +257,9 @@ def _l_act(a, r, o, W, sh, sc, of, res, relu):
 
     a/r/o are 1-D runs of rows of width W: one row (W = L) for a channels-first piece
     with scalar ``sh``/``sc``/``of``, or channels-last rows (W = C) with per-channel
-    vectors. (1-D slices, not 2-D reshapes: a Numba reshape costs ~90 ns, which
-    dominated tiny calls.)
+    vectors, or a run of small channels-first planes (W = S) starting at plane q0 with
+    (1, K) views of the per-plane parameters (``_row``). (1-D slices, not 2-D
+    reshapes: a Numba reshape costs ~90 ns, which dominated tiny calls.)
     Inlined in Numba IR (``inline='always'``) through
     ``_l_act_flags``, which makes ``res``/``relu`` constants, into ``_h_act``, which
     passes the *same* array object for operands that alias (in place): the flags fold
@@ -254,8 +274,10 @@ def _l_act(a, r, o, W, sh, sc, of, res, relu):
         av = a[lo:lo + W]
         rv = r[lo:lo + W]
         ov = o[lo:lo + W]
+        q = q0 + lo // W
+        shq, scq, ofq = _row(sh, q), _row(sc, q), _row(of, q)
         for i in range(W):
-            v = (_ld(av, i) * h - _at(sh, i) * h) * (_at(sc, i) * two) + _at(of, i)
+            v = (_ld(av, i) * h - _at(shq, i) * h) * (_at(scq, i) * two) + _at(ofq, i)
             if res:
                 v = v + _ld(rv, i)
             if relu:
@@ -264,32 +286,32 @@ def _l_act(a, r, o, W, sh, sc, of, res, relu):
 
 
 @njit(inline="always", **_JIT)
-def _l_act_flags(a, r, o, W, sh, sc, of, res, relu):
+def _l_act_flags(a, r, o, W, sh, sc, of, q0, res, relu):
     """``_l_act`` with ``res``/``relu`` turned into literals (one folded loop each)."""
     if res and relu:
-        _l_act(a, r, o, W, sh, sc, of, True, True)
+        _l_act(a, r, o, W, sh, sc, of, q0, True, True)
     elif res:
-        _l_act(a, r, o, W, sh, sc, of, True, False)
+        _l_act(a, r, o, W, sh, sc, of, q0, True, False)
     elif relu:
-        _l_act(a, r, o, W, sh, sc, of, False, True)
+        _l_act(a, r, o, W, sh, sc, of, q0, False, True)
     else:
-        _l_act(a, r, o, W, sh, sc, of, False, False)
+        _l_act(a, r, o, W, sh, sc, of, q0, False, False)
 
 
 @njit(**_JIT)
-def _h_act(a, r, o, W, sh, sc, of, res, relu):
+def _h_act(a, r, o, W, sh, sc, of, q0, res, relu):
     """``_l_act`` on equal-length 1-D arrays, passing ``o`` itself for an operand that is
     ``o`` (in place). Without a residual, ``r`` is a stand-in that is never read."""
     xo = a.ctypes.data == o.ctypes.data
     ro = res and r.ctypes.data == o.ctypes.data
     if xo and ro:
-        _l_act_flags(o, o, o, W, sh, sc, of, res, relu)
+        _l_act_flags(o, o, o, W, sh, sc, of, q0, res, relu)
     elif xo:
-        _l_act_flags(o, r, o, W, sh, sc, of, res, relu)
+        _l_act_flags(o, r, o, W, sh, sc, of, q0, res, relu)
     elif ro:
-        _l_act_flags(a, o, o, W, sh, sc, of, res, relu)
+        _l_act_flags(a, o, o, W, sh, sc, of, q0, res, relu)
     else:
-        _l_act_flags(a, r, o, W, sh, sc, of, res, relu)
+        _l_act_flags(a, r, o, W, sh, sc, of, q0, res, relu)
 
 
 @njit(**_JIT)
@@ -377,7 +399,7 @@ def _h_group_out(xr, o, lo, hi, S, c0, w, b, mu, rs):
         e = min(hi, (c + 1) * S)
         a = rs * w[c0 + c]
         _h_act(xr[k:e], xr[k:e], o[k:e], e - k, sh, _cv(xr, a),
-               _cv(xr, b[c0 + c] - ml * a), False, False)
+               _cv(xr, b[c0 + c] - ml * a), 0, False, False)
         k = e
 
 
@@ -414,25 +436,28 @@ def _d_channels_last_moments(x, nc, mean, m2):
 
 def _d_rows_forward(x, weight, bias, eps, rms, out, mean, rstd):
     R, K = x.shape
-    for r in prange(R):
-        xr = x[r]
-        if rms:
-            mu = 0.0
-            var = _h_sumsq(xr, 0, K) / K
-        else:
-            # corrected two-pass: the deviations' sum fixes the rounding of the first
-            # mean (a long row's sum loses a few ulps), and the variance with it
-            m0 = _h_sum(xr, 0, K) / K
-            sd, q = _h_dev(xr, 0, K, m0)
-            mu = m0 + sd / K
-            var = (q - sd * (sd / K)) / K
-        rs = 1.0 / np.sqrt(var + eps)
-        mean[r] = mu
-        rstd[r] = rs
-        if rms:
-            _h_row_out_rms(xr, weight, rs, out[r])
-        else:
-            _h_row_out(xr, weight, bias, mu, rs, out[r])
+    nb = min(R, _ROW_BLOCKS)
+    for t in prange(nb):
+        buf = _wide_buf(x, K)       # 16-bit: each row widened once (else empty)
+        for r in range(t * R // nb, (t + 1) * R // nb):
+            xr = _wide(x[r], buf)
+            if rms:
+                mu = 0.0
+                var = _h_sumsq(xr, 0, K) / K
+            else:
+                # corrected two-pass: the deviations' sum fixes the rounding of the
+                # first mean (a long row's sum loses a few ulps), and the variance
+                m0 = _h_sum(xr, 0, K) / K
+                sd, q = _h_dev(xr, 0, K, m0)
+                mu = m0 + sd / K
+                var = (q - sd * (sd / K)) / K
+            rs = 1.0 / np.sqrt(var + eps)
+            mean[r] = mu
+            rstd[r] = rs
+            if rms:
+                _h_row_out_rms(xr, weight, rs, out[r])
+            else:
+                _h_row_out(xr, weight, bias, mu, rs, out[r])
 
 
 def _d_rows_backward(dy, x, mean, rstd, weight, rms, dx, nblk, dw, db):
@@ -440,12 +465,14 @@ def _d_rows_backward(dy, x, mean, rstd, weight, rms, dx, nblk, dw, db):
     pw = np.zeros((nblk, K))
     pb = np.zeros((nblk, K))
     for t in prange(nblk):
+        bd, bx = _wide_buf(dy, K), _wide_buf(x, K)     # as in _d_rows_forward
         for r in range(t * R // nblk, (t + 1) * R // nblk):
             mu = mean[r]
             rs = rstd[r]
-            s1, s2 = _h_row_gsums(dy[r], x[r], weight, mu, rs)
+            dyr, xr = _wide(dy[r], bd), _wide(x[r], bx)
+            s1, s2 = _h_row_gsums(dyr, xr, weight, mu, rs)
             a = 0.0 if rms else s1 / K
-            _h_row_dx(dy[r], x[r], weight, mu, rs, a, s2 / K, dx[r], pw[t], pb[t])
+            _h_row_dx(dyr, xr, weight, mu, rs, a, s2 / K, dx[r], pw[t], pb[t])
     for k in range(K):
         dw[k] = pw[0, k]
         db[k] = pb[0, k]
@@ -546,11 +573,21 @@ def _d_channels_first_group_forward(x, groups, weight, bias, eps, out, nc, mean,
 
 def _d_channels_first_affine_act(x, shift, scale, offset, residual, has_res, relu, out, nc):
     N, C, S = x.shape
+    if nc == 1 and S <= _SMALL_PLANE:
+        # small planes (7x7): runs of B whole planes per item, one loop over them (a
+        # call per plane cost ~100 ns, more than its 49 values)
+        B = _RUN // S
+        xf, rf, of = x.reshape(N * C * S), residual.reshape(N * C * S), out.reshape(N * C * S)
+        K = shift.size
+        sh, sc, ov = shift.reshape((1, K)), scale.reshape((1, K)), offset.reshape((1, K))
+        for it in prange((N * C + B - 1) // B):
+            lo, hi = it * B * S, min(N * C, (it + 1) * B) * S
+            _h_act(xf[lo:hi], rf[lo:hi], of[lo:hi], S, sh, sc, ov, it * B, has_res, relu)
+        return
     for it in prange(N * C * nc):
         n, c, pn, lo, hi = _h_item(it, nc, C, shift.shape[0], S)
         _h_act(x[n, c][lo:hi], residual[n, c][lo:hi], out[n, c][lo:hi], hi - lo,
-               shift[pn, c], scale[pn, c], offset[pn, c],
-               has_res, relu)
+               shift[pn, c], scale[pn, c], offset[pn, c], 0, has_res, relu)
 
 
 def _d_channels_last_affine_act(x, shift, scale, offset, residual, has_res, relu, out, nc):
@@ -559,7 +596,7 @@ def _d_channels_last_affine_act(x, shift, scale, offset, residual, has_res, relu
     for it in prange(N * nc):
         n, _, pn, lo, hi = _h_item(it, nc, 1, shift.shape[0], S)
         _h_act(xf[n][lo * C:hi * C], rf[n][lo * C:hi * C], of[n][lo * C:hi * C], C,
-               shift[pn], scale[pn], offset[pn], has_res, relu)
+               shift[pn], scale[pn], offset[pn], 0, has_res, relu)
 
 
 # ============================================================ signatures
