@@ -15,13 +15,8 @@
    partially (AVX-512: masked loads/stores), so it runs the same arithmetic as the
    full vectors. Without GCC vector extensions (NK_HAVE_VEC 0) a "vector" is one float. */
 #if NK_HAVE_VEC
-#  if defined(__AVX512F__)
-#    define NK_FW 16
-#  elif defined(__AVX2__)
-#    define NK_FW 8
-#  else
-#    define NK_FW 4
-#  endif
+/* float lanes: 16 (AVX-512), 8 (AVX2), 4 -- the double vectors' NK_VW, twice */
+#  define NK_FW (2 * NK_VW)
 typedef float nk_wf __attribute__((vector_size(NK_FW * 4)));
 typedef uint32_t nk_wu __attribute__((vector_size(NK_FW * 4)));
 typedef int32_t nk_wi __attribute__((vector_size(NK_FW * 4)));
@@ -245,7 +240,11 @@ NK_HALF_KERNELS(bf16, nk_bf16)
    nk_row_grad_*: s_g = sum(dy * w), s_gx = sum((dy * w) * (x - mean)) and the row's
    share of dweight/dbias, dw += dy * ((x - mean) * rstd), db += dy (rows_backward).
    In double, as the scalar loops; 4 (gsum) or 2 (row_grad) accumulators per sum. */
+/* Each kernel below is written once: the double-vector loop (in NK_IF_VEC, compiled
+   only with GCC vector extensions) runs over whole vectors, and the scalar loop after
+   it takes the tail -- or everything, where there are no vector extensions. */
 #if NK_HAVE_VEC
+#  define NK_IF_VEC(...) __VA_ARGS__
 static inline nk_vd nk_vld_f64(const double *p) { nk_vd v; memcpy(&v, p, sizeof v); return v; }
 static inline void nk_vst_f64(double *p, nk_vd v) { memcpy(p, &v, sizeof v); }
 static inline double nk_hsum(nk_vd v) {
@@ -253,11 +252,16 @@ static inline double nk_hsum(nk_vd v) {
     for (int l = 0; l < NK_VW; l++) s += v[l];
     return s;
 }
+#else
+#  define NK_IF_VEC(...)
+#endif
 
-#  define NK_GSUM(NAME, T, VLOAD, WIDEN)                                             \
+#define NK_GSUM(NAME, T, VLOAD, WIDEN)                                               \
 static void NAME(const T *dy, const T *x, Py_ssize_t n, double m, double *s, double *t) { \
-    nk_vd a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0}; \
+    double u = 0.0, v = 0.0;                                                           \
     Py_ssize_t i = 0;                                                                  \
+    NK_IF_VEC(                                                                         \
+    nk_vd a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0}; \
     for (; i + 4 * NK_VW <= n; i += 4 * NK_VW) {                                       \
         nk_vd d0 = VLOAD(dy + i), d1 = VLOAD(dy + i + NK_VW);                          \
         nk_vd d2 = VLOAD(dy + i + 2 * NK_VW), d3 = VLOAD(dy + i + 3 * NK_VW);          \
@@ -267,7 +271,9 @@ static void NAME(const T *dy, const T *x, Py_ssize_t n, double m, double *s, dou
         b2 += d2 * (VLOAD(x + i + 2 * NK_VW) - m);                                     \
         b3 += d3 * (VLOAD(x + i + 3 * NK_VW) - m);                                     \
     }                                                                                  \
-    double u = nk_hsum((a0 + a1) + (a2 + a3)), v = nk_hsum((b0 + b1) + (b2 + b3));     \
+    u = nk_hsum((a0 + a1) + (a2 + a3));                                                \
+    v = nk_hsum((b0 + b1) + (b2 + b3));                                                \
+    )                                                                                  \
     for (; i < n; i++) {                                                               \
         double d = WIDEN(dy[i]);                                                       \
         u += d;                                                                        \
@@ -277,11 +283,13 @@ static void NAME(const T *dy, const T *x, Py_ssize_t n, double m, double *s, dou
     *t = v;                                                                            \
 }
 
-#  define NK_ROW_GRAD(NAME, T, VLOAD, WIDEN)                                         \
+#define NK_ROW_GRAD(NAME, T, VLOAD, WIDEN)                                           \
 static void NAME(const T *dy, const T *x, const float *w, Py_ssize_t n, double mean,  \
                  double rstd, double *sg, double *sgx, double *dw, double *db) {       \
-    nk_vd a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0};                                      \
+    double u = 0.0, v = 0.0;                                                           \
     Py_ssize_t i = 0;                                                                  \
+    NK_IF_VEC(                                                                         \
+    nk_vd a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0};                                      \
     for (; i + 2 * NK_VW <= n; i += 2 * NK_VW) {                                       \
         nk_vd d0 = VLOAD(dy + i), d1 = VLOAD(dy + i + NK_VW);                          \
         nk_vd x0 = VLOAD(x + i) - mean, x1 = VLOAD(x + i + NK_VW) - mean;              \
@@ -293,7 +301,9 @@ static void NAME(const T *dy, const T *x, const float *w, Py_ssize_t n, double m
         nk_vst_f64(db + i, nk_vld_f64(db + i) + d0);                                   \
         nk_vst_f64(db + i + NK_VW, nk_vld_f64(db + i + NK_VW) + d1);                   \
     }                                                                                  \
-    double u = nk_hsum(a0 + a1), v = nk_hsum(b0 + b1);                                 \
+    u = nk_hsum(a0 + a1);                                                              \
+    v = nk_hsum(b0 + b1);                                                              \
+    )                                                                                  \
     for (; i < n; i++) {                                                               \
         double d = WIDEN(dy[i]), xc = (double)WIDEN(x[i]) - mean, g = d * w[i];        \
         u += g;                                                                        \
@@ -304,33 +314,6 @@ static void NAME(const T *dy, const T *x, const float *w, Py_ssize_t n, double m
     *sg = u;                                                                           \
     *sgx = v;                                                                          \
 }
-#else     /* no vector extensions: the same sums, one value at a time */
-#  define NK_GSUM(NAME, T, VLOAD, WIDEN)                                             \
-static void NAME(const T *dy, const T *x, Py_ssize_t n, double m, double *s, double *t) { \
-    double u = 0.0, v = 0.0;                                                           \
-    for (Py_ssize_t i = 0; i < n; i++) {                                               \
-        double d = WIDEN(dy[i]);                                                       \
-        u += d;                                                                        \
-        v += d * ((double)WIDEN(x[i]) - m);                                            \
-    }                                                                                  \
-    *s = u;                                                                            \
-    *t = v;                                                                            \
-}
-#  define NK_ROW_GRAD(NAME, T, VLOAD, WIDEN)                                         \
-static void NAME(const T *dy, const T *x, const float *w, Py_ssize_t n, double mean,  \
-                 double rstd, double *sg, double *sgx, double *dw, double *db) {       \
-    double u = 0.0, v = 0.0;                                                           \
-    for (Py_ssize_t i = 0; i < n; i++) {                                               \
-        double d = WIDEN(dy[i]), xc = (double)WIDEN(x[i]) - mean, g = d * w[i];        \
-        u += g;                                                                        \
-        v += g * xc;                                                                   \
-        dw[i] += d * (xc * rstd);                                                      \
-        db[i] += d;                                                                    \
-    }                                                                                  \
-    *sg = u;                                                                           \
-    *sgx = v;                                                                          \
-}
-#endif
 NK_GSUM(nk_gsum_f16, nk_f16, nk_vld_f16, nk_f16_to_f32)
 NK_GSUM(nk_gsum_bf16, nk_bf16, nk_vld_bf16, nk_bf16_to_f32)
 NK_ROW_GRAD(nk_row_grad_f16, nk_f16, nk_vld_f16, nk_f16_to_f32)
@@ -341,17 +324,18 @@ NK_ROW_GRAD(nk_row_grad_bf16, nk_bf16, nk_vld_bf16, nk_bf16_to_f32)
    double arrays of C, each element in the order of the scalar loops.
    nk_cl_dev_*: rows 1..ln-1 of a block starting at row k: t1 += q - k, t2 += (q - k)^2;
    nk_gs_rows_*: rows 0..rows-1: sdy += dy, sdyx += dy * (x - sh). */
-#if NK_HAVE_VEC
-#  define NK_CL_SUMS(DEV, GS, T, VLOAD, WIDEN)                                       \
+#define NK_CL_SUMS(DEV, GS, T, VLOAD, WIDEN)                                         \
 static void DEV(const T *k, Py_ssize_t ln, Py_ssize_t C, double *t1, double *t2) {     \
     for (Py_ssize_t r = 1; r < ln; r++) {                                              \
         const T *q = k + r * C;                                                        \
         Py_ssize_t c = 0;                                                              \
+        NK_IF_VEC(                                                                     \
         for (; c + NK_VW <= C; c += NK_VW) {                                           \
             nk_vd d = VLOAD(q + c) - VLOAD(k + c);                                     \
             nk_vst_f64(t1 + c, nk_vld_f64(t1 + c) + d);                                \
             nk_vst_f64(t2 + c, nk_vld_f64(t2 + c) + d * d);                            \
         }                                                                              \
+        )                                                                              \
         for (; c < C; c++) {                                                           \
             double d = (double)WIDEN(q[c]) - (double)WIDEN(k[c]);                      \
             t1[c] += d;                                                                \
@@ -364,11 +348,13 @@ static void GS(const T *dy, const T *x, const float *sh, Py_ssize_t rows, Py_ssi
     for (Py_ssize_t r = 0; r < rows; r++) {                                            \
         const T *g = dy + r * C, *p = x + r * C;                                       \
         Py_ssize_t c = 0;                                                              \
+        NK_IF_VEC(                                                                     \
         for (; c + NK_VW <= C; c += NK_VW) {                                           \
             nk_vd d = VLOAD(g + c);                                                    \
             nk_vst_f64(sdy + c, nk_vld_f64(sdy + c) + d);                              \
             nk_vst_f64(sdyx + c, nk_vld_f64(sdyx + c) + d * (VLOAD(p + c) - nk_vld_f32(sh + c))); \
         }                                                                              \
+        )                                                                              \
         for (; c < C; c++) {                                                           \
             double d = WIDEN(g[c]);                                                    \
             sdy[c] += d;                                                               \
@@ -376,26 +362,6 @@ static void GS(const T *dy, const T *x, const float *sh, Py_ssize_t rows, Py_ssi
         }                                                                              \
     }                                                                                  \
 }
-#else
-#  define NK_CL_SUMS(DEV, GS, T, VLOAD, WIDEN)                                       \
-static void DEV(const T *k, Py_ssize_t ln, Py_ssize_t C, double *t1, double *t2) {     \
-    for (Py_ssize_t r = 1; r < ln; r++)                                                \
-        for (Py_ssize_t c = 0; c < C; c++) {                                           \
-            double d = (double)WIDEN(k[r * C + c]) - (double)WIDEN(k[c]);              \
-            t1[c] += d;                                                                \
-            t2[c] += d * d;                                                            \
-        }                                                                              \
-}                                                                                      \
-static void GS(const T *dy, const T *x, const float *sh, Py_ssize_t rows, Py_ssize_t C, \
-               double *sdy, double *sdyx) {                                            \
-    for (Py_ssize_t r = 0; r < rows; r++)                                              \
-        for (Py_ssize_t c = 0; c < C; c++) {                                           \
-            double d = WIDEN(dy[r * C + c]);                                           \
-            sdy[c] += d;                                                               \
-            sdyx[c] += d * ((double)WIDEN(x[r * C + c]) - (double)sh[c]);              \
-        }                                                                              \
-}
-#endif
 NK_CL_SUMS(nk_cl_dev_f16, nk_gs_rows_f16, nk_f16, nk_vld_f16, nk_f16_to_f32)
 NK_CL_SUMS(nk_cl_dev_bf16, nk_gs_rows_bf16, nk_bf16, nk_vld_bf16, nk_bf16_to_f32)
 
