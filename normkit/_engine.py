@@ -303,19 +303,20 @@ def _snapshot(arrays):
 def derived(what, arrays, compute):
     """``compute(*arrays)``, or what it returned for these very arrays with the same
     contents; ``what`` names the computation and its other inputs (dtype, eps)."""
+    if any(a is not None and a.nbytes > _DERIVED_MAX_BYTES for a in arrays):
+        return compute(*arrays)          # not kept: no snapshot to take or compare
     key = (what, *map(id, arrays))
     snapshot = _snapshot(arrays)
     hit = _derived.get(key)
     if hit is not None and hit[0] == snapshot:
         return hit[1]
     value = compute(*arrays)
-    if all(a is None or a.nbytes <= _DERIVED_MAX_BYTES for a in arrays):
-        # a lock: Dask's or the user's threads call in at once, and iterating the dict
-        # while another thread inserts would raise
-        with _derived_lock:
-            if len(_derived) >= _DERIVED_ENTRIES:
-                _derived.pop(next(iter(_derived)), None)
-            _derived[key] = (snapshot, value)
+    # a lock: Dask's or the user's threads call in at once, and iterating the dict
+    # while another thread inserts would raise
+    with _derived_lock:
+        if len(_derived) >= _DERIVED_ENTRIES:
+            _derived.pop(next(iter(_derived)), None)
+        _derived[key] = (snapshot, value)
     return value
 
 
