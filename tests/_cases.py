@@ -242,6 +242,7 @@ def readonly(a):
 
 # ============================================================ error bounds
 U64 = 2.0 ** -53
+U32 = 2.0 ** -24
 
 
 def unit_roundoff(dtype):
@@ -283,19 +284,55 @@ def _f64(a):
     return np.asarray(a, dtype=np.float64)
 
 
-def bound_mean(x, axis):
+# The compiled backends' 16-bit statistics (nk_half.h, nk_moments32): d = x - k in
+# float32, s1 = sum d and s2 = sum d^2 in float32 lanes that add at most M32_STEPS
+# values each, then 2 pairwise float32 adds of the accumulators, then double sums.
+# Higham 4.2 with tree depth h = M32_STEPS + 2 and terms rounded at most 3 times (d
+# once, d^2 through d twice and the product once): |ds1| <= G sum|x - k|,
+# |ds2| <= G sum (x - k)^2, G = gamma_{h+3}(u32). Blocks pass the check
+# n (mean - k)^2 <= M2 (else they are recomputed in double), so sum (x - k)^2 <= 2 M2 and
+# sum|x - k| <= sqrt(2 n M2): mean within sqrt(2) G sigma, M2 within
+# (2 + 2 sqrt(2)) G M2 per block (constants 2 and 6 with the check made on computed
+# sums); merging blocks in double moves the between-block term by at most
+# 2 G M2_row, so a row's M2 is within 8 G M2_row. bfloat16 squares below float32's
+# normal range are subnormal: n 2^-150 more in s2 (float16's never are).
+M32_STEPS = 8                   # nk_half.h NK_M32_STEPS
+
+
+def half_stat_roundoff(dtype):
+    """G = gamma_{M32_STEPS + 5}(u32) for 16-bit data (the float32-lane partial sums of
+    the statistics, comment above), 0 for float32/float64 data (double sums)."""
+    if not is_half(dtype):
+        return 0.0
+    nu = (M32_STEPS + 5) * U32
+    return nu / (1 - nu)
+
+
+def _half_underflow(dtype, n):
+    """Absolute error of n float32 squares that may be subnormal (bfloat16 data): the
+    float32 rounding of each is at most half its spacing 2^-149 (above: 2^-149 n covers
+    kernel rounding and a margin)."""
+    return n * 2.0 ** -149 if is_half(dtype) and np_dtype(dtype).kind != "f" else 0.0
+
+
+def bound_mean(x, axis, dtype=None):
     """|mean_kernel - mean_ref| bound, per row: kernel and reference each within
-    gamma(n + 1) * mean|x| of the exact mean."""
+    gamma(n + 1) * mean|x| of the exact mean; for 16-bit ``dtype`` (default x's) the
+    kernel's float32 partial sums add 2 G sigma (``half_stat_roundoff``: comment above)."""
+    dtype = x.dtype if dtype is None else dtype
     x = _f64(x)
     n = x.shape[axis]
-    return 2 * gamma(n + 1) * np.abs(x).mean(axis=axis)
+    g = half_stat_roundoff(dtype)
+    return 2 * gamma(n + 1) * np.abs(x).mean(axis=axis) + 2 * g * x.std(axis=axis)
 
 
 def bound_m2(x, axis, dtype=None):
     """|M2_kernel - M2_ref| bound, per row (Chan, Golub & LeVeque; see the module
     docstring): 2 sides x 2 (constant of the published bound). For 16-bit ``dtype``
     the squared deviations may be formed in float32 around a float32 shift k within
-    u32 |mean| of the mean: 4 u32 sum (|x - mean| + u32 |mean|)^2 more."""
+    u32 |mean| of the mean: 4 u32 sum (|x - mean| + u32 |mean|)^2 more; and the
+    kernel's float32 partial sums add 8 G M2 (+ the subnormal squares of bfloat16;
+    ``half_stat_roundoff``, comment above bound_mean)."""
     dtype = x.dtype if dtype is None else dtype
     x = _f64(x)
     n = x.shape[axis]
@@ -305,18 +342,23 @@ def bound_m2(x, axis, dtype=None):
     g = gamma(n)
     ut = term_roundoff(dtype)
     terms = ((np.abs(x - mean) + ut * np.abs(mean)) ** 2).sum(axis=axis)
-    return 4 * (g * np.sqrt(m2 * sumsq) + g * g * sumsq + g * m2) + 4 * ut * terms
+    half = 8 * half_stat_roundoff(dtype) * m2 + _half_underflow(dtype, n)
+    return 4 * (g * np.sqrt(m2 * sumsq) + g * g * sumsq + g * m2) + 4 * ut * terms + half
 
 
 def bound_rstd(x, axis, eps, rms=False, dtype=None):
     """|rstd_kernel - rstd_ref| bound, per row, rstd = 1/sqrt(var + eps): the relative
-    error of rstd is half that of (var + eps), plus a few roundings (sqrt, divide)."""
+    error of rstd is half that of (var + eps), plus a few roundings (sqrt, divide).
+    16-bit RMSNorm: sum(x^2) in float32 partial sums, G relative (x^2 of a 16-bit
+    value is exact in float32 but for bfloat16's subnormal squares; comment above
+    bound_mean), so G var (+ 2^-149 for those) more in var."""
     dtype = x.dtype if dtype is None else dtype
     x = _f64(x)
     n = x.shape[axis]
     if rms:
         var = (x * x).mean(axis=axis)
         d_var = (2 * gamma(n + 1) + 4 * term_roundoff(dtype)) * var   # non-negative terms
+        d_var = d_var + half_stat_roundoff(dtype) * var + _half_underflow(dtype, 1)
     else:
         var = x.var(axis=axis)
         d_var = bound_m2(x, axis, dtype) / n

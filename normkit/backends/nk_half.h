@@ -3,6 +3,7 @@
    the double vectors (nk_vd, NK_VW) and their loads. */
 #ifndef NK_HALF_H
 #define NK_HALF_H
+#include <float.h>
 
 /* ---------------------------------------------------------------- 16-bit elementwise
    The elementwise passes on float16/bfloat16 data load NK_FW values, widen them in
@@ -255,6 +256,117 @@ static inline double nk_hsum(nk_vd v) {
 #else
 #  define NK_IF_VEC(...)
 #endif
+
+/* ---------------------------------------------------------------- 16-bit block moments
+   in float32 lanes. A vector of 16 halves widens to one float32 vector but to two
+   double vectors, so the double kernel (NK_SHIFTED) is compute-bound on 16-bit data;
+   these sum in float32 over short runs and move the partial sums to double:
+     d = x - k in float32, s1 = sum d, s2 = sum d^2 in NK_M32_ACC (A) float32 vectors,
+   each lane adding at most NK_M32_STEPS (m) values before the A vectors are added
+   pairwise (2 more roundings, in float32) and converted -- exactly -- into double
+   vector accumulators. k = float32(mean of the block's first <= 16 values): the first
+   value alone (the double path's k) is more than one std from the mean for ~1/3 of
+   the blocks of normal data, which would fail the check below.
+   Error (Higham 4.2: a sum whose tree has depth h of terms with relative error <= g
+   has error <= gamma(h + g) sum|terms|; here h = m + 2 in float32 plus the double
+   merges, whose gamma_n(u64) the float64 bounds already hold): d is rounded once, d^2
+   three times (twice through d, once for the product; an FMA only removes one), so
+   with G = gamma_{m+5}(u32) = gamma_13(u32) ~ 7.7e-7
+     |ds1| <= G sum|x - k|,   |ds2| <= G sum (x - k)^2.
+   The check n (mean - k)^2 <= M2, i.e. s1^2/n <= s2/2 (s2 = M2 + n (mean - k)^2), bounds
+   sum (x - k)^2 <= 2 M2 and (Cauchy-Schwarz) sum|x - k| <= sqrt(2 n M2), so
+     mean error |ds1|/n <= sqrt(2) G sigma                          (sigma^2 = M2/n)
+     M2 error   |ds2| + 2 |s1| |ds1| / n <= 2 G M2 + 2 sqrt(2) G M2 < 5 G M2,
+   with the check made on the computed sums (true ratio within 1 + O(G) of it) the
+   constants 2 (mean) and 6 (M2) hold. Blocks failing it, and blocks whose float32
+   sums are not finite (NaN/Inf data: the comparisons are false for NaN; +-Inf
+   or a float32 overflow of bfloat16 squares gives s2 = Inf), are recomputed by the
+   double kernel, so NaN/Inf come out exactly as there. float16 squares never leave
+   float32's normal range (|x - k| in [2^-24, 131008]); bfloat16 squares below 2^-126
+   are subnormal: an absolute error <= 2^-150 each, i.e. M2 and sum(x^2) within
+   n 2^-150 more (far below any eps). Merging blocks (Chan, in double) keeps these
+   relative bounds for a whole row: mean within 2 G sigma_row, M2 within 8 G M2_row
+   (the between-block term moves by <= 2 sqrt(between * within) * 2 G <= 2 G M2_row).
+   Without vector extensions the Cython callers keep the double paths. */
+#define NK_M32_STEPS 8      /* m: chosen by measurement (4, 8, 16 within noise of 8) */
+#define NK_M32_ACC 4        /* A: written out as a0..a3 below */
+#define NK_M32_GROUP (NK_M32_ACC * NK_M32_STEPS * NK_FW)
+#if NK_HAVE_VEC
+static const int32_t nk_iota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+/* the NK_FW lanes of a float32 vector added into NK_VW double lanes (exact widening) */
+static inline nk_vd nk_wf_to_vd(nk_wf v) {
+    nk_vf lo, hi;
+    memcpy(&lo, &v, sizeof lo);
+    memcpy(&hi, (const char *)&v + sizeof lo, sizeof hi);
+    return nk_vf_to_vd(lo) + nk_vf_to_vd(hi);
+}
+
+/* x - k on the first w lanes, 0 on the others (x beyond w is not read) */
+#  define NK_M32_DEV(SUF, q, w) ((nk_wf)((nk_wu)(nk_ld_##SUF((q), (w)) - kf)          \
+        & (nk_wu)(nk_ld_i32(nk_iota) < (nk_wi){0} + (int32_t)(w))))
+static inline nk_wi nk_ld_i32(const int32_t *p) { nk_wi v; memcpy(&v, p, sizeof v); return v; }
+#  define NK_M32_ADD(a, b, d) do { nk_wf d_ = (d); a += d_; b += d_ * d_; } while (0)
+/* one of the last vectors of p into accumulators a, b (w < NK_FW lanes: the tail) */
+#  define NK_M32_LEFT(SUF, a, b) do { if (i < end) {                                  \
+        NK_M32_ADD(a, b, NK_M32_DEV(SUF, p + i, end - i < NK_FW ? end - i : NK_FW));    \
+        i += NK_FW; } } while (0)
+#endif
+
+/* *mean, *m2 of p[:n] (n >= 1): the float32-lane sums when they pass the check,
+   else the double kernel with k = p[0] (the formula of _moments). centered = 0:
+   only s2 = sum(x^2) around k = 0 is wanted (RMSNorm; no cancellation, so only the
+   finiteness check), returned in *m2 with *mean = 0. */
+#define NK_MOMENTS32(NAME, T, SUF, DOUBLE_FN)                                          \
+static void NAME(const T *p, Py_ssize_t n, int centered, double *mean, double *m2) {  \
+    double k = 0.0, u = 0.0, v = 0.0;                                                  \
+    NK_IF_VEC(                                                                         \
+    Py_ssize_t i = 0, nk = n < 16 ? n : 16;                                            \
+    if (centered) {              /* (zero-padded vectors: no scalar conversions) */   \
+        nk_wf f = {0};                                                                 \
+        for (Py_ssize_t j = 0; j < nk; j += NK_FW)                                     \
+            f += nk_ld_##SUF(p + j, nk - j < NK_FW ? nk - j : NK_FW);                  \
+        k = (double)(float)(nk_hsum(nk_wf_to_vd(f)) / (double)nk);                     \
+    }                                                                                  \
+    const nk_wf kf = (nk_wf){0} + (float)k;                                            \
+    nk_vd c1 = {0}, c2 = {0};                                                          \
+    while (i < n) {                                                                    \
+        nk_wf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                  \
+        nk_wf b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};                                  \
+        Py_ssize_t end = n - i < NK_M32_GROUP ? n : i + NK_M32_GROUP;                  \
+        for (; i + 4 * NK_FW <= end; i += 4 * NK_FW) {                                 \
+            NK_M32_ADD(a0, b0, nk_ld_##SUF(p + i, NK_FW) - kf);                        \
+            NK_M32_ADD(a1, b1, nk_ld_##SUF(p + i + NK_FW, NK_FW) - kf);                \
+            NK_M32_ADD(a2, b2, nk_ld_##SUF(p + i + 2 * NK_FW, NK_FW) - kf);            \
+            NK_M32_ADD(a3, b3, nk_ld_##SUF(p + i + 3 * NK_FW, NK_FW) - kf);            \
+        }                                                                              \
+        /* < 4 vectors left (only at the end of p, the last one partial): one to      \
+           each accumulator, so no lane adds more than m values */                     \
+        NK_M32_LEFT(SUF, a0, b0);                                                      \
+        NK_M32_LEFT(SUF, a1, b1);                                                      \
+        NK_M32_LEFT(SUF, a2, b2);                                                      \
+        NK_M32_LEFT(SUF, a3, b3);                                                      \
+        c1 += nk_wf_to_vd((a0 + a1) + (a2 + a3));                                      \
+        c2 += nk_wf_to_vd((b0 + b1) + (b2 + b3));                                      \
+    }                                                                                  \
+    u = nk_hsum(c1);                                                                   \
+    v = nk_hsum(c2);                                                                   \
+    /* the check (written so that NaN fails it) */                                    \
+    if (v <= DBL_MAX && (!centered || u * (u / (double)n) <= 0.5 * v)) {               \
+        *mean = centered ? k + u / (double)n : 0.0;                                    \
+        *m2 = centered ? v - u * (u / (double)n) : v;                                  \
+        if (*m2 < 0.0) *m2 = 0.0;                                                      \
+        return;                                                                        \
+    }                                                                                  \
+    )                                                                                  \
+    k = centered ? (double)nk_##SUF##_to_f32(p[0]) : 0.0;                              \
+    DOUBLE_FN(p, n, k, &u, &v);                                                        \
+    *mean = centered ? k + u / (double)n : 0.0;                                        \
+    *m2 = centered ? v - u * (u / (double)n) : v;                                      \
+    if (*m2 < 0.0) *m2 = 0.0;                                                          \
+}
+NK_MOMENTS32(nk_moments32_f16, nk_f16, f16, nk_shifted_f16)
+NK_MOMENTS32(nk_moments32_bf16, nk_bf16, bf16, nk_shifted_bf16)
 
 #define NK_GSUM(NAME, T, VLOAD, WIDEN)                                               \
 static void NAME(const T *dy, const T *x, Py_ssize_t n, double m, double *s, double *t) { \
