@@ -296,7 +296,7 @@ def _f64(a):
 # sums); merging blocks in double moves the between-block term by at most
 # 2 G M2_row, so a row's M2 is within 8 G M2_row. bfloat16 squares below float32's
 # normal range are subnormal: n 2^-150 more in s2 (float16's never are).
-M32_STEPS = 8                   # nk_half.h NK_M32_STEPS
+M32_STEPS = 16                  # nk_half.h NK_M32_STEPS
 
 
 def half_stat_roundoff(dtype):

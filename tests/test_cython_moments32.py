@@ -2,8 +2,8 @@
 ``normkit/backends/nk_half.h``), at every SIMD build this CPU runs.
 
 A block of at most CHUNK = 2048 values is summed as d = x - k in float32 lanes that add
-at most 8 values each (groups of 4 * 8 * NK_FW values: 128 baseline, 256 AVX2, 512
-AVX-512), k the float32 mean of the block's first <= 16 values; a block whose sums fail
+at most 16 values each (groups of 4 * 16 * NK_FW values: 256 baseline, 512 AVX2,
+1024 AVX-512), k the float32 mean of the block's first <= 16 values; a block whose sums fail
 the check n (mean - k)^2 <= M2 or are not finite is recomputed by the double kernel.
 So the lengths run around every group size, vector width and CHUNK, and the data kinds
 trip the fallback (an outlier among the first values, NaN/Inf anywhere) or sit at its
@@ -21,7 +21,7 @@ import _cases as K
 from normkit.backends import numpy_ref
 from test_cython_half_paths import LEVELS, _module
 
-LENGTHS = (1, 3, 15, 16, 17, 63, 64, 65, 127, 128, 129, 255, 256, 257, 511, 512, 513,
+LENGTHS = (1, 3, 15, 16, 17, 63, 64, 65, 255, 256, 257, 511, 512, 513, 1023, 1024, 1025,
            2047, 2048, 2049, 4100)
 KINDS = ("normal", "offset", "mean1e4", "constant", "outlier_first", "outlier_late",
          "nan_block", "nan_tail", "inf_block", "inf_both")
