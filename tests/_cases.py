@@ -408,8 +408,12 @@ def bound_elementwise(dtype, *terms):
 def bound_sum(abs_terms_sum, n, dtype=np.float64):
     """Bound for a float64 sum of n terms whose absolute values sum to abs_terms_sum
     (kernel and reference: 2 gamma(n)); for 16-bit data the terms (products of two
-    factors formed in float32) carry 4 u32 more each."""
-    return (2 * gamma(n) + 4 * term_roundoff(dtype)) * _f64(abs_terms_sum)
+    factors formed in float32) carry 4 u32 more each, and the compiled kernels' float32
+    partial sums (nk_half.h nk_gsum_*: runs of M32_STEPS values per lane) add
+    G sum|terms| (G = ``half_stat_roundoff``; bfloat16: + n 2^-149 for subnormal
+    float32 products)."""
+    g = 2 * gamma(n) + 4 * term_roundoff(dtype) + half_stat_roundoff(dtype)
+    return g * _f64(abs_terms_sum) + _half_underflow(dtype, n)
 
 
 def assert_same(actual, desired, err_msg=""):

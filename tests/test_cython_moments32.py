@@ -19,6 +19,7 @@ import pytest
 
 import _cases as K
 from normkit.backends import numpy_ref
+import test_kernels as TK
 from test_cython_half_paths import LEVELS, _module
 
 LENGTHS = (1, 3, 15, 16, 17, 63, 64, 65, 255, 256, 257, 511, 512, 513, 1023, 1024, 1025,
@@ -148,3 +149,49 @@ def test_fallback_is_the_double_kernel(level, dtype):
         want = be.plane_moments(x.astype(np.float32))
         for g, w, name in zip(got, want, ("mean", "m2")):
             K.assert_same(g, w, f"{level} {dtype} n={n} {name}")
+
+
+STAT_KERNELS = ("plane_moments", "rows_forward", "channels_first_group_forward",
+                "channels_last_moments", "channels_first_grad_sums", "channels_last_grad_sums",
+                "rows_backward")
+
+
+@pytest.mark.parametrize("n", (255, 257, 1023, 1024, 1025, 2049, 4100))
+@pytest.mark.parametrize(("name", "variant", "kind"),
+                         [p for p in TK._table() if p.values[0] in STAT_KERNELS])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("level", LEVELS)
+def test_statistics_kernels_around_groups(level, dtype, name, variant, kind, n):
+    """The kernels whose statistics or gradient sums run in float32 lanes, with planes
+    and rows around the group sizes and CHUNK (test_kernels' cases and bounds)."""
+    be = _module(level)
+    call = TK.KERNEL_CASES[name][0]((2, 3, n), K.np_dtype(dtype), kind, variant, seed=n)
+    TK._run(be, name, call, f"{level} {name}[{variant}, {kind}, n={n}]")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("level", LEVELS)
+def test_grad_sums_specials(level, dtype):
+    """NaN/Inf in dy or x of a plane (inside the vector groups and in the tail): the
+    float32-lane gradient sums leave those planes to the double kernel, so they give
+    what the values widened to float32 give (NaN for NaN, the same Inf); the planes
+    without specials stay within bound_sum."""
+    be = _module(level)
+    dt = K.np_dtype(dtype)
+    for n in (17, 1025, 2049):
+        rng = np.random.default_rng(n)
+        x = rng.standard_normal((2, 4, n)).astype(dt)
+        dy = rng.standard_normal((2, 4, n)).astype(dt)
+        x[0, 1, n // 2] = np.nan
+        dy[1, 2, n - 1] = np.inf
+        x[1, 3, 0] = -np.inf
+        shift = rng.standard_normal((1, 4)).astype(np.float32)
+        got = be.channels_first_grad_sums(dy, x, shift)
+        want = be.channels_first_grad_sums(dy.astype(np.float32), x.astype(np.float32), shift)
+        dy64 = dy.astype(np.float64)
+        xc = x.astype(np.float64) - shift.astype(np.float64)[:, :, None]
+        with np.errstate(invalid="ignore"):
+            terms = (np.nan_to_num(np.abs(dy64)).sum(axis=2),
+                     np.nan_to_num(np.abs(dy64 * xc), posinf=0.0).sum(axis=2))
+        for g, w, t, what in zip(got, want, terms, ("sum dy", "sum dy (x - m)")):
+            K.assert_within(g, w, K.bound_sum(t, n, dt), f"{level} {dtype} n={n} {what}")

@@ -428,8 +428,61 @@ static void NAME(const T *dy, const T *x, const float *w, Py_ssize_t n, double m
     *sg = u;                                                                           \
     *sgx = v;                                                                          \
 }
-NK_GSUM(nk_gsum_f16, nk_f16, nk_vld_f16, nk_f16_to_f32)
-NK_GSUM(nk_gsum_bf16, nk_bf16, nk_vld_bf16, nk_bf16_to_f32)
+NK_GSUM(nk_gsum64_f16, nk_f16, nk_vld_f16, nk_f16_to_f32)
+NK_GSUM(nk_gsum64_bf16, nk_bf16, nk_vld_bf16, nk_bf16_to_f32)
+
+/* nk_gsum_*: the sums of nk_gsum64_* in float32 lanes, as nk_moments32 (runs of at
+   most m values per lane, 4 accumulators added pairwise, then double). Used where m
+   is a float32 parameter (grad_sums' shift): x - m is then formed in float32 with one
+   rounding. Terms dy are exact, dy (x - m) rounded twice (an FMA removes one), so
+   with G = gamma_{m+5}(u32) as above
+     |ds| <= G sum|dy|,   |dt| <= G sum|dy (x - m)|
+   (bfloat16: + n 2^-150 for subnormal float32 products). No cancellation to guard:
+   the bounds are relative to the sums of |terms|, as the double kernel's. An m that
+   is not a finite float32, or sums that are not finite (NaN/Inf data, a float32
+   overflow of bfloat16 products), take the double kernel. */
+#define NK_GSUM32(NAME, T, SUF, DOUBLE_FN)                                             \
+static void NAME(const T *dy, const T *x, Py_ssize_t n, double m, double *s, double *t) { \
+    NK_IF_VEC(                                                                         \
+    const float mf = (float)m;                                                         \
+    const nk_wf kf = (nk_wf){0} + mf;                                                  \
+    nk_vd c1 = {0}, c2 = {0};                                                          \
+    Py_ssize_t i = 0;                                                                  \
+    while ((double)mf == m && m - m == 0.0 && i < n) {                                 \
+        nk_wf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                  \
+        nk_wf b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};                                  \
+        Py_ssize_t end = n - i < NK_M32_GROUP ? n : i + NK_M32_GROUP;                  \
+        for (; i + 4 * NK_FW <= end; i += 4 * NK_FW) {                                 \
+            NK_G32_ADD(SUF, a0, b0, NK_FW, i);                                         \
+            NK_G32_ADD(SUF, a1, b1, NK_FW, i + NK_FW);                                 \
+            NK_G32_ADD(SUF, a2, b2, NK_FW, i + 2 * NK_FW);                             \
+            NK_G32_ADD(SUF, a3, b3, NK_FW, i + 3 * NK_FW);                             \
+        }                                                                              \
+        /* < 4 vectors left: one per accumulator; zero-padded dy lanes add 0 */       \
+        NK_G32_LEFT(SUF, a0, b0);                                                      \
+        NK_G32_LEFT(SUF, a1, b1);                                                      \
+        NK_G32_LEFT(SUF, a2, b2);                                                      \
+        NK_G32_LEFT(SUF, a3, b3);                                                      \
+        c1 += nk_wf_to_vd((a0 + a1) + (a2 + a3));                                      \
+        c2 += nk_wf_to_vd((b0 + b1) + (b2 + b3));                                      \
+        if (i >= n) {                                                                  \
+            double u = nk_hsum(c1), v = nk_hsum(c2);                                   \
+            if (u - u == 0.0 && v - v == 0.0) { *s = u; *t = v; return; }             \
+        }                                                                              \
+    }                                                                                  \
+    )                                                                                  \
+    DOUBLE_FN(dy, x, n, m, s, t);                                                      \
+}
+#if NK_HAVE_VEC
+#  define NK_G32_ADD(SUF, a, b, w, j) do {                                             \
+        nk_wf g_ = nk_ld_##SUF(dy + (j), (w));                                         \
+        a += g_; b += g_ * (nk_ld_##SUF(x + (j), (w)) - kf); } while (0)
+#  define NK_G32_LEFT(SUF, a, b) do { if (i < end) {                                  \
+        NK_G32_ADD(SUF, a, b, end - i < NK_FW ? end - i : NK_FW, i);                    \
+        i += NK_FW; } } while (0)
+#endif
+NK_GSUM32(nk_gsum_f16, nk_f16, f16, nk_gsum64_f16)
+NK_GSUM32(nk_gsum_bf16, nk_bf16, bf16, nk_gsum64_bf16)
 NK_ROW_GRAD(nk_row_grad_f16, nk_f16, nk_vld_f16, nk_f16_to_f32)
 NK_ROW_GRAD(nk_row_grad_bf16, nk_bf16, nk_vld_bf16, nk_bf16_to_f32)
 
