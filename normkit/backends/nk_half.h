@@ -264,9 +264,11 @@ static inline double nk_hsum(nk_vd v) {
      d = x - k in float32, s1 = sum d, s2 = sum d^2 in NK_M32_ACC (A) float32 vectors,
    each lane adding at most NK_M32_STEPS (m) values before the A vectors are added
    pairwise (2 more roundings, in float32) and converted -- exactly -- into double
-   vector accumulators. k = float32(mean of the block's first <= 16 values): the first
-   value alone (the double path's k) is more than one std from the mean for ~1/3 of
-   the blocks of normal data, which would fail the check below.
+   vector accumulators. k = the mean of the block's first <= 16 values rounded to the
+   16-bit type: the first value alone (the double path's k) is more than one std from
+   the mean for ~1/3 of the blocks of normal data, which would fail the check below;
+   a 16-bit k makes d = x - k exact in float32 unless x and k are more than 13
+   (float16) / 16 (bfloat16) binades apart, so short blocks come out nearly exact.
    Error (Higham 4.2: a sum whose tree has depth h of terms with relative error <= g
    has error <= gamma(h + g) sum|terms|; here h = m + 2 in float32 plus the double
    merges, whose gamma_n(u64) the float64 bounds already hold): d is rounded once, d^2
@@ -328,7 +330,7 @@ static void NAME(const T *p, Py_ssize_t n, int centered, double *mean, double *m
         nk_wf f = {0};                                                                 \
         for (Py_ssize_t j = 0; j < nk; j += NK_FW)                                     \
             f += nk_ld_##SUF(p + j, nk - j < NK_FW ? nk - j : NK_FW);                  \
-        k = (double)(float)(nk_hsum(nk_wf_to_vd(f)) / (double)nk);                     \
+        k = nk_##SUF##_to_f32(nk_f32_to_##SUF((float)(nk_hsum(nk_wf_to_vd(f)) / (double)nk))); \
     }                                                                                  \
     const nk_wf kf = (nk_wf){0} + (float)k;                                            \
     nk_vd c1 = {0}, c2 = {0};                                                          \
