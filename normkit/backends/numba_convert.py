@@ -25,8 +25,10 @@ tests/test_numba_runtime.py:
   into a float32 and multiplied by 2**112 re-biases the exponent (and normalizes
   subnormals exactly); Inf/NaN exponents are then forced to all ones. NaN payloads are
   kept, as NumPy does.
-* float32 -> float16: with F16C LLVM's ``fptrunc`` (``vcvtps2ph``) plus a select that
-  gives a NaN NumPy's bits (the hardware would quiet a signalling one), else
+* float32 -> float16: with F16C LLVM's ``fptrunc`` (``vcvtps2ph``), which equals
+  NumPy's cast except that it quiets a signalling NaN; the kernels store only results
+  of arithmetic (never a signalling NaN), ``convert`` adds a select that gives it
+  NumPy's bits (``_st_exact``). Without F16C,
   Giesen's "float_to_half_fast3_rtne" made branch-free: normal
   results add the exponent re-bias and the RNE rounding bias ``0xfff + odd`` before
   the shift (a carry into the exponent gives the next binade, or Inf above 65504);
@@ -164,10 +166,24 @@ def _f32_to_f16(typingctx, f):
 @intrinsic
 def _f32_to_f16_f16c(typingctx, f):
     """float32 -> float16 bits (int16) by LLVM's ``fptrunc`` to half (one vcvtps2ph with
-    F16C: RNE, overflow to Inf, subnormals exact), bit for bit ``_f32_to_f16`` except
-    that the hardware quiets a signalling NaN; a select puts NumPy's NaN bits back
-    (``0x7c00 | m >> 13``, 0x7c01 if that reads as Inf), so every input narrows as
-    NumPy's cast does."""
+    F16C: RNE, overflow to Inf, subnormals exact): the kernels' store. Bit for bit
+    NumPy's cast for every input but a *signalling* NaN, which the hardware quiets
+    (NumPy keeps the quiet bit clear). The kernels only store results of arithmetic,
+    and x86 arithmetic never returns a signalling NaN, so no fix-up runs per element
+    (it cost ~10 vector instructions per 8 values, as many as the rest of the loop)."""
+    if f != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+    return types.int16(types.float32), codegen
+
+
+@intrinsic
+def _f32_to_f16_f16c_exact(typingctx, f):
+    """``_f32_to_f16_f16c`` plus a select that gives a signalling NaN NumPy's bits
+    (``0x7c00 | m >> 13``, 0x7c01 if that reads as Inf): every input narrows as NumPy's
+    cast does (``convert``, for a raw float32 that may be a signalling NaN)."""
     if f != types.float32:
         return None
 
@@ -229,6 +245,11 @@ def _cv(a, v):
     raise NotImplementedError("only callable from jitted code")
 
 
+def _st_exact(a, i, v):
+    """``_st`` that also narrows a signalling NaN as NumPy (``convert`` only)."""
+    raise NotImplementedError("only callable from jitted code")
+
+
 @overload(_ld, jit_options={"error_model": "numpy"})
 def _ov_ld(a, i):
     if a.dtype == types.int16 and _F16C:
@@ -258,6 +279,15 @@ def _ov_st(a, i, v):
     def st(a, i, v):
         a[i] = v
     return st
+
+
+@overload(_st_exact, jit_options={"error_model": "numpy"})
+def _ov_st_exact(a, i, v):
+    if a.dtype == types.int16 and _F16C:
+        def st_f16c_exact(a, i, v):
+            a[i] = _f32_to_f16_f16c_exact(np.float32(v))
+        return st_f16c_exact
+    return lambda a, i, v: _st(a, i, v)
 
 
 @overload(_cv, jit_options={"error_model": "numpy"})
@@ -302,10 +332,18 @@ def _ov_wide(a, buf):
 
 @njit(**_JIT)
 def convert(src, dst):
-    """dst[i] = src[i] through ``_ld``/``_st`` (1-D arrays): the conversions alone, for
-    tests (float32 -> int16/uint16 narrows, int16/uint16 -> float32 widens)."""
+    """dst[i] = src[i] through ``_ld``/``_st_exact`` (1-D arrays): the conversions alone,
+    for tests (float32 -> int16/uint16 narrows, int16/uint16 -> float32 widens)."""
     for i in range(src.shape[0]):
-        _st(dst, i, _ld(src, i))
+        _st_exact(dst, i, _ld(src, i))
+
+
+@njit(**_JIT)
+def narrow_product(src, one, dst):
+    """dst[i] = src[i] * one narrowed by the kernels' ``_st``: the store of an arithmetic
+    result (never a signalling NaN), for tests."""
+    for i in range(src.shape[0]):
+        _st(dst, i, src[i] * one)
 
 
 @njit(**_JIT)

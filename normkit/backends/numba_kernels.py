@@ -32,7 +32,9 @@ float16 / bfloat16 data arrive as int16 / uint16 views, are widened exactly to f
 in registers and narrowed once, RNE, on store; the same drivers are typed once per
 storage dtype, so the float32 / float64 loops are unchanged.
 
-Every statistic is accumulated in float64 (float32 values are widened on load).
+Every statistic is accumulated in float64 (float32 values are widened on load); for
+16-bit data the row sums and moments (``numba_sums.py``) add float32 partials of at
+most 512 values in float64, with their error bound and range fallback written there.
 Moments are two-pass *per item* (sum, then squared deviations from the item's own mean,
 reread while the item is still in L1/L2), and items of one row are merged with Chan's
 formula, so float32 data with |mean| >> std keeps its digits and each value is read
@@ -53,6 +55,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from .numba_convert import _cv, _ld, _st, _wide, _wide_buf
+from .numba_sums import row_mean_var, row_moments
 
 # Flags that let a float reduction vectorize, and nothing more (no nnan/ninf/nsz).
 _FM = {"reassoc", "contract"}
@@ -64,8 +67,10 @@ _BLOCK = 1 << 16
 # runs of _RUN // S whole planes per work item.
 _SMALL_PLANE = 512
 _RUN = 4096
-# rows_forward: rows in this many blocks per call (one widening buffer per block)
-_ROW_BLOCKS = 64
+# Channels-last element-wise passes: rows of C < _TILE values go in runs of _TILE // C
+# rows, the per-channel parameters tiled as long (the inner loop's setup and overlap
+# checks then run once per run, not per row of 64 values).
+_TILE = 1024
 
 
 def _at(v, i):
@@ -95,49 +100,6 @@ def _ov_row(v, q):
 
 
 # ============================================================ helpers: reductions
-@njit(fastmath=_FM, **_JIT)
-def _h_sum(a, lo, hi):
-    v = a[lo:hi]
-    s = 0.0
-    for i in range(v.shape[0]):
-        s += _ld(v, i)
-    return s
-
-
-@njit(fastmath=_FM, **_JIT)
-def _h_ssd(a, lo, hi, m):
-    """Sum of squared deviations from m (float64)."""
-    v = a[lo:hi]
-    q = 0.0
-    for i in range(v.shape[0]):
-        d = _ld(v, i) - m
-        q += d * d
-    return q
-
-
-@njit(fastmath=_FM, **_JIT)
-def _h_dev(a, lo, hi, m):
-    """(sum of deviations, sum of squared deviations) from m, float64."""
-    v = a[lo:hi]
-    s = 0.0
-    q = 0.0
-    for i in range(v.shape[0]):
-        d = _ld(v, i) - m
-        s += d
-        q += d * d
-    return s, q
-
-
-@njit(fastmath=_FM, **_JIT)
-def _h_sumsq(a, lo, hi):
-    v = a[lo:hi]
-    q = 0.0
-    for i in range(v.shape[0]):
-        e = np.float64(_ld(v, i))
-        q += e * e
-    return q
-
-
 @njit(fastmath=_FM, **_JIT)
 def _h_dot_c(dy, x, lo, hi, sh):
     """(sum dy, sum dy * (x - sh)) over [lo, hi), float64."""
@@ -202,8 +164,7 @@ def _h_block_moments(a, lo, hi):
         b = lo + j * n // npc
         h = lo + (j + 1) * n // npc
         nb = float(h - b)
-        mb = _h_sum(a, b, h) / nb
-        qb = _h_ssd(a, b, h, mb)
+        mb, qb = row_moments(a, b, h)
         if j == 0:
             na, ma, qa = nb, mb, qb
         else:
@@ -256,10 +217,11 @@ def _l_act(a, r, o, W, sh, sc, of, q0, res, relu):
     subnormal a or sh (|v| < 1.2e-38 in float32) may lose its last bit when halved.
 
     a/r/o are 1-D runs of rows of width W: one row (W = L) for a channels-first piece
-    with scalar ``sh``/``sc``/``of``, or channels-last rows (W = C) with per-channel
-    vectors, or a run of small channels-first planes (W = S) starting at plane q0 with
-    (1, K) views of the per-plane parameters (``_row``). (1-D slices, not 2-D
-    reshapes: a Numba reshape costs ~90 ns, which dominated tiny calls.)
+    with scalar ``sh``/``sc``/``of``, or R channels-last rows (W = R C) with per-channel
+    vectors tiled R times (``_h_tile``; the last run may be shorter), or a run of
+    small channels-first planes (W = S) starting at plane q0 with (1, K) views of the
+    per-plane parameters (``_row``). (1-D slices, not 2-D reshapes: a Numba reshape
+    costs ~90 ns, which dominated tiny calls.)
     Inlined in Numba IR (``inline='always'``) through
     ``_l_act_flags``, which makes ``res``/``relu`` constants, into ``_h_act``, which
     passes the *same* array object for operands that alias (in place): the flags fold
@@ -276,7 +238,7 @@ def _l_act(a, r, o, W, sh, sc, of, q0, res, relu):
         ov = o[lo:lo + W]
         q = q0 + lo // W
         shq, scq, ofq = _row(sh, q), _row(sc, q), _row(of, q)
-        for i in range(W):
+        for i in range(ov.shape[0]):        # W, or less in a last partial run
             v = (_ld(av, i) * h - _at(shq, i) * h) * (_at(scq, i) * two) + _at(ofq, i)
             if res:
                 v = v + _ld(rv, i)
@@ -325,7 +287,7 @@ def _h_gapply(dy, x, o, W, sh, cdy, cx, c1):
         dv = dy[lo:lo + W]
         xv = x[lo:lo + W]
         ov = o[lo:lo + W]
-        for i in range(W):
+        for i in range(ov.shape[0]):        # W, or less in a last partial run
             _st(ov, i, _at(cdy, i) * _ld(dv, i)
                 + (_at(cx, i) * two) * (_ld(xv, i) * h - _at(sh, i) * h) + _at(c1, i))
 
@@ -375,6 +337,16 @@ def _h_flat(a):
 
 
 @njit(**_JIT)
+def _h_tile(v, R):
+    """Per-channel parameters v (C,) repeated R times: one run of R channels-last rows."""
+    C = v.shape[0]
+    t = np.empty(C * R, v.dtype)
+    for r in range(R):
+        t[r * C:(r + 1) * C] = v
+    return t
+
+
+@njit(**_JIT)
 def _h_item(it, nc, C, per, S):
     """Item ``it`` of ``N * C * nc`` (channels-first; C = 1 for channels-last):
     -> (n, c, parameter row, lo, hi)."""
@@ -416,9 +388,7 @@ def _d_plane_moments(x, nc, mean, m2):
     pq = np.empty((P * nc, 1))
     for it in prange(P * nc):
         p, _, _, lo, hi = _h_item(it, nc, 1, 1, S)
-        mu = _h_sum(x[p], lo, hi) / (hi - lo)
-        pm[it, 0] = mu
-        pq[it, 0] = _h_ssd(x[p], lo, hi, mu)
+        pm[it, 0], pq[it, 0] = row_moments(x[p], lo, hi)
     for p in prange(P):
         _h_merge_parts(pm, pq, p * nc, nc, S, mean[p:p + 1], m2[p:p + 1])
 
@@ -436,28 +406,15 @@ def _d_channels_last_moments(x, nc, mean, m2):
 
 def _d_rows_forward(x, weight, bias, eps, rms, out, mean, rstd):
     R, K = x.shape
-    nb = min(R, _ROW_BLOCKS)
-    for t in prange(nb):
-        buf = _wide_buf(x, K)       # 16-bit: each row widened once (else empty)
-        for r in range(t * R // nb, (t + 1) * R // nb):
-            xr = _wide(x[r], buf)
-            if rms:
-                mu = 0.0
-                var = _h_sumsq(xr, 0, K) / K
-            else:
-                # corrected two-pass: the deviations' sum fixes the rounding of the
-                # first mean (a long row's sum loses a few ulps), and the variance
-                m0 = _h_sum(xr, 0, K) / K
-                sd, q = _h_dev(xr, 0, K, m0)
-                mu = m0 + sd / K
-                var = (q - sd * (sd / K)) / K
-            rs = 1.0 / np.sqrt(var + eps)
-            mean[r] = mu
-            rstd[r] = rs
-            if rms:
-                _h_row_out_rms(xr, weight, rs, out[r])
-            else:
-                _h_row_out(xr, weight, bias, mu, rs, out[r])
+    for r in prange(R):
+        mu, var = row_mean_var(x[r], rms)   # 16-bit: float32 chunks (numba_sums)
+        rs = 1.0 / np.sqrt(var + eps)
+        mean[r] = mu
+        rstd[r] = rs
+        if rms:
+            _h_row_out_rms(x[r], weight, rs, out[r])
+        else:
+            _h_row_out(x[r], weight, bias, mu, rs, out[r])
 
 
 def _d_rows_backward(dy, x, mean, rstd, weight, rms, dx, nblk, dw, db):
@@ -529,10 +486,12 @@ def _d_channels_first_grad_apply(dy, x, shift, coef_dy, coef_x, coef_1, dx, nc):
 def _d_channels_last_grad_apply(dy, x, shift, coef_dy, coef_x, coef_1, dx, nc):
     N, S, C = x.shape
     dyf, xf, dxf = _h_flat(dy), _h_flat(x), _h_flat(dx)
+    R = max(1, _TILE // C)
     for it in prange(N * nc):
         n, _, pn, lo, hi = _h_item(it, nc, 1, shift.shape[0], S)
-        _h_gapply(dyf[n][lo * C:hi * C], xf[n][lo * C:hi * C], dxf[n][lo * C:hi * C], C,
-                  shift[pn], coef_dy[pn], coef_x[pn], coef_1[pn])
+        _h_gapply(dyf[n][lo * C:hi * C], xf[n][lo * C:hi * C], dxf[n][lo * C:hi * C],
+                  C * R, _h_tile(shift[pn], R), _h_tile(coef_dy[pn], R),
+                  _h_tile(coef_x[pn], R), _h_tile(coef_1[pn], R))
 
 
 def _d_channels_first_group_forward(x, groups, weight, bias, eps, out, nc, mean, rstd):
@@ -593,10 +552,12 @@ def _d_channels_first_affine_act(x, shift, scale, offset, residual, has_res, rel
 def _d_channels_last_affine_act(x, shift, scale, offset, residual, has_res, relu, out, nc):
     N, S, C = x.shape
     xf, rf, of = _h_flat(x), _h_flat(residual), _h_flat(out)
+    R = max(1, _TILE // C)
     for it in prange(N * nc):
         n, _, pn, lo, hi = _h_item(it, nc, 1, shift.shape[0], S)
-        _h_act(xf[n][lo * C:hi * C], rf[n][lo * C:hi * C], of[n][lo * C:hi * C], C,
-               shift[pn], scale[pn], offset[pn], 0, has_res, relu)
+        _h_act(xf[n][lo * C:hi * C], rf[n][lo * C:hi * C], of[n][lo * C:hi * C], C * R,
+               _h_tile(shift[pn], R), _h_tile(scale[pn], R), _h_tile(offset[pn], R), 0,
+               has_res, relu)
 
 
 # ============================================================ signatures
@@ -662,14 +623,18 @@ def storage_name(t):
 
 
 def _convert_stamp():
-    """A short hash of numba_convert.py, part of every cached kernel's name.
+    """A short hash of numba_convert.py and numba_sums.py, part of every cached kernel's
+    name.
 
     Numba invalidates a cache entry only when the file defining the function changes;
-    the load/store conversions live in another file and are compiled into every
+    the conversions and reductions live in other files and are compiled into every
     kernel, so their source hash goes into the qualname: editing them recompiles."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "numba_convert.py")
-    with open(path, "rb") as f:
-        return hashlib.sha1(f.read()).hexdigest()[:8]
+    here = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha1()
+    for name in ("numba_convert.py", "numba_sums.py"):
+        with open(os.path.join(here, name), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:8]
 
 
 _STAMP: list = []

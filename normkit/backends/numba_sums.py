@@ -1,0 +1,245 @@
+"""The Numba backend's row reductions: sums and two-pass moments of a[lo:hi].
+
+float32 / float64 data accumulate in float64 (each value widened on load), as always.
+
+16-bit data (float16 / bfloat16 as int16 / uint16 views) accumulate in float32 over
+chunks of at most ``_CHUNK16`` values, each chunk's float32 partial added to a float64
+total (issue 13: "float64 merges of float32 partials"). Why: the float64 loop spent its
+time widening (vcvtph2ps, then vcvtps2pd per 4 values, both on one port); in float32
+the loop is one conversion and one add per 8 values and runs ~2.4x faster (measured in
+L1, 1 thread: 0.60 -> 0.25 cycles per value for float16), so half the bytes of float32
+data can also take about half the time.
+
+Error bound. A chunk is a multiple of _LANES values, at most ``_CHUNK16`` = 256, so
+LLVM's vector loop (``reassoc``: 8 float32 lanes x 4 interleaved with AVX2/AVX-512,
+4 x 4 on a generic x86-64) adds at most 8 (16 generic) values per lane, then a tree of
+depth 3 + log2(width); the < 32 values left at a row's end add in float64. So each
+partial is a sum of depth h <= 14 (21 generic) of terms rounded at most 3 times (d,
+d * d): |ds| <= G sum|x - k|, |dq| <= G sum (x - k)^2, G = gamma_{h+3}(u32), as in the
+Cython backend's nk_moments32 (tests/_cases.py, half_stat_roundoff: gamma_21 there;
+gamma_24 covers the generic build). Moments are *corrected* two-pass around the shift
+k = f32(sum / n), mean = k + sum d / n, M2 = sum d^2 - (sum d)^2 / n, and a range whose
+shift fails n (mean - k)^2 <= M2 (2 (sum d)^2 > n sum d^2) is recomputed in float64: so
+the mean is within sqrt(2) G sigma and M2 within (2 + 2 sqrt(2)) G M2 of the exact
+values. (Float64 partials merge these; |mean| >> std keeps its digits.)
+
+Range: bfloat16 has float32's exponent range, so a float32 chunk may overflow (values
+or squares above ~1.8e19) or underflow (squares below 2**-126). A chunk whose float32
+result is not finite, or whose squares sum below 2**-90 (there the subnormal rounding,
+<= 2**-150 per operation, could matter: 256 * 2**-150 / 2**-90 = 2**-52 above it), is
+recomputed in float64, the code path float32 data takes (the < 32 end values too).
+Data with NaN/Inf gives the same NaN/Inf either way (recomputed: a second pass over
+that chunk).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+from numba.extending import overload
+
+from .numba_convert import _STORAGE_16, _ld
+
+_FM = {"reassoc", "contract"}      # lets a sum vectorize; no nnan/ninf
+_JIT = {"cache": True, "error_model": "numpy"}
+_CHUNK16 = 256                     # values per float32 partial (see the bound above)
+_LANES = 32                        # LLVM's float32 sum: 8 lanes x 4 interleaved
+_TINY = 2.0 ** -90                 # below: squares summed in float64 (underflow)
+
+
+# ============================================================ float64 accumulation
+@njit(fastmath=_FM, **_JIT)
+def _h_sum(a, lo, hi):
+    v = a[lo:hi]
+    s = 0.0
+    for i in range(v.shape[0]):
+        s += _ld(v, i)
+    return s
+
+
+@njit(fastmath=_FM, **_JIT)
+def _h_ssd(a, lo, hi, m):
+    """Sum of squared deviations from m (float64)."""
+    v = a[lo:hi]
+    q = 0.0
+    for i in range(v.shape[0]):
+        d = _ld(v, i) - m
+        q += d * d
+    return q
+
+
+@njit(fastmath=_FM, **_JIT)
+def _h_dev(a, lo, hi, m):
+    """(sum of deviations, sum of squared deviations) from m, float64."""
+    v = a[lo:hi]
+    s = 0.0
+    q = 0.0
+    for i in range(v.shape[0]):
+        d = _ld(v, i) - m
+        s += d
+        q += d * d
+    return s, q
+
+
+@njit(fastmath=_FM, **_JIT)
+def _h_sumsq(a, lo, hi):
+    v = a[lo:hi]
+    q = 0.0
+    for i in range(v.shape[0]):
+        e = np.float64(_ld(v, i))
+        q += e * e
+    return q
+
+
+# ============================================================ float32 chunks (16-bit)
+@njit(fastmath=_FM, **_JIT)
+def _c_sum32(a, lo, hi):
+    v = a[lo:hi]
+    s = np.float32(0.0)
+    for i in range(v.shape[0]):
+        s += _ld(v, i)
+    return s
+
+
+@njit(fastmath=_FM, **_JIT)
+def _c_dev32(a, lo, hi, m):
+    """(sum d, sum d * d) with d = a[i] - m, all float32 (m is float32)."""
+    v = a[lo:hi]
+    s = np.float32(0.0)
+    q = np.float32(0.0)
+    for i in range(v.shape[0]):
+        d = _ld(v, i) - m
+        s += d
+        q += d * d
+    return s, q
+
+
+@njit(fastmath=_FM, **_JIT)
+def _c_sumsq32(a, lo, hi):
+    v = a[lo:hi]
+    q = np.float32(0.0)
+    for i in range(v.shape[0]):
+        e = _ld(v, i)
+        q += e * e
+    return q
+
+
+@njit(**_JIT)
+def _body(lo, hi):
+    """End of the float32 part of [lo, hi): a multiple of _LANES values (so LLVM's
+    vector loop has no scalar tail inside a chunk); the rest adds in float64."""
+    return lo + (hi - lo) // _LANES * _LANES
+
+
+@njit(**_JIT)
+def _sum16(a, lo, hi):
+    t = 0.0
+    body = _body(lo, hi)
+    for b in range(lo, body, _CHUNK16):
+        e = min(b + _CHUNK16, body)
+        s = _c_sum32(a, b, e)
+        t += s if np.isfinite(s) else _h_sum(a, b, e)
+    return t + _h_sum(a, body, hi)
+
+
+@njit(**_JIT)
+def _dev16(a, lo, hi, m):
+    """(sum d, sum d * d), d = a[i] - m over a[lo:hi] (m float32), float64 totals."""
+    s, q = _h_dev(a, _body(lo, hi), hi, np.float64(m))
+    for b in range(lo, _body(lo, hi), _CHUNK16):
+        e = min(b + _CHUNK16, _body(lo, hi))
+        sc, qc = _c_dev32(a, b, e, m)
+        if qc >= _TINY and qc < np.inf:
+            s += sc
+            q += qc
+        else:                       # overflow, underflow, NaN/Inf or constant chunk
+            sc64, qc64 = _h_dev(a, b, e, np.float64(m))
+            s += sc64
+            q += qc64
+    return s, q
+
+
+@njit(**_JIT)
+def _sumsq16(a, lo, hi):
+    t = 0.0
+    body = _body(lo, hi)
+    for b in range(lo, body, _CHUNK16):
+        e = min(b + _CHUNK16, body)
+        q = _c_sumsq32(a, b, e)
+        t += q if (q >= _TINY and q < np.inf) else _h_sumsq(a, b, e)
+    return t + _h_sumsq(a, body, hi)
+
+
+# ============================================================ what the kernels call
+def row_sumsq(a, lo, hi):
+    """Sum of squares of a[lo:hi] in float64 (16-bit: float32 chunks, see above)."""
+    raise NotImplementedError("only callable from jitted code")
+
+
+def row_moments(a, lo, hi):
+    """(mean, M2) of a[lo:hi] in float64, two-pass (16-bit: corrected, float32 chunks)."""
+    raise NotImplementedError("only callable from jitted code")
+
+
+@overload(row_sumsq, jit_options={"error_model": "numpy"})
+def _ov_row_sumsq(a, lo, hi):
+    if a.dtype in _STORAGE_16:
+        return lambda a, lo, hi: _sumsq16(a, lo, hi)
+    return lambda a, lo, hi: _h_sumsq(a, lo, hi)
+
+
+@njit(**_JIT)
+def _moments16(a, lo, hi):
+    n = hi - lo
+    m = np.float32(_sum16(a, lo, hi) / n)
+    s, q = _dev16(a, lo, hi, m)
+    if not 2.0 * s * s <= n * q:
+        # the shift is too far from the mean for the float32 bound (n (mean - m)^2 > M2,
+        # module docstring), or NaN/Inf: float64 throughout
+        return _moments_wide(a, lo, hi)
+    return np.float64(m) + s / n, q - s * (s / n)
+
+
+@njit(**_JIT)
+def _moments_wide(a, lo, hi):
+    m = _h_sum(a, lo, hi) / (hi - lo)
+    return m, _h_ssd(a, lo, hi, m)
+
+
+@overload(row_moments, jit_options={"error_model": "numpy"})
+def _ov_row_moments(a, lo, hi):
+    if a.dtype in _STORAGE_16:
+        return lambda a, lo, hi: _moments16(a, lo, hi)
+    return lambda a, lo, hi: _moments_wide(a, lo, hi)
+
+
+def row_mean_var(xr, rms):
+    """(mean, variance) of a 1-D row for LayerNorm (``rms``: 0 and the mean square)."""
+    raise NotImplementedError("only callable from jitted code")
+
+
+@njit(**_JIT)
+def _mean_var_wide(xr, rms):
+    K = xr.shape[0]
+    if rms:
+        return 0.0, _h_sumsq(xr, 0, K) / K
+    # corrected two-pass: the deviations' sum fixes the rounding of the first mean (a
+    # long row's sum loses a few ulps), and the variance
+    m0 = _h_sum(xr, 0, K) / K
+    sd, q = _h_dev(xr, 0, K, m0)
+    return m0 + sd / K, (q - sd * (sd / K)) / K
+
+
+@njit(**_JIT)
+def _mean_var16(xr, rms):
+    K = xr.shape[0]
+    if rms:
+        return 0.0, _sumsq16(xr, 0, K) / K
+    m, q = _moments16(xr, 0, K)
+    return m, q / K
+
+
+@overload(row_mean_var, jit_options={"error_model": "numpy"})
+def _ov_row_mean_var(xr, rms):
+    if xr.dtype in _STORAGE_16:
+        return lambda xr, rms: _mean_var16(xr, rms)
+    return lambda xr, rms: _mean_var_wide(xr, rms)
