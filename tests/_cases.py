@@ -284,27 +284,34 @@ def _f64(a):
     return np.asarray(a, dtype=np.float64)
 
 
-# The compiled backends' 16-bit statistics (nk_half.h, nk_moments32): d = x - k in
-# float32, s1 = sum d and s2 = sum d^2 in float32 lanes that add at most M32_STEPS
-# values each, then 2 pairwise float32 adds of the accumulators, then double sums.
-# Higham 4.2 with tree depth h = M32_STEPS + 2 and terms rounded at most 3 times (d
-# once, d^2 through d twice and the product once): |ds1| <= G sum|x - k|,
-# |ds2| <= G sum (x - k)^2, G = gamma_{h+3}(u32). Blocks pass the check
-# n (mean - k)^2 <= M2 (else they are recomputed in double), so sum (x - k)^2 <= 2 M2 and
+# The compiled backends' 16-bit statistics: d = x - k in float32, s1 = sum d and
+# s2 = sum d^2 summed in float32 over short runs, the run sums added in double.
+# Higham 4.2: a float32 sum whose tree has depth h, of terms rounded at most 3 times (d
+# once, d^2 through d twice and the product once), has |ds1| <= G sum|x - k| and
+# |ds2| <= G sum (x - k)^2 with G = gamma_{h+3}(u32). The depth h, per backend:
+# * Cython (nk_half.h, nk_moments32 / nk_gsum): lanes that add at most M32_STEPS values
+#   each, then 2 pairwise adds of the 4 accumulators: h = M32_STEPS + 2;
+# * Numba (numba_sums.py): float32 sums of at most NUMBA_CHUNK16 values that LLVM
+#   vectorizes under ``reassoc`` -- in whatever order it picks, so the bound takes the
+#   worst tree, a sequential one: h = NUMBA_CHUNK16 - 1.
+# The tests use the larger G (it bounds both). Blocks pass the check n (mean - k)^2 <= M2
+# (else they are recomputed in double), so sum (x - k)^2 <= 2 M2 and
 # sum|x - k| <= sqrt(2 n M2): mean within sqrt(2) G sigma, M2 within
 # (2 + 2 sqrt(2)) G M2 per block (constants 2 and 6 with the check made on computed
 # sums); merging blocks in double moves the between-block term by at most
 # 2 G M2_row, so a row's M2 is within 8 G M2_row. bfloat16 squares below float32's
 # normal range are subnormal: n 2^-150 more in s2 (float16's never are).
 M32_STEPS = 16                  # nk_half.h NK_M32_STEPS
+NUMBA_CHUNK16 = 256             # numba_sums._CHUNK16
 
 
 def half_stat_roundoff(dtype):
-    """G = gamma_{M32_STEPS + 5}(u32) for 16-bit data (the float32-lane partial sums of
-    the statistics, comment above), 0 for float32/float64 data (double sums)."""
+    """G = gamma_{h+3}(u32) for 16-bit data, h the deeper of the two backends' float32
+    sums (comment above), 0 for float32/float64 data (double sums)."""
     if not is_half(dtype):
         return 0.0
-    nu = (M32_STEPS + 5) * U32
+    h = max(M32_STEPS + 2, NUMBA_CHUNK16 - 1)
+    nu = (h + 3) * U32
     return nu / (1 - nu)
 
 

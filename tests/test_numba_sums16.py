@@ -144,3 +144,10 @@ def test_kernel_f16c_store_equals_numpy_for_arithmetic_results():
         want = (f * one).astype(np.float16).view(np.int16)
     bad = np.flatnonzero(got != want)
     assert bad.size == 0, [hex(v) for v in f.view(np.uint32)[bad[:5]]]
+
+
+def test_bound_constants_match_the_kernels():
+    """tests/_cases.py's 16-bit bound assumes float32 sums of at most NUMBA_CHUNK16 values
+    in any order: the kernel must not sum longer runs in float32."""
+    from normkit.backends import numba_sums
+    assert numba_sums._CHUNK16 <= K.NUMBA_CHUNK16

@@ -10,18 +10,20 @@ the loop is one conversion and one add per 8 values and runs ~2.4x faster (measu
 L1, 1 thread: 0.60 -> 0.25 cycles per value for float16), so half the bytes of float32
 data can also take about half the time.
 
-Error bound. A chunk is a multiple of _LANES values, at most ``_CHUNK16`` = 256, so
-LLVM's vector loop (``reassoc``: 8 float32 lanes x 4 interleaved with AVX2/AVX-512,
-4 x 4 on a generic x86-64) adds at most 8 (16 generic) values per lane, then a tree of
-depth 3 + log2(width); the < 32 values left at a row's end add in float64. So each
-partial is a sum of depth h <= 14 (21 generic) of terms rounded at most 3 times (d,
-d * d): |ds| <= G sum|x - k|, |dq| <= G sum (x - k)^2, G = gamma_{h+3}(u32), as in the
-Cython backend's nk_moments32 (tests/_cases.py, half_stat_roundoff: gamma_21 there;
-gamma_24 covers the generic build). Moments are *corrected* two-pass around the shift
-k = f32(sum / n), mean = k + sum d / n, M2 = sum d^2 - (sum d)^2 / n, and a range whose
-shift fails n (mean - k)^2 <= M2 (2 (sum d)^2 > n sum d^2) is recomputed in float64: so
-the mean is within sqrt(2) G sigma and M2 within (2 + 2 sqrt(2)) G M2 of the exact
-values. (Float64 partials merge these; |mean| >> std keeps its digits.)
+Error bound. A chunk is a multiple of _LANES values, at most ``_CHUNK16`` = 256. LLVM
+vectorizes its float32 sum under ``reassoc`` (8 float32 lanes x 4 interleaved with
+AVX2/AVX-512: each lane adds 8 values, then a tree of depth 5), but the bound must not
+depend on that choice, so it takes the worst tree, a sequential sum of the chunk:
+depth h <= 255 of terms rounded at most 3 times (d, d * d): |ds| <= G sum|x - k|,
+|dq| <= G sum (x - k)^2, G = gamma_{h+3}(u32) ~ 1.5e-5 (tests/_cases.py,
+half_stat_roundoff, which also covers the Cython backend's shorter runs); the < 32
+values left at a row's end add in float64.
+
+Moments are *corrected* two-pass around the shift k = f32(sum / n), mean = k + sum d /
+n, M2 = sum d^2 - (sum d)^2 / n, and a range whose shift fails n (mean - k)^2 <= M2 (2
+(sum d)^2 > n sum d^2) is recomputed in float64: so the mean is within sqrt(2) G sigma
+and M2 within (2 + 2 sqrt(2)) G M2 of the exact values.
+(Float64 partials merge these; |mean| >> std keeps its digits.)
 
 Range: bfloat16 has float32's exponent range, so a float32 chunk may overflow (values
 or squares above ~1.8e19) or underflow (squares below 2**-126). A chunk whose float32
