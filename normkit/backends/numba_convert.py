@@ -245,6 +245,12 @@ def _cv(a, v):
     raise NotImplementedError("only callable from jitted code")
 
 
+def _round_as(a, v):
+    """float32 ``v`` rounded to the storage dtype of ``a`` and widened back (v itself
+    for float32/float64 data): a shift that 16-bit values minus it are exact in float32."""
+    raise NotImplementedError("only callable from jitted code")
+
+
 def _st_exact(a, i, v):
     """``_st`` that also narrows a signalling NaN as NumPy (``convert`` only)."""
     raise NotImplementedError("only callable from jitted code")
@@ -288,6 +294,15 @@ def _ov_st_exact(a, i, v):
             a[i] = _f32_to_f16_f16c_exact(np.float32(v))
         return st_f16c_exact
     return lambda a, i, v: _st(a, i, v)
+
+
+@overload(_round_as, jit_options={"error_model": "numpy"})
+def _ov_round_as(a, v):
+    if a.dtype == types.int16:
+        return lambda a, v: _f16_to_f32(_f32_to_f16(np.float32(v)))
+    if a.dtype == types.uint16:
+        return lambda a, v: _bf16_to_f32(_f32_to_bf16(np.float32(v)))
+    return lambda a, v: v
 
 
 @overload(_cv, jit_options={"error_model": "numpy"})

@@ -19,10 +19,11 @@ depth h <= 255 of terms rounded at most 3 times (d, d * d): |ds| <= G sum|x - k|
 half_stat_roundoff, which also covers the Cython backend's shorter runs); the < 32
 values left at a row's end add in float64.
 
-Moments are *corrected* two-pass around the shift k = f32(sum / n), mean = k + sum d /
-n, M2 = sum d^2 - (sum d)^2 / n, and a range whose shift fails n (mean - k)^2 <= M2 (2
-(sum d)^2 > n sum d^2) is recomputed in float64: so the mean is within sqrt(2) G sigma
-and M2 within (2 + 2 sqrt(2)) G M2 of the exact values.
+Moments are *corrected* two-pass around the shift k = f32(sum / n) rounded to the
+16-bit type, mean = k + sum d / n, M2 = sum d^2 - (sum d)^2 / n, and a range whose
+shift fails n (mean - k)^2 <= M2 (2 (sum d)^2 > n sum d^2) is recomputed in float64:
+so the mean is within sqrt(2) G sigma and M2 within (2 + 2 sqrt(2)) G M2 of the exact
+values.
 (Float64 partials merge these; |mean| >> std keeps its digits.)
 
 Range: bfloat16 has float32's exponent range, so a float32 chunk may overflow (values
@@ -39,7 +40,7 @@ import numpy as np
 from numba import njit
 from numba.extending import overload
 
-from .numba_convert import _STORAGE_16, _ld
+from .numba_convert import _STORAGE_16, _ld, _round_as
 
 _FM = {"reassoc", "contract"}      # lets a sum vectorize; no nnan/ninf
 _JIT = {"cache": True, "error_model": "numpy"}
@@ -192,7 +193,9 @@ def _ov_row_sumsq(a, lo, hi):
 @njit(**_JIT)
 def _moments16(a, lo, hi):
     n = hi - lo
-    m = np.float32(_sum16(a, lo, hi) / n)
+    # the shift, rounded to the 16-bit type: x - m is then exact in float32 for every x
+    # within 13 (float16) / 16 (bfloat16) binades of m, so only the sums round
+    m = _round_as(a, np.float32(_sum16(a, lo, hi) / n))
     s, q = _dev16(a, lo, hi, m)
     if not 2.0 * s * s <= n * q:
         # the shift is too far from the mean for the float32 bound (n (mean - m)^2 > M2,
