@@ -49,14 +49,39 @@ _LANES = 32                        # LLVM's float32 sum: 8 lanes x 4 interleaved
 _TINY = 2.0 ** -90                 # below: squares summed in float64 (underflow)
 
 
-# ============================================================ float64 accumulation
+# ============================================================ the sums
+# One loop per sum; the accumulator's type is the type of ``zero``: 0.0 sums in float64
+# (every value widened exactly), np.float32(0.0) in float32 (the 16-bit chunks below).
 @njit(fastmath=_FM, **_JIT)
-def _h_sum(a, lo, hi):
+def _sum(a, lo, hi, zero):
     v = a[lo:hi]
-    s = 0.0
+    s = zero
     for i in range(v.shape[0]):
         s += _ld(v, i)
     return s
+
+
+@njit(fastmath=_FM, **_JIT)
+def _dev(a, lo, hi, m, zero):
+    """(sum of deviations, sum of squared deviations) from m (of zero's type)."""
+    v = a[lo:hi]
+    s = zero
+    q = zero
+    for i in range(v.shape[0]):
+        d = _ld(v, i) - m
+        s += d
+        q += d * d
+    return s, q
+
+
+@njit(fastmath=_FM, **_JIT)
+def _sumsq(a, lo, hi, zero):
+    v = a[lo:hi]
+    q = zero
+    for i in range(v.shape[0]):
+        e = _ld(v, i) + zero        # widened to zero's type (exact)
+        q += e * e
+    return q
 
 
 @njit(fastmath=_FM, **_JIT)
@@ -67,62 +92,6 @@ def _h_ssd(a, lo, hi, m):
     for i in range(v.shape[0]):
         d = _ld(v, i) - m
         q += d * d
-    return q
-
-
-@njit(fastmath=_FM, **_JIT)
-def _h_dev(a, lo, hi, m):
-    """(sum of deviations, sum of squared deviations) from m, float64."""
-    v = a[lo:hi]
-    s = 0.0
-    q = 0.0
-    for i in range(v.shape[0]):
-        d = _ld(v, i) - m
-        s += d
-        q += d * d
-    return s, q
-
-
-@njit(fastmath=_FM, **_JIT)
-def _h_sumsq(a, lo, hi):
-    v = a[lo:hi]
-    q = 0.0
-    for i in range(v.shape[0]):
-        e = np.float64(_ld(v, i))
-        q += e * e
-    return q
-
-
-# ============================================================ float32 chunks (16-bit)
-@njit(fastmath=_FM, **_JIT)
-def _c_sum32(a, lo, hi):
-    v = a[lo:hi]
-    s = np.float32(0.0)
-    for i in range(v.shape[0]):
-        s += _ld(v, i)
-    return s
-
-
-@njit(fastmath=_FM, **_JIT)
-def _c_dev32(a, lo, hi, m):
-    """(sum d, sum d * d) with d = a[i] - m, all float32 (m is float32)."""
-    v = a[lo:hi]
-    s = np.float32(0.0)
-    q = np.float32(0.0)
-    for i in range(v.shape[0]):
-        d = _ld(v, i) - m
-        s += d
-        q += d * d
-    return s, q
-
-
-@njit(fastmath=_FM, **_JIT)
-def _c_sumsq32(a, lo, hi):
-    v = a[lo:hi]
-    q = np.float32(0.0)
-    for i in range(v.shape[0]):
-        e = _ld(v, i)
-        q += e * e
     return q
 
 
@@ -139,23 +108,23 @@ def _sum16(a, lo, hi):
     body = _body(lo, hi)
     for b in range(lo, body, _CHUNK16):
         e = min(b + _CHUNK16, body)
-        s = _c_sum32(a, b, e)
-        t += s if np.isfinite(s) else _h_sum(a, b, e)
-    return t + _h_sum(a, body, hi)
+        s = _sum(a, b, e, np.float32(0.0))
+        t += s if np.isfinite(s) else _sum(a, b, e, 0.0)
+    return t + _sum(a, body, hi, 0.0)
 
 
 @njit(**_JIT)
 def _dev16(a, lo, hi, m):
     """(sum d, sum d * d), d = a[i] - m over a[lo:hi] (m float32), float64 totals."""
-    s, q = _h_dev(a, _body(lo, hi), hi, np.float64(m))
+    s, q = _dev(a, _body(lo, hi), hi, np.float64(m), 0.0)
     for b in range(lo, _body(lo, hi), _CHUNK16):
         e = min(b + _CHUNK16, _body(lo, hi))
-        sc, qc = _c_dev32(a, b, e, m)
+        sc, qc = _dev(a, b, e, m, np.float32(0.0))
         if qc >= _TINY and qc < np.inf:
             s += sc
             q += qc
         else:                       # overflow, underflow, NaN/Inf or constant chunk
-            sc64, qc64 = _h_dev(a, b, e, np.float64(m))
+            sc64, qc64 = _dev(a, b, e, np.float64(m), 0.0)
             s += sc64
             q += qc64
     return s, q
@@ -167,9 +136,9 @@ def _sumsq16(a, lo, hi):
     body = _body(lo, hi)
     for b in range(lo, body, _CHUNK16):
         e = min(b + _CHUNK16, body)
-        q = _c_sumsq32(a, b, e)
-        t += q if (q >= _TINY and q < np.inf) else _h_sumsq(a, b, e)
-    return t + _h_sumsq(a, body, hi)
+        q = _sumsq(a, b, e, np.float32(0.0))
+        t += q if (q >= _TINY and q < np.inf) else _sumsq(a, b, e, 0.0)
+    return t + _sumsq(a, body, hi, 0.0)
 
 
 # ============================================================ what the kernels call
@@ -187,7 +156,7 @@ def row_moments(a, lo, hi):
 def _ov_row_sumsq(a, lo, hi):
     if a.dtype in _STORAGE_16:
         return lambda a, lo, hi: _sumsq16(a, lo, hi)
-    return lambda a, lo, hi: _h_sumsq(a, lo, hi)
+    return lambda a, lo, hi: _sumsq(a, lo, hi, 0.0)
 
 
 @njit(**_JIT)
@@ -206,7 +175,7 @@ def _moments16(a, lo, hi):
 
 @njit(**_JIT)
 def _moments_wide(a, lo, hi):
-    m = _h_sum(a, lo, hi) / (hi - lo)
+    m = _sum(a, lo, hi, 0.0) / (hi - lo)
     return m, _h_ssd(a, lo, hi, m)
 
 
@@ -226,11 +195,11 @@ def row_mean_var(xr, rms):
 def _mean_var_wide(xr, rms):
     K = xr.shape[0]
     if rms:
-        return 0.0, _h_sumsq(xr, 0, K) / K
+        return 0.0, _sumsq(xr, 0, K, 0.0) / K
     # corrected two-pass: the deviations' sum fixes the rounding of the first mean (a
     # long row's sum loses a few ulps), and the variance
-    m0 = _h_sum(xr, 0, K) / K
-    sd, q = _h_dev(xr, 0, K, m0)
+    m0 = _sum(xr, 0, K, 0.0) / K
+    sd, q = _dev(xr, 0, K, m0, 0.0)
     return m0 + sd / K, (q - sd * (sd / K)) / K
 
 
