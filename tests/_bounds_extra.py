@@ -161,16 +161,20 @@ def bound_rows_backward(dy, x, mean, rstd, w, rms, dtype):
     return [dw, db, dx]
 
 
-def bound_moments_from_stats(mean, var, n, u=K.U64):
+def bound_moments_from_stats(mean, var, n, u=K.U64, dtype=np.float64):
     """Two-sided bounds (d_mean, d_var) of a float64 population mean and variance of n
     values computed by two algorithms (Chan merges, pairwise, two-pass), from the
     statistics alone (for data too large to revisit): K.bound_mean and K.bound_m2 / n
-    with mean|x| <= sqrt(E[x^2]) (Cauchy-Schwarz), E[x^2] = var + mean^2, M2 = n var."""
+    with mean|x| <= sqrt(E[x^2]) (Cauchy-Schwarz), E[x^2] = var + mean^2, M2 = n var.
+    16-bit ``dtype``: each side's kernels may sum in float32 partials (K's comment at
+    half_stat_roundoff: mean within 2 G sigma, M2 within 8 G M2), twice more."""
     mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
     meansq = var + mean * mean
     g = K.gamma(n, u)
-    d_mean = 2 * K.gamma(n + 1, u) * np.sqrt(meansq)
-    d_var = 4 * (g * np.sqrt(var * meansq) + g * g * meansq + g * var)
+    h = K.half_stat_roundoff(dtype)
+    d_mean = 2 * K.gamma(n + 1, u) * np.sqrt(meansq) + 2 * 2 * h * np.sqrt(var)
+    d_var = (4 * (g * np.sqrt(var * meansq) + g * g * meansq + g * var)
+             + 2 * (8 * h * var + K._half_underflow(dtype, n) / n))
     return d_mean, d_var
 
 
