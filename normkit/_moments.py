@@ -27,11 +27,13 @@ def merge_equal(mean, m2, count, axis=-1):
     keep it to a few array operations.)
     """
     mean = np.asarray(mean, dtype=np.float64)
-    gmean = mean.mean(axis=axis, keepdims=True)
+    # ufunc reductions, not .mean()/np.sum: their Python wrappers cost more than the
+    # arithmetic at the sizes of this path
     with np.errstate(invalid="ignore", over="ignore"):
+        gmean = np.add.reduce(mean, axis=axis, keepdims=True) / mean.shape[axis]
         dev = mean - gmean
         dev *= dev
-        gm2 = np.sum(m2, axis=axis, dtype=np.float64) + count * dev.sum(axis=axis)
+        gm2 = np.add.reduce(m2, axis=axis, dtype=np.float64) + count * np.add.reduce(dev, axis=axis)
     return gmean.squeeze(axis), gm2
 
 

@@ -432,6 +432,11 @@ def test_oracle_rounds_once_to_nearest_even(dtype):
     nearest = np.where(ax >= grid[-1] + ulp_top / 2, np.inf,
                        np.where(ax > grid[-1], grid[-1], nearest))
     np.testing.assert_array_equal(got, np.copysign(nearest, x))
+    if dtype == "bfloat16":
+        # narrow takes a shortcut for arrays whose float32 rounding hits no bfloat16
+        # midpoint: in pieces of 5, most pieces take it, the rest the round-to-odd path
+        pieces = [numpy_ref.narrow(p, dt) for p in np.array_split(x, len(x) // 5)]
+        np.testing.assert_array_equal(np.concatenate(pieces).astype(np.float64), got)
     assert np.isnan(numpy_ref.narrow(np.array([np.nan]), dt).astype(np.float64)).all()
     if dtype == "bfloat16":
         assert numpy_ref.narrow(np.array([1 + 2**-8 + 2**-40]), dt).astype(float)[0] == \

@@ -63,9 +63,16 @@ def narrow(a64, dtype):
     docstring for bfloat16)."""
     a64 = np.asarray(a64, dtype=np.float64)
     with np.errstate(over="ignore", invalid="ignore"):   # overflow to Inf is a result
-        if np.dtype(dtype) == _BF16:
-            return _float32_round_to_odd(a64).astype(_BF16)
-        return a64.astype(dtype)
+        if np.dtype(dtype) != _BF16:
+            return a64.astype(dtype)
+        # Rounding to float32 and then to bfloat16 (both to nearest even) is wrong only
+        # where the float32 value is exactly halfway between two bfloat16 values (low
+        # 16 bits 0x8000) without being x itself; only then round to odd first.
+        r = a64.astype(np.float32)
+        tie = (r.view(np.uint32) & np.uint32(0xFFFF)) == 0x8000
+        if tie.any() and (r[tie] != a64[tie]).any():
+            r = _float32_round_to_odd(a64)
+        return r.astype(_BF16)
 
 
 def store(out, value):
