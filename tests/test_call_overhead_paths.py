@@ -195,12 +195,44 @@ def test_negative_running_var_leaves_the_fast_path_quietly(backend, rng):
     assert np.isnan(fast[:, 2].astype(np.float32)).all()
 
 
-def test_memory_of_derived_arrays_is_bounded(backend, rng):
+def test_memory_of_derived_arrays_is_bounded(backend, rng, monkeypatch):
+    monkeypatch.setattr(_engine, "_DERIVED_ENTRIES", 16)
     x = rng.standard_normal((1, 8, 2, 2)).astype(np.float32)
     for _ in range(3 * _engine._DERIVED_ENTRIES):
         p = rng.random(8).astype(np.float32) + 0.5
         nk.batch_norm(x, p, p, p, p, backend=backend)
     assert len(_engine._derived) <= _engine._DERIVED_ENTRIES
+    # and by bytes: 4 KiB parameters, a budget of ~10 entries
+    monkeypatch.setattr(_engine, "_DERIVED_BUDGET", 10 * 6 * 4096)
+    x = rng.standard_normal((1, 1024, 1, 1)).astype(np.float32)
+    for _ in range(40):
+        p = rng.random(1024).astype(np.float32) + 0.5
+        nk.batch_norm(x, p, p, p, p, backend=backend)
+    held = sum(e[2] for e in _engine._derived.values())
+    assert held == _engine._derived_size[0] <= _engine._DERIVED_BUDGET
+    assert len(_engine._derived) >= 5
+
+
+def test_derived_arrays_of_a_network_stay_cached(backend, rng):
+    """Layers called in turn (a network of 53 BatchNorms) all stay cached: the second
+    pass over them computes no folded coefficients again."""
+    x = rng.standard_normal((1, 8, 2, 2)).astype(np.float32)
+    params = [rng.random(8).astype(np.float32) + 0.5 for _ in range(53)]
+    for p in params:
+        nk.batch_norm(x, p, p, p, p, backend=backend)
+    calls = []
+    real = _engine._bn_eval_coefs
+
+    def counted(*a):
+        calls.append(1)
+        return real(*a)
+    _engine._bn_eval_coefs = counted
+    try:
+        for p in params:
+            nk.batch_norm(x, p, p, p, p, backend=backend)
+    finally:
+        _engine._bn_eval_coefs = real
+    assert not calls
 
 
 # ---------------------------------------------------------------- bad input
