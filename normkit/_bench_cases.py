@@ -8,7 +8,8 @@ the float64 truth every column is checked against and the runners are in
 
 16-bit rows: every norm (BN eval, eval + residual + ReLU, training forward and
 forward + backward, LN, RMSNorm, GN, IN) on a ResNet / transformer shape and a tiny
-one, in float16 and in bfloat16, plus a hard-data row (mean 1e4, std 1). Each is
+one, in float16 and in bfloat16, plus a hard-data row (mean 1e4, std 1) and three
+memory-bound rows (beyond L3 in float32: 0.6x float32's time is their target). Each is
 measured with its float32 twin (the same values widened) on the same backends in the
 same rounds (see :mod:`normkit._bench`).
 """
@@ -253,6 +254,11 @@ def _half_cases(dtype):
         c("rms_train_fb", "rows", (8, 512, 1024), "full"),
         c("gn_train_fb", "nchw", (8, 256, 28, 28), "full", groups=32),
         c("bn_train_fwd", "nchw", (8, 64, 56, 56), "full", data="offset"),
+        # memory-bound: the float32 twin moves 2-3x 103 MB, past any L3 (the rows above
+        # fit in a server's L3 and run at the speed of the arithmetic, not of memory)
+        c("bn_eval", "nchw", (32, 64, 112, 112), "full"),
+        c("bn_train_fwd", "nchw", (32, 64, 112, 112), "full"),
+        c("gn", "nchw", (32, 256, 56, 56), "full", groups=32),
         c("bn_eval", "nchw", (1, 16, 4, 4), "quick", category="tiny", prefix="tiny_"),
         c("ln", "rows", (1, 1, 768), category="tiny", prefix="tiny_"),
         c("rms", "rows", (1, 1, 4096), category="tiny", prefix="tiny_"),
