@@ -325,9 +325,10 @@ def derived(what, arrays, compute):
     snapshot = _snapshot(arrays)
     hit = _derived.get(key)
     if hit is not None and hit[0] == snapshot:
-        with _derived_lock:              # most recently used: last in the dict's order
-            if _derived.get(key) is hit:
-                _derived[key] = _derived.pop(key)
+        if next(reversed(_derived), None) != key:     # a loop on one layer skips this
+            with _derived_lock:          # most recently used: last in the dict's order
+                if _derived.get(key) is hit:
+                    _derived[key] = _derived.pop(key)
         return hit[1]
     value = compute(*arrays)
     size = _held_bytes(snapshot) + _held_bytes(value)

@@ -86,7 +86,8 @@ def _sumsq(a, lo, hi, zero):
 
 @njit(fastmath=_FM, **_JIT)
 def _h_ssd(a, lo, hi, m):
-    """Sum of squared deviations from m (float64)."""
+    """Sum of squared deviations from m (float64): the float32/float64 moments' second
+    pass, which needs no sum of deviations (``_dev``'s extra add on the hot path)."""
     v = a[lo:hi]
     q = 0.0
     for i in range(v.shape[0]):
@@ -116,9 +117,10 @@ def _sum16(a, lo, hi):
 @njit(**_JIT)
 def _dev16(a, lo, hi, m):
     """(sum d, sum d * d), d = a[i] - m over a[lo:hi] (m float32), float64 totals."""
-    s, q = _dev(a, _body(lo, hi), hi, np.float64(m), 0.0)
-    for b in range(lo, _body(lo, hi), _CHUNK16):
-        e = min(b + _CHUNK16, _body(lo, hi))
+    body = _body(lo, hi)
+    s, q = _dev(a, body, hi, np.float64(m), 0.0)
+    for b in range(lo, body, _CHUNK16):
+        e = min(b + _CHUNK16, body)
         sc, qc = _dev(a, b, e, m, np.float32(0.0))
         if qc >= _TINY and qc < np.inf:
             s += sc
