@@ -19,25 +19,35 @@ depth h <= 255 of terms rounded at most 3 times (d, d * d): |ds| <= G sum|x - k|
 half_stat_roundoff, which also covers the Cython backend's shorter runs); the < 32
 values left at a row's end add in float64.
 
-Moments are *corrected* two-pass around the shift k = f32(sum / n) rounded to the
-16-bit type, mean = k + sum d / n, M2 = sum d^2 - (sum d)^2 / n, and a range whose
-shift fails n (mean - k)^2 <= M2 (2 (sum d)^2 > n sum d^2) is recomputed in float64:
-so the mean is within sqrt(2) G sigma and M2 within (2 + 2 sqrt(2)) G M2 of the exact
-values.
-(Float64 partials merge these; |mean| >> std keeps its digits.)
+Moments are one shifted pass, as the Cython backend's (nk_half.h, NK_MOMENTS32):
+the shift k is the mean of the range's first <= 16 values rounded to the 16-bit type
+(so d = x - k is exact in float32), s = sum d and q = sum d^2 in float32 chunks, then
+mean = k + s / n and M2 = q - s^2 / n. The check n (mean - k)^2 <= M2 (2 s^2 <= n q)
+bounds the error: the mean is within sqrt(2) G sigma and M2 within (2 + 2 sqrt(2)) G M2
+of the exact values. A range failing it (its first values far from its mean: about
+6e-5 of normal rows, more on sorted or bordered data) is redone once around
+k = round16(mean just computed), then, failing again or on NaN/Inf, in float64.
+(Float64 partials merge these; |mean| >> std keeps its digits.) The first sum pass
+that this replaced read every value once more: 16-bit LayerNorm rows were slower than
+float32 ones.
 
 Range: bfloat16 has float32's exponent range, so a float32 chunk may overflow (values
 or squares above ~1.8e19) or underflow (squares below 2**-126). A chunk whose float32
 result is not finite, or whose squares sum below 2**-90 (there the subnormal rounding,
 <= 2**-150 per operation, could matter: 256 * 2**-150 / 2**-90 = 2**-52 above it), is
-recomputed in float64, the code path float32 data takes (the < 32 end values too).
+recomputed in float64, the code path float32 data takes (the < 32 end values too) --
+except a chunk whose squares sum to exactly 0 where that proves every d is 0 (a
+constant chunk, common in padded or offset data): always for float16, whose nonzero
+differences are >= 2**-24 (squares >= 2**-48), and for bfloat16 when |k| >= 2**-60
+(a bfloat16 x != k then differs from k by >= 2**-68, whose square, >= 2**-136, is a
+nonzero float32). ``_chunk_ok`` holds that rule.
 Data with NaN/Inf gives the same NaN/Inf either way (recomputed: a second pass over
 that chunk).
 """
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, types
 from numba.extending import overload
 
 from .numba_convert import _STORAGE_16, _ld, _round_as
@@ -47,6 +57,8 @@ _JIT = {"cache": True, "error_model": "numpy"}
 _CHUNK16 = 256                     # values per float32 partial (see the bound above)
 _LANES = 32                        # LLVM's float32 sum: 8 lanes x 4 interleaved
 _TINY = 2.0 ** -90                 # below: squares summed in float64 (underflow)
+_SHIFT_FROM = 16                   # values whose mean gives the moments' shift
+_EXACT_ZERO_K = 2.0 ** -60         # bfloat16: q == 0 proves d == 0 from this |k| up
 
 
 # ============================================================ the sums
@@ -96,22 +108,24 @@ def _h_ssd(a, lo, hi, m):
     return q
 
 
+def _chunk_ok(a, q, k):
+    """May a chunk's float32 sums around shift k (sum of squares q) be kept? (Module
+    docstring, "Range".)"""
+    raise NotImplementedError("only callable from jitted code")
+
+
+@overload(_chunk_ok, jit_options={"error_model": "numpy"})
+def _ov_chunk_ok(a, q, k):
+    if a.dtype == types.int16:      # float16: q < 2**-48 only when q == 0 (exact)
+        return lambda a, q, k: q < np.inf
+    return lambda a, q, k: q < np.inf and (q >= _TINY or (q == 0.0 and abs(k) >= _EXACT_ZERO_K))
+
+
 @njit(**_JIT)
 def _body(lo, hi):
     """End of the float32 part of [lo, hi): a multiple of _LANES values (so LLVM's
     vector loop has no scalar tail inside a chunk); the rest adds in float64."""
     return lo + (hi - lo) // _LANES * _LANES
-
-
-@njit(**_JIT)
-def _sum16(a, lo, hi):
-    t = 0.0
-    body = _body(lo, hi)
-    for b in range(lo, body, _CHUNK16):
-        e = min(b + _CHUNK16, body)
-        s = _sum(a, b, e, np.float32(0.0))
-        t += s if np.isfinite(s) else _sum(a, b, e, 0.0)
-    return t + _sum(a, body, hi, 0.0)
 
 
 @njit(**_JIT)
@@ -122,10 +136,10 @@ def _dev16(a, lo, hi, m):
     for b in range(lo, body, _CHUNK16):
         e = min(b + _CHUNK16, body)
         sc, qc = _dev(a, b, e, m, np.float32(0.0))
-        if qc >= _TINY and qc < np.inf:
+        if _chunk_ok(a, qc, m):
             s += sc
             q += qc
-        else:                       # overflow, underflow, NaN/Inf or constant chunk
+        else:                       # overflow, underflow or NaN/Inf
             sc64, qc64 = _dev(a, b, e, np.float64(m), 0.0)
             s += sc64
             q += qc64
@@ -139,7 +153,7 @@ def _sumsq16(a, lo, hi):
     for b in range(lo, body, _CHUNK16):
         e = min(b + _CHUNK16, body)
         q = _sumsq(a, b, e, np.float32(0.0))
-        t += q if (q >= _TINY and q < np.inf) else _sumsq(a, b, e, 0.0)
+        t += q if _chunk_ok(a, q, np.float32(0.0)) else _sumsq(a, b, e, 0.0)
     return t + _sumsq(a, body, hi, 0.0)
 
 
@@ -150,7 +164,8 @@ def row_sumsq(a, lo, hi):
 
 
 def row_moments(a, lo, hi):
-    """(mean, M2) of a[lo:hi] in float64, two-pass (16-bit: corrected, float32 chunks)."""
+    """(mean, M2) of a[lo:hi] in float64: two-pass (16-bit: one shifted pass in float32
+    chunks, see above)."""
     raise NotImplementedError("only callable from jitted code")
 
 
@@ -162,17 +177,28 @@ def _ov_row_sumsq(a, lo, hi):
 
 
 @njit(**_JIT)
+def _shift16(a, lo, hi):
+    """The mean of a[lo:hi]'s first <= _SHIFT_FROM values, rounded to the 16-bit type:
+    x - shift is then exact in float32 for every x within 13 (float16) / 16 (bfloat16)
+    binades of it, so only the sums round."""
+    e = min(hi, lo + _SHIFT_FROM)
+    return _round_as(a, np.float32(_sum(a, lo, e, 0.0) / (e - lo)))
+
+
+@njit(**_JIT)
 def _moments16(a, lo, hi):
     n = hi - lo
-    # the shift, rounded to the 16-bit type: x - m is then exact in float32 for every x
-    # within 13 (float16) / 16 (bfloat16) binades of m, so only the sums round
-    m = _round_as(a, np.float32(_sum16(a, lo, hi) / n))
-    s, q = _dev16(a, lo, hi, m)
-    if not 2.0 * s * s <= n * q:
-        # the shift is too far from the mean for the float32 bound (n (mean - m)^2 > M2,
-        # module docstring), or NaN/Inf: float64 throughout
-        return _moments_wide(a, lo, hi)
-    return np.float64(m) + s / n, q - s * (s / n)
+    m = _shift16(a, lo, hi)
+    for _ in range(2):
+        s, q = _dev16(a, lo, hi, m)
+        if 2.0 * s * s <= n * q:
+            return np.float64(m) + s / n, q - s * (s / n)
+        if not np.isfinite(s):      # NaN/Inf: no shift helps
+            break
+        # the shift is too far from the mean for the float32 bound (n (mean - m)^2 >
+        # M2, module docstring): once more around the mean just computed
+        m = _round_as(a, np.float32(np.float64(m) + s / n))
+    return _moments_wide(a, lo, hi)
 
 
 @njit(**_JIT)
