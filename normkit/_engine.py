@@ -134,6 +134,15 @@ def update_running(running, batch_value, momentum):
                           + momentum * batch_value, storage_dtype(running.dtype))
 
 
+def update_running_stats(running_mean, running_var, mean, var, momentum):
+    """Both running statistics of a training step, each by ``update_running`` (either may
+    be None; the variance second, so an aliased one sees the new mean)."""
+    if running_mean is not None:
+        update_running(running_mean, mean, momentum)
+    if running_var is not None:
+        update_running(running_var, var, momentum)
+
+
 def empty_result(x, out, stats_shape, dtype, return_stats, with_mean=True):
     """What a forward returns for an input with no elements (statistics are NaN)."""
     y = finish(np.empty(x.shape, x.dtype), out, x.dtype)
@@ -233,10 +242,7 @@ def batch_norm(be, view, running, w, b, training, momentum, eps, out, epilogue):
     r = rstd(var, eps)
     res = normalize(be, view, mean, r, w, b, 1, out, epilogue)
     if training:        # after the kernel: a running statistic inside x stays read first
-        if running_mean is not None:
-            update_running(running_mean, mean, momentum)
-        if running_var is not None:
-            update_running(running_var, m2 / (count - 1), momentum)
+        update_running_stats(running_mean, running_var, mean, m2 / (count - 1), momentum)
     return res, mean, r
 
 
@@ -540,5 +546,5 @@ def update_instance_running(running_mean, running_var, mean, m2, s, momentum):
     unbiased variance, the variance from the centred M2 (not derived back from rstd)."""
     if running_mean is not None:
         update_running(running_mean, mean.mean(axis=0), momentum)
-    if running_var is not None:
+    if running_var is not None:     # (m2 is None when no running_var is kept)
         update_running(running_var, (m2 / (s - 1)).mean(axis=0), momentum)

@@ -127,10 +127,8 @@ def forward(layer, x, momentum):
         view.call(be, "affine", view.data, *E.coefs(dt, 1, mean, scale, offset), res)
 
         # statistics move after r and d are taken (the paper, Keras)
-        E.update_running(running_mean, mean, momentum)
-        E.update_running(running_var, m2 / (count - 1), momentum)
-        E.update_running(renorm_mean, mean, layer.renorm_momentum)
-        E.update_running(renorm_std, sigma_b, layer.renorm_momentum)
+        E.update_running_stats(running_mean, running_var, mean, m2 / (count - 1), momentum)
+        E.update_running_stats(renorm_mean, renorm_std, mean, sigma_b, layer.renorm_momentum)
     y = view.to_user(res, None, x.dtype)
     return y, RenormCache(x, mean, rstd, r, d)
 

@@ -72,6 +72,52 @@ def test_batch_norm_eval_fast_equals_general(backend, rng, dt, params, axis, ret
 
 @pytest.mark.parametrize("dt", DTYPES, ids=IDS)
 @pytest.mark.parametrize("params", ["param_dtype", "data_dtype"])
+@pytest.mark.parametrize("axis", [1, -1])
+@pytest.mark.parametrize("return_stats", [False, True])
+def test_batch_norm_training_fast_equals_general(backend, rng, dt, params, axis,
+                                                 return_stats):
+    """Training mode: the output, the returned statistics and both running statistics
+    (updated in place, in their own dtype) bit for bit, with and without each of them;
+    NaN in one channel stays in that channel in both."""
+    pdt = _param_dtype(dt) if params == "param_dtype" else dt
+    shape = (2, 16, 3, 3) if axis == 1 else (2, 3, 3, 16)
+    x, rm, rv, w, b = _bn_args(rng, dt, pdt, shape=shape)
+    x[(0, 3) if axis == 1 else (0, 0, 0, 3)] = np.nan
+    for weight, bias, keep in ((w, b, (True, True)), (None, b, (True, False)),
+                               (w, None, (False, True)), (None, None, (False, False))):
+        run = [rm.copy() if keep[0] else None, rv.copy() if keep[1] else None]
+        run_g = [None if a is None else a.copy() for a in run]
+        for _ in range(2):
+            fast = nk.batch_norm(x, *run, weight, bias, True, 0.1, 1e-5, axis=axis,
+                                 backend=backend, return_stats=return_stats)
+            general = nk.batch_norm(x, *run_g, weight, bias, True, 0.1, 1e-5, axis=axis,
+                                    backend=backend, return_stats=return_stats,
+                                    out=np.empty_like(x))
+            _same(fast, general)
+            _same(tuple(run), tuple(run_g))
+
+
+def test_training_fast_path_leaves_bad_input_to_the_general_path(backend, rng):
+    """Arguments the training fast path does not take reach the general path's checks."""
+    x, rm, rv, w, b = _fast_ok(rng)
+    with pytest.raises(ValueError, match="eps must be positive during training"):
+        nk.batch_norm(x, rm, rv, w, b, True, 0.1, 0.0, backend=backend)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        nk.batch_norm(x[:1, :, :1, :1], rm, rv, w, b, True, backend=backend)
+    ro = rm.copy()
+    ro.setflags(write=False)
+    with pytest.raises(ValueError, match="running_mean is read-only"):
+        nk.batch_norm(x, ro, rv, w, b, True, backend=backend)
+    with pytest.raises(ValueError, match=r"running_var: expected shape \(16,\)"):
+        nk.batch_norm(x, rm, rv[:8], w, b, True, backend=backend)
+    # momentum as an int and a running statistic of another float dtype: general path
+    r64, r16 = rm.astype(np.float64), rv.astype(np.float16)
+    y = nk.batch_norm(x, r64, r16, w, b, True, 1, backend=backend)
+    assert np.isfinite(y).all() and r16.dtype == np.float16
+
+
+@pytest.mark.parametrize("dt", DTYPES, ids=IDS)
+@pytest.mark.parametrize("params", ["param_dtype", "data_dtype"])
 @pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
 @pytest.mark.parametrize("return_stats", [False, True])
 @pytest.mark.parametrize("k", [96, 4096])     # 4096: 16-bit parameters widened once

@@ -58,6 +58,10 @@ def _float32_round_to_odd(a64):
     return np.where(fix, fixed, r)
 
 
+_U32 = np.dtype(np.uint32)
+_LOW16, _MIDPOINT = np.uint32(0xFFFF), np.uint32(0x8000)
+
+
 def narrow(a64, dtype):
     """float64 values as ``dtype``, rounded once to nearest even (see the module
     docstring for bfloat16)."""
@@ -69,8 +73,8 @@ def narrow(a64, dtype):
         # where the float32 value is exactly halfway between two bfloat16 values (low
         # 16 bits 0x8000) without being x itself; only then round to odd first.
         r = a64.astype(np.float32)
-        tie = (r.view(np.uint32) & np.uint32(0xFFFF)) == 0x8000
-        if tie.any() and (r[tie] != a64[tie]).any():
+        tie = (r.view(_U32) & _LOW16) == _MIDPOINT     # (constants: 2 us less per call)
+        if np.count_nonzero(tie) and (r[tie] != a64[tie]).any():
             r = _float32_round_to_odd(a64)
         return r.astype(_BF16)
 

@@ -21,6 +21,7 @@ from functools import partial
 
 import numpy as np
 
+from .. import _engine as E
 from .. import _validate as V
 from . import _blocks
 from ._backward import (  # noqa: F401
@@ -62,19 +63,11 @@ def _stores_out(fn):
     return wrapper
 
 
-def _update_running(running, batch_value, momentum):
-    """As normkit.functional: in place, in the running statistic's own dtype."""
-    running[...] = (1.0 - momentum) * running.astype(np.float64) + momentum * batch_value
-
-
 def _batch_stats(mom, count, running_mean, running_var, momentum):
     """(mean, biased var) of training BatchNorm from its moments; the running statistics
     updated in place (unbiased variance)."""
     mean, m2 = mom["mean"], mom["m2"]
-    if running_mean is not None:
-        _update_running(running_mean, mean, momentum)
-    if running_var is not None:
-        _update_running(running_var, m2 / (count - 1), momentum)
+    E.update_running_stats(running_mean, running_var, mean, m2 / (count - 1), momentum)
     return mean, m2 / count
 
 
@@ -219,10 +212,8 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
     if use_input_stats and (running_mean is not None or running_var is not None):
         # eager, as training BatchNorm: per-instance moments, then the batch average
         (mom,) = compute(population_moments(x, (0, ax), backend=backend))
-        if running_mean is not None:
-            _update_running(running_mean, mom["mean"].mean(axis=0), momentum)
-        if running_var is not None:
-            _update_running(running_var, (mom["m2"] / (spatial - 1)).mean(axis=0), momentum)
+        E.update_instance_running(running_mean, running_var, mom["mean"], mom["m2"],
+                                  spatial, momentum)
     return _per_sample(x, ax, 1, weight, bias, eps, fixed, None, None, backend, return_stats,
                        out)
 
