@@ -77,3 +77,59 @@ def test_half_specials_in_every_lane(level, dtype):
     want = ((x.astype(np.float64) - 0.25) * 2 + 0.5).astype(dt)
     K.assert_within(out, want, K.bound_elementwise(dt, (x.astype(np.float64) - 0.25) * 2, 0.5),
                     f"{level} {dtype} affine with NaN/Inf")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("level", LEVELS)
+def test_streaming_stores_give_the_same_bits(level, dtype):
+    """Outputs of at least ``stream_store_min_bytes`` (the cache's size) are written
+    with non-temporal stores in the channels-first affine pass (x86-64): a head up to
+    the vector alignment, streamed vectors, a tail. Forced on for every size here, the
+    bits equal the plain stores' for every plane length around the vector widths, at
+    every alignment of out (0-7 values off a 64-byte boundary), with in-place calls and
+    through GroupNorm's long-block path."""
+    be = _module(level)
+    if be.info()["stream_store_min_bytes"] is None:
+        pytest.skip("no non-temporal stores in this build (not x86-64)")
+    dt = K.np_dtype(dtype)
+    rng = np.random.default_rng(23)
+    old = be._set_stream_min(1 << 62)
+    try:
+        for s in LENGTHS + (49, 4097):
+            x = (rng.standard_normal((2, 3, s)) * 3 + 1).astype(dt)
+            x[0, 0, 0] = np.nan
+            coef = [rng.standard_normal((1, 3)).astype(np.float32) for _ in range(3)]
+            buf = np.empty(x.size + 64, dt)
+            start = (-buf.ctypes.data % 64) // 2
+            for off in range(8):
+                out = buf[start + off:start + off + x.size].reshape(x.shape)
+                be._set_stream_min(1 << 62)
+                be.channels_first_affine(x, *coef, out)
+                want = out.copy()
+                be._set_stream_min(0)
+                out[...] = 0
+                be.channels_first_affine(x, *coef, out)
+                np.testing.assert_array_equal(out.view(np.uint16), want.view(np.uint16),
+                                              err_msg=f"{level} S={s} offset {off}")
+            inplace = x.copy()
+            be.channels_first_affine(inplace, *coef, inplace)
+            np.testing.assert_array_equal(inplace.view(np.uint16), want.view(np.uint16))
+        # GroupNorm with one long block per (sample, group) runs the affine pass over
+        # the whole output (coefficients per channel)
+        # (two threads: one thread runs the blocks one by one instead)
+        x = rng.standard_normal((1, 4, 70001)).astype(dt)
+        w, b = np.ones(4, np.float32), np.zeros(4, np.float32)
+        got = [None, None]
+        threads = be.get_num_threads()
+        be.set_num_threads(2)
+        try:
+            for i, limit in enumerate((1 << 62, 0)):
+                be._set_stream_min(limit)
+                out = np.empty_like(x)
+                be.channels_first_group_forward(x, 2, w, b, 1e-5, out)
+                got[i] = out
+        finally:
+            be.set_num_threads(threads)
+        np.testing.assert_array_equal(got[0].view(np.uint16), got[1].view(np.uint16))
+    finally:
+        be._set_stream_min(old)
