@@ -132,17 +132,10 @@ def _fast_batch_norm_train(x, running_mean, running_var, weight, bias, momentum,
             return None
     if not (_fast_param(weight, c, dtypes, False) and _fast_param(bias, c, dtypes, False)):
         return None
-    ax = axis % x.ndim
-    view = batch_view(x, ax, V.storage_dtype(x.dtype))
     w = None if weight is None else weight.astype(np.float64)     # as V.as_param does
     b = None if bias is None else bias.astype(np.float64)
-    res, mean, rstd = E.batch_norm(resolve(backend), view, (running_mean, running_var), w, b,
-                                   True, momentum, eps, None, (None, False))
-    y = view.to_user(res, None, x.dtype)
-    if return_stats:
-        dt = V.param_dtype(x.dtype)
-        return y, E.stat_out(mean, dt), E.stat_out(rstd, dt)
-    return y
+    return _batch_norm_run(x, axis % x.ndim, (running_mean, running_var), w, b, True,
+                           momentum, eps, None, backend, return_stats, (None, False))
 
 
 def _fast_group_norm(x, groups, weight, bias, eps, axis, backend, return_stats):
