@@ -86,7 +86,7 @@ def test_streaming_stores_give_the_same_bits(level, dtype):
     with non-temporal stores in the channels-first affine pass (x86-64): a head up to
     the vector alignment, streamed vectors, a tail. Forced on for every size here, the
     bits equal the plain stores' for every plane length around the vector widths, at
-    every alignment of out (0-7 values off a 64-byte boundary), with in-place calls and
+    every alignment of out (0-15 values off a 64-byte boundary), with in-place calls and
     through GroupNorm's long-block path."""
     be = _module(level)
     if be.info()["stream_store_min_bytes"] is None:
@@ -101,7 +101,7 @@ def test_streaming_stores_give_the_same_bits(level, dtype):
             coef = [rng.standard_normal((1, 3)).astype(np.float32) for _ in range(3)]
             buf = np.empty(x.size + 64, dt)
             start = (-buf.ctypes.data % 64) // 2
-            for off in range(8):
+            for off in range(16):
                 out = buf[start + off:start + off + x.size].reshape(x.shape)
                 be._set_stream_min(1 << 62)
                 be.channels_first_affine(x, *coef, out)
