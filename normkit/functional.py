@@ -97,17 +97,29 @@ def _fast_rows(x, ns, weight, bias, eps, backend, rms, return_stats):
     return E.fast_rows(resolve(backend), x, weight, bias, eps, rms, return_stats)
 
 
-def _fast_batch_norm_eval(x, running_mean, running_var, weight, bias, eps, axis, backend,
-                          return_stats):
-    """Eval-mode BatchNorm on channels-first (axis=1) or channels-last (axis=-1) input."""
+def _fast_channels(x, eps, axis, weight, bias):
+    """BatchNorm's fast-path guard shared by eval and training: x contiguous with its
+    channels on axis 1 or -1, weight/bias of length C (or None). Returns (the accepted
+    parameter dtypes, C), or None for the general path."""
     dtypes = _fast_input(x, eps)
     if dtypes is None or x.ndim < 2 or type(axis) is not int or not (axis == 1 or axis == -1):
         return None
     c = x.shape[axis]
+    if not (_fast_param(weight, c, dtypes, False) and _fast_param(bias, c, dtypes, False)):
+        return None
+    return dtypes, c
+
+
+def _fast_batch_norm_eval(x, running_mean, running_var, weight, bias, eps, axis, backend,
+                          return_stats):
+    """Eval-mode BatchNorm on channels-first (axis=1) or channels-last (axis=-1) input."""
+    ok = _fast_channels(x, eps, axis, weight, bias)
+    if ok is None:
+        return None
+    dtypes, c = ok
     if not (running_mean is not None and running_var is not None
             and _fast_param(running_mean, c, dtypes, False)
-            and _fast_param(running_var, c, dtypes, False)
-            and _fast_param(weight, c, dtypes, False) and _fast_param(bias, c, dtypes, False)):
+            and _fast_param(running_var, c, dtypes, False)):
         return None
     return E.fast_batch_norm_eval(resolve(backend), x, axis % x.ndim, running_mean,
                                   running_var, weight, bias, eps, return_stats)
@@ -117,21 +129,18 @@ def _fast_batch_norm_train(x, running_mean, running_var, weight, bias, momentum,
                            backend, return_stats):
     """Training-mode BatchNorm (axis=1 or -1) with writable running statistics, or None.
 
-    The same engine call as the general path, without its per-argument checks: a
-    small training call spent ~40% of its Python time validating arguments this
-    guard accepts in a few attribute tests."""
-    dtypes = _fast_input(x, eps)
-    if (dtypes is None or not eps > 0.0 or type(momentum) is not float or x.ndim < 2
-            or type(axis) is not int or not (axis == 1 or axis == -1)):
+    The general path's own tail, without its per-argument checks: a small training
+    call spent ~40% of its Python time validating arguments this guard accepts in a
+    few attribute tests."""
+    if type(momentum) is not float or not (type(eps) is float and eps > 0.0):
         return None
-    c = x.shape[axis]
-    if x.size == c:                     # one value per channel: the general path's error
+    ok = _fast_channels(x, eps, axis, weight, bias)
+    if ok is None or x.size == ok[1]:   # one value per channel: the general path's error
         return None
+    dtypes, c = ok
     for p in (running_mean, running_var):
         if p is not None and not (_fast_param(p, c, dtypes, False) and p.flags.writeable):
             return None
-    if not (_fast_param(weight, c, dtypes, False) and _fast_param(bias, c, dtypes, False)):
-        return None
     w = None if weight is None else weight.astype(np.float64)     # as V.as_param does
     b = None if bias is None else bias.astype(np.float64)
     return _batch_norm_run(x, axis % x.ndim, (running_mean, running_var), w, b, True,
