@@ -288,6 +288,36 @@ static void nk_affine_nt_##SUF(const T *p, T *q, Py_ssize_t n, float m, float a,
     )                                                                                  \
     nk_affine_##SUF(p, q, NULL, n, m, a, b, 0);                                        \
 }                                                                                      \
+/* The channels-first pass over the flat range [lo, hi) of (N, C, S) data, plane by  \
+   plane; a plane's parameters sit at pi = plane (per_sample) or plane % C. The plain \
+   affine is written out here rather than called: its vector constants (bfloat16's   \
+   rounding and permutations) are then set up once per range, not once per plane,    \
+   and no division runs per plane -- on 7x7 planes each cost as much as the plane's   \
+   49 values. The caller passes the unhalved parameters. */                           \
+static void nk_cf_affine_##SUF(const T *x, T *out, const T *res, int relu, int stream,  \
+                               const float *sh, const float *sc, const float *of,      \
+                               Py_ssize_t C, Py_ssize_t S, int per_sample,             \
+                               Py_ssize_t lo, Py_ssize_t hi) {                         \
+    Py_ssize_t plane = lo / S, s0 = lo - plane * S;                                    \
+    Py_ssize_t pi = per_sample ? plane : plane % C;                                    \
+    while (lo < hi) {                                                                  \
+        const Py_ssize_t n = S - s0 < hi - lo ? S - s0 : hi - lo;                      \
+        const Py_ssize_t o = plane * S + s0;                                           \
+        const T *p = x + o;                                                            \
+        T *q = out + o;                                                                \
+        const float m = sh[pi] * 0.5f, a = sc[pi] * 2.0f, b = of[pi];                  \
+        if (res == NULL && !relu && !stream)                                           \
+            NK_EW_FOR(n, nk_st_##SUF(q + i_, (LD(p) * 0.5f - m) * a + b, w_));         \
+        else if (res == NULL && !relu)                                                 \
+            nk_affine_nt_##SUF(p, q, n, m, a, b);                                      \
+        else                                                                           \
+            nk_affine_##SUF(p, q, res == NULL ? NULL : res + o, n, m, a, b, relu);     \
+        lo += n;                                                                       \
+        plane++;                                                                       \
+        s0 = 0;                                                                        \
+        if (++pi == C && !per_sample) pi = 0;                                          \
+    }                                                                                  \
+}                                                                                      \
 /* one channels-last row: q = (p/2 - sh/2) * (2 sc) + of [+ r] [ReLU] */             \
 static void nk_cl_affine_##SUF(const T *p, T *q, const T *r, Py_ssize_t n,            \
                                const float *sh, const float *sc, const float *of,      \
