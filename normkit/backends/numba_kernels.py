@@ -87,16 +87,28 @@ def _ov_at(v, i):
 
 
 def _row(v, q):
-    """Parameter of row q: for a (1, K) view of per-plane parameters v[0, q % K] (K = C
-    for per-channel, N * C for per-sample parameters: row q is plane q), else v."""
-    return v[0, q % v.shape[1]] if isinstance(v, np.ndarray) and v.ndim == 2 else v
+    """Parameter of row q (0 <= q < _rows(v)): for a (1, K) view of per-plane parameters
+    v[0, q] (K = C for per-channel, N * C for per-sample parameters), else v."""
+    return v[0, q] if isinstance(v, np.ndarray) and v.ndim == 2 else v
 
 
 @overload(_row, jit_options={"error_model": "numpy"})
 def _ov_row(v, q):
     if isinstance(v, types.Array) and v.ndim == 2:
-        return lambda v, q: v[0, q % v.shape[1]]
+        return lambda v, q: v[0, q]
     return lambda v, q: v
+
+
+def _rows(v):
+    """How many parameter rows ``_row`` takes: K for a (1, K) view, else 1."""
+    return v.shape[1] if isinstance(v, np.ndarray) and v.ndim == 2 else 1
+
+
+@overload(_rows, jit_options={"error_model": "numpy"})
+def _ov_rows(v):
+    if isinstance(v, types.Array) and v.ndim == 2:
+        return lambda v: v.shape[1]
+    return lambda v: 1
 
 
 # ============================================================ helpers: reductions
@@ -232,12 +244,16 @@ def _l_act(a, r, o, W, sh, sc, of, q0, res, relu):
     h = _cv(a, 0.5)
     two = _cv(a, 2)                 # a literal 2 would promote float32 to float64
     zero = _cv(a, 0)
+    # the parameter row steps with the run, wrapping at K: a division per run (there
+    # were four) cost as much as a 7x7 plane's values
+    K = _rows(sh)
+    q = q0 % K
     for lo in range(0, o.shape[0], W):
         av = a[lo:lo + W]
         rv = r[lo:lo + W]
         ov = o[lo:lo + W]
-        q = q0 + lo // W
         shq, scq, ofq = _row(sh, q), _row(sc, q), _row(of, q)
+        q = q + 1 if q + 1 < K else 0
         for i in range(ov.shape[0]):        # W, or less in a last partial run
             v = (_ld(av, i) * h - _at(shq, i) * h) * (_at(scq, i) * two) + _at(ofq, i)
             if res:
