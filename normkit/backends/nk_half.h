@@ -266,8 +266,8 @@ static void nk_affine_##SUF(const T *p, T *q, const T *r, Py_ssize_t n, float m,
 }                                                                                      \
 /* nk_affine without r or ReLU, storing the aligned full vectors non-temporally    \
    (NK_HAVE_NT; else the plain kernel): a head of < NK_FW values up to q's vector    \
-   alignment and the tail go through the normal store, then one sfence so that the   \
-   stores are visible before the caller's OpenMP barrier. */                          \
+   alignment and the tail go through the normal store. The caller issues one sfence  \
+   after its last call, so that the stores are visible before its OpenMP barrier. */  \
 static void nk_affine_nt_##SUF(const T *p, T *q, Py_ssize_t n, float m, float a,      \
                                float b) {                                              \
     NK_IF_NT(                                                                          \
@@ -283,7 +283,6 @@ static void nk_affine_nt_##SUF(const T *p, T *q, Py_ssize_t n, float m, float a,
     }                                                                                  \
     if (i_ < n) { const Py_ssize_t w_ = n - i_;                                        \
         nk_st_##SUF(q + i_, (LD(p) * 0.5f - m) * a + b, w_); }                         \
-    _mm_sfence();                                                                      \
     return;                                                                            \
     )                                                                                  \
     nk_affine_##SUF(p, q, NULL, n, m, a, b, 0);                                        \
@@ -317,6 +316,7 @@ static void nk_cf_affine_##SUF(const T *x, T *out, const T *res, int relu, int s
         s0 = 0;                                                                        \
         if (++pi == C && !per_sample) pi = 0;                                          \
     }                                                                                  \
+    NK_IF_NT(if (stream) _mm_sfence();)      /* one fence for the range's streamed stores */ \
 }                                                                                      \
 /* one channels-last row: q = (p/2 - sh/2) * (2 sc) + of [+ r] [ReLU] */             \
 static void nk_cl_affine_##SUF(const T *p, T *q, const T *r, Py_ssize_t n,            \
