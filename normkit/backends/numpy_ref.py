@@ -40,24 +40,6 @@ def _f64(a):
     return np.asarray(a, dtype=np.float64)
 
 
-def _float32_round_to_odd(a64):
-    """float64 -> float32 rounded to odd: the truncation, with its last bit set when
-    inexact. NaN, Inf and exact values are unchanged."""
-    r = a64.astype(np.float32)              # round to nearest even
-    bits = r.view(np.uint32)
-    inexact = np.isfinite(a64) & (r.astype(np.float64) != a64)
-    even = (bits & 1) == 0
-    # an inexact result with an even last bit: the odd neighbour on x's side instead
-    # (sign-magnitude bits: one step up in magnitude when |r| < |x|, down otherwise);
-    # an overflow to Inf (|x| past float32's range) stays Inf, which bfloat16 keeps
-    fix = inexact & even & np.isfinite(r)
-    up = np.abs(r.astype(np.float64)) < np.abs(a64)
-    sign = np.where(np.signbit(a64), np.uint32(0x80000000), np.uint32(0))
-    magnitude = (bits & np.uint32(0x7FFFFFFF)).astype(np.int64) + np.where(up, 1, -1)
-    fixed = (magnitude.astype(np.uint32) | sign).view(np.float32)
-    return np.where(fix, fixed, r)
-
-
 _U32 = np.dtype(np.uint32)
 _LOW16, _MIDPOINT = np.uint32(0xFFFF), np.uint32(0x8000)
 
@@ -69,13 +51,20 @@ def narrow(a64, dtype):
     with np.errstate(over="ignore", invalid="ignore"):   # overflow to Inf is a result
         if np.dtype(dtype) != _BF16:
             return a64.astype(dtype)
-        # Rounding to float32 and then to bfloat16 (both to nearest even) is wrong only
-        # where the float32 value is exactly halfway between two bfloat16 values (low
-        # 16 bits 0x8000) without being x itself; only then round to odd first.
-        r = a64.astype(np.float32)
-        tie = (r.view(_U32) & _LOW16) == _MIDPOINT     # (constants: 2 us less per call)
-        if np.count_nonzero(tie) and (r[tie] != a64[tie]).any():
-            r = _float32_round_to_odd(a64)
+        r = a64.astype(np.float32, order="C")
+        bits = r.view(_U32).reshape(-1)
+        # Only a float32 value exactly halfway between two bfloat16 values (low 16 bits
+        # 0x8000) can round wrongly the second time, and only when it is not x itself.
+        # Round to odd there: the odd float32 neighbour on x's side (one step up or
+        # down in sign-magnitude bits), which is what round-to-odd gives. Elsewhere
+        # round-to-odd and round-to-nearest-even give the same bfloat16. (The
+        # constants, and touching only the ties: ~30 us less per call on small arrays.)
+        tie = (bits & _LOW16) == _MIDPOINT
+        if np.count_nonzero(tie):
+            tie = np.flatnonzero(tie)
+            x = a64.reshape(-1)[tie]
+            err = (x - r.reshape(-1)[tie].astype(np.float64)) * x  # NaN: neither sign
+            bits[tie] += (err > 0).astype(_U32) - (err < 0).astype(_U32)
         return r.astype(_BF16)
 
 
