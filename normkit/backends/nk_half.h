@@ -189,16 +189,17 @@ static inline nk_wf nk_cvt_bf16(nk_wh h) {
 }
 
 static inline nk_wh nk_cvt_to_bf16(nk_wf v) {               /* nk_f32_to_bf16 on vectors */
-    const __m512i u = (__m512i)v;
     const __mmask16 nan = _mm512_cmp_ps_mask((__m512)v, (__m512)v, _CMP_UNORD_Q);
+    /* NaN: the sign and the quiet NaN 0x7fc0 (nk_f32_to_bf16), set before the rounding,
+       which leaves it as it is (0x7fc0 is even, its low half zero): one masked
+       (u & sign) | 0x7fc00000 instead of and, or and a blend after it */
+    const __m512i u = _mm512_mask_ternarylogic_epi32(
+        (__m512i)v, nan, _mm512_set1_epi32((int)0x80000000u), _mm512_set1_epi32(0x7fc00000),
+        0xEA);
     const __mmask16 odd = _mm512_test_epi32_mask(u, _mm512_set1_epi32(0x10000));
     /* round to nearest even: + 0x7fff, + 1 more where the kept last bit is odd */
     __m512i r = _mm512_add_epi32(u, _mm512_set1_epi32(0x7fff));
     r = _mm512_mask_add_epi32(r, odd, r, _mm512_set1_epi32(1));
-    /* NaN: the sign and the quiet NaN 0x7fc0 (nk_f32_to_bf16) */
-    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(
-        _mm512_and_si512(u, _mm512_set1_epi32((int)0x80000000u)),
-        _mm512_set1_epi32(0x7fc00000)));
     return (nk_wh)_mm512_castsi512_si256(
         _mm512_permutexvar_epi16(_mm512_loadu_si512(nk_bf16_narrow_idx), r));
 }
