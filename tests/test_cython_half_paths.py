@@ -86,8 +86,8 @@ def test_streaming_stores_give_the_same_bits(level, dtype):
     with non-temporal stores in the channels-first affine pass (x86-64): a head up to
     the vector alignment, streamed vectors, a tail. Forced on for every size here, the
     bits equal the plain stores' for every plane length around the vector widths, at
-    every alignment of out (0-15 values off a 64-byte boundary), with in-place calls and
-    through GroupNorm's long-block path."""
+    every alignment of out (0-15 values off a 64-byte boundary), with in-place calls,
+    through GroupNorm's long-block path and through training BatchNorm's fused kernel."""
     be = _module(level)
     if be.info()["stream_store_min_bytes"] is None:
         pytest.skip("no non-temporal stores in this build (not x86-64)")
@@ -131,5 +131,21 @@ def test_streaming_stores_give_the_same_bits(level, dtype):
         finally:
             be.set_num_threads(threads)
         np.testing.assert_array_equal(got[0].view(np.uint16), got[1].view(np.uint16))
+        # training BatchNorm's fused kernel streams each channel's planes (odd plane
+        # lengths: unaligned heads and tails), in place too
+        for s in (49, 1023, 4097):
+            x = (rng.standard_normal((3, 5, s)) * 3 + 1).astype(dt)
+            x[1, 2, 7] = np.nan
+            w, b = (rng.standard_normal(5).astype(np.float32) for _ in range(2))
+            got = []
+            for limit in (1 << 62, 0, 0):
+                be._set_stream_min(limit)
+                out = np.empty_like(x) if len(got) < 2 else x.copy()
+                got.append(be.channels_first_batch_forward(x if len(got) < 2 else out, w,
+                                                           b, 1e-5, out) + (out,))
+            for g in got[1:]:
+                np.testing.assert_array_equal(g[2].view(np.uint16),
+                                              got[0][2].view(np.uint16), err_msg=f"S={s}")
+                np.testing.assert_array_equal(g[0], got[0][0])
     finally:
         be._set_stream_min(old)

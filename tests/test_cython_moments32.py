@@ -152,6 +152,7 @@ def test_fallback_is_the_double_kernel(level, dtype):
 
 
 STAT_KERNELS = ("plane_moments", "rows_forward", "channels_first_group_forward",
+                "channels_first_batch_forward",
                 "channels_last_moments", "channels_first_grad_sums", "channels_last_grad_sums",
                 "rows_backward")
 

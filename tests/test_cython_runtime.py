@@ -116,6 +116,11 @@ def _run_all(be, d):
         y = np.empty_like(x)
         out += be.channels_first_group_forward(x, groups, w[:c], b[:c], 1e-5, y)
         out.append(y)
+    # training BatchNorm: one task per channel
+    x = d["x3"]
+    y = np.empty_like(x)
+    out += be.channels_first_batch_forward(x, w[:x.shape[1]], b[:x.shape[1]], 1e-5, y)
+    out.append(y)
     return out
 
 
@@ -153,6 +158,12 @@ def _bounds_all(d, dtype, eps=1e-5):
         b += [K.bound_mean(blocks, 1).reshape(n, g), K.bound_rstd(blocks, 1, eps).reshape(n, g),
               K.bound_normalized(x.reshape(n, g, c // g, s), (2, 3), eps, w, bias,
                                  dtype).reshape(x.shape)]
+    x = d["x3"]
+    n, c, s = x.shape
+    channels = np.moveaxis(x, 1, 0).reshape(c, n * s)
+    w, bias = (_f64(d[k][:c]).reshape(1, c, 1) for k in ("w", "b"))
+    b += [K.bound_mean(channels, 1), K.bound_m2(channels, 1),
+          K.bound_normalized(x, (0, 2), eps, w, bias, dtype)]
     return b
 
 

@@ -147,6 +147,53 @@ def _group_forward(shape, dtype, kind, variant, seed):
     return Call([x, g, w, b, EPS, np.empty_like(x)], out=5, bounds=bounds)
 
 
+def _batch_forward(shape, dtype, kind, variant, seed):
+    n, c, s = shape
+    x = K.readonly(K.make(shape, dtype, kind, seed=seed))
+    w, b = _params(1, c, dtype, seed + 1)[0], _params(1, c, dtype, seed + 2)[0]
+    channels = np.moveaxis(x, 1, 0).reshape(c, n * s)
+    per = lambda p: p.reshape(1, c, 1)
+    bounds = [K.bound_mean(channels, 1), K.bound_m2(channels, 1),
+              K.bound_normalized(x, (0, 2), EPS, per(w), per(b), dtype)]
+    return Call([x, w, b, EPS, np.empty_like(x)], out=4, bounds=bounds)
+
+
+def _shared_stat_backward(shape, dtype, kind, variant, seed):
+    """GroupNorm (G=1, G=C) and training BatchNorm backward in one kernel. Bounds: the
+    per-plane sums as grad_sums', dx as rows_backward's with each unit of planes that
+    shares a statistic as one row (weight expanded over its values)."""
+    n, c, s = shape
+    x = K.readonly(K.make(shape, dtype, kind, seed=seed))
+    dy = K.readonly(K.make(shape, dtype, "normal", seed=seed + 1))
+    w = _params(1, c, dtype, seed + 2)[0]
+    if variant == "batch":
+        rows = np.moveaxis(x, 1, 0).reshape(c, n * s)
+        dy_rows = np.moveaxis(dy, 1, 0).reshape(c, n * s)
+        w_rows = w[:, None]
+        back = lambda a: np.moveaxis(a.reshape(c, n, s), 0, 1)
+    else:
+        g = {"G=1": 1, "G=C": c}[variant]
+        rows, dy_rows = x.reshape(n * g, -1), dy.reshape(n * g, -1)
+        w_rows = np.tile(np.repeat(w.reshape(g, c // g), s, axis=1), (n, 1))
+        back = lambda a: a.reshape(shape)
+    mean, m2 = ref.plane_moments(rows)
+    rstd = 1.0 / np.sqrt(m2 / rows.shape[1] + EPS)
+    dx_bound = BX.bound_rows_backward(dy_rows, rows, mean, rstd, w_rows, False, dtype)[2]
+    plane_mean = back(np.broadcast_to(mean[:, None], rows.shape))[:, :, :1]
+    dy64 = dy.astype(np.float64)
+    terms = np.abs(dy64 * (x.astype(np.float64) - plane_mean))
+    # (sum_dy_xc: summed around the mean rounded to the parameter dtype, then corrected
+    # by the rounding's float64 residual times sum_dy)
+    resid = K.U64 * np.abs(plane_mean[:, :, 0]) * np.abs(dy64).sum(axis=2)
+    bounds = [K.bound_sum(np.abs(dy64).sum(axis=2), s, dtype),
+              K.bound_sum(terms.sum(axis=2), s, dtype) + resid, back(dx_bound)]
+    if variant == "batch":
+        args = [dy, x, mean, rstd, w, np.empty_like(x)]
+    else:
+        args = [dy, x, g, mean.reshape(n, g), rstd.reshape(n, g), w, np.empty_like(x)]
+    return Call(args, out=len(args) - 1, bounds=bounds, inplace=False)
+
+
 # ====================================================================== the table
 PER_CHANNEL = ["first,N'=1", "first,N'=N", "last,N'=1", "last,N'=N"]
 # parameter rows x residual x activation, pairwise: every pair of values appears
@@ -167,6 +214,10 @@ KERNEL_CASES = {
     "channels_first_grad_apply": (_grad_apply, PER_CHANNEL[:2], ELEMENTWISE_KINDS),
     "channels_last_grad_apply": (_grad_apply, PER_CHANNEL[2:], ELEMENTWISE_KINDS),
     "channels_first_group_forward": (_group_forward, ["G=1", "G=C"], K.KINDS),
+    "channels_first_batch_forward": (_batch_forward, ["batch"], K.KINDS),
+    "channels_first_group_backward": (_shared_stat_backward, ["G=1", "G=C"],
+                                      ["normal", "offset"]),
+    "channels_first_batch_backward": (_shared_stat_backward, ["batch"], ["normal", "offset"]),
     "channels_first_affine_act": (_affine_act, ["first," + v for v in _ACT], ["offset"]),
     "channels_last_affine_act": (_affine_act, ["last," + v for v in _ACT], ["offset"]),
 }

@@ -1,7 +1,8 @@
 """The fused kernels of normkit/backends/_spec.py against the NumPy reference.
 
 channels_first_group_forward (GroupNorm/InstanceNorm statistics + normalization in one
-pass) and channels_{first,last}_affine_act (affine + optional residual + optional ReLU
+pass), channels_first_batch_forward (the same for training BatchNorm, per channel over
+N planes) and channels_{first,last}_affine_act (affine + optional residual + optional ReLU
 in one pass), for every available backend: odd shapes, float32/float64, read-only
 inputs, in-place output (out is x, residual is out), N' = 1 and N' = N parameters,
 NaN/Inf propagation, and hard data (mean 1e4, std 1 in float32) where the fused
@@ -149,6 +150,105 @@ def test_group_forward_hard_data_no_worse_than_unfused(backend, shape, g):
     bound = K.bound_normalized(x.reshape(n, g, c // g, s), (2, 3), EPS, per(w), per(b),
                                np.float32)
     K.assert_within(out, exact, bound.reshape(x.shape), "fused output vs float64")
+
+
+# ====================================================================== batch forward
+# (N, C, S): odd sizes, one value per channel, one plane per channel (N = 1), a single
+# channel, more channels than threads, ResNet planes, and channels past L2 whose 16-bit
+# output is large enough to be streamed past the cache when it exceeds the L3
+BATCH_CASES = [(1, 1, 1), (3, 1, 17), (1, 3, 17), (17, 5, 3), (2, 17, 1023), (8, 64, 3136),
+               (5, 16, 256), (2, 3, 150001), (33, 2, 4)]
+
+
+def _batch_ref(x, w, b):
+    out = np.empty(x.shape)
+    mean, m2 = ref.channels_first_batch_forward(x, w, b, EPS, out)
+    return mean, m2, out
+
+
+@pytest.mark.parametrize("kind", ["normal", "offset", "constant"])
+@pytest.mark.parametrize("case", BATCH_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize(("backend", "dtype"), GRID)
+def test_batch_forward(backend, dtype, kind, case):
+    dtype = K.np_dtype(dtype)
+    fn = _kernel(backend, "channels_first_batch_forward")
+    n, c, s = case
+    x = _data(case, dtype, 30, kind)
+    w, b = _group_params(c, dtype, 31)
+    out = np.empty_like(x)
+    mean, m2 = fn(x, w, b, EPS, out)
+    rmean, rm2, rout = _batch_ref(x, w, b)
+    assert mean.dtype == np.float64 and m2.dtype == np.float64
+    assert mean.shape == (c,) and m2.shape == (c,)
+    channels = np.moveaxis(x, 1, 0).reshape(c, n * s)
+    K.assert_within(mean, rmean, K.bound_mean(channels, 1), "mean")
+    K.assert_within(m2, rm2, K.bound_m2(channels, 1), "m2")
+    per = lambda p: p.reshape(1, c, 1)
+    K.assert_within(out, rout, K.bound_normalized(x, (0, 2), EPS, per(w), per(b), dtype),
+                    "out")
+    # in place: out is x
+    y = x.copy()
+    mean2, m22 = fn(y, w, b, EPS, y)
+    K.assert_same(y, out)
+    np.testing.assert_array_equal(mean2, mean)
+    np.testing.assert_array_equal(m22, m2)
+
+
+@pytest.mark.parametrize("shape", [(4, 6, 50), (4, 64, 3136)])
+@pytest.mark.parametrize(("backend", "dtype"), GRID)
+def test_batch_forward_nan_inf(backend, dtype, shape):
+    dtype = K.np_dtype(dtype)
+    fn = _kernel(backend, "channels_first_batch_forward")
+    n, c, s = shape
+    x = np.random.default_rng(32).standard_normal(shape).astype(dtype)
+    x[0, 0, s // 2] = np.nan                  # channel 0
+    x[-1, c - 1, s - 1] = np.inf              # channel C-1
+    w, b = _group_params(c, dtype, 33)
+    out = np.empty_like(x)
+    mean, m2 = fn(_ro(x), w, b, EPS, out)
+    rmean, rm2, rout = _batch_ref(x, w, b)
+    np.testing.assert_array_equal(np.isnan(mean), np.isnan(rmean))
+    np.testing.assert_array_equal(np.isnan(m2), np.isnan(rm2))
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(rout))
+    np.testing.assert_array_equal(np.isfinite(out), np.isfinite(rout))
+    assert np.isnan(out[:, 0]).all() and np.isnan(mean[0])
+    assert not np.isfinite(out[:, -1]).any() and not np.isfinite(mean[-1])
+    assert np.isfinite(out[:, 1:-1]).all() and np.isfinite(m2[1:-1]).all()
+
+
+@pytest.mark.parametrize("shape", [(4, 16, 5000), (8, 64, 784), (1, 2, 300000)])
+@pytest.mark.parametrize("backend", K.BACKENDS)
+def test_batch_forward_hard_data_no_worse_than_unfused(backend, shape):
+    """float32, mean 1e4, std 1: the fused kernel against the exact result, compared
+    with the two-kernel path it replaces (plane_moments merged over N, then
+    channels_first_affine with the mean split into a float32 shift and a float64
+    residual folded into the offset)."""
+    be = resolve(backend)
+    fn = _kernel(backend, "channels_first_batch_forward")
+    n, c, s = shape
+    x = _data(shape, np.float32, 34, "offset")
+    w, b = _group_params(c, np.float32, 35)
+    _, _, exact = _batch_ref(x, w, b)
+    out = np.empty_like(x)
+    fn(x, w, b, EPS, out)
+    fused_err = np.abs(out - exact).max()
+
+    pm, pq = be.plane_moments(x.reshape(n * c, s))
+    pm, pq = pm.reshape(n, c), pq.reshape(n, c)
+    mean = pm.mean(axis=0)
+    m2 = pq.sum(axis=0) + s * ((pm - mean) ** 2).sum(axis=0)
+    scale = w / np.sqrt(m2 / (n * s) + EPS)
+    shift = mean.astype(np.float32)
+    offset = b - (mean - shift) * scale
+    two = np.empty_like(x)
+    be.channels_first_affine(x, shift[None], scale.astype(np.float32)[None],
+                             offset.astype(np.float32)[None], two)
+    unfused_err = np.abs(two - exact).max()
+    assert fused_err <= unfused_err + K.bound_elementwise(np.float32, np.abs(exact).max()), \
+        (fused_err, unfused_err)
+    per = lambda p: p.reshape(1, c, 1)
+    K.assert_within(out, exact, K.bound_normalized(x, (0, 2), EPS, per(w), per(b),
+                                                   np.float32), "fused output vs float64")
 
 
 # ====================================================================== affine + act

@@ -507,6 +507,8 @@ def _every_kernel_outputs(dtype):
         out = np.empty_like(x)
         outs += [out, *nb.channels_first_group_forward(x, g, a(shape[1], dt=param),
                                                        a(shape[1], dt=param), 1e-5, out)]
+    out = np.empty_like(nchw)
+    outs += [out, *nb.channels_first_batch_forward(nchw, p[1][0], p[2][0], 1e-5, out)]
     return outs
 
 
@@ -523,7 +525,7 @@ def test_every_kernel_bit_identical_on_one_and_two_threads(dtype):
         parallel = _every_kernel_outputs(dtype)
     finally:
         nb.set_num_threads(old)
-    assert len(serial) == len(parallel) == 26
+    assert len(serial) == len(parallel) == 29
     for i, (s, p) in enumerate(zip(serial, parallel)):
         np.testing.assert_array_equal(s, p, err_msg=f"output {i}")
 

@@ -80,6 +80,7 @@ CHILD_ALL_KERNELS = textwrap.dedent("""
                     yield lay + "affine_act", (x, *params[:3], res, relu, e(x))
         for groups in (1, 2, 4):
             yield "channels_first_group_forward", (x3, groups, w[:4], b[:4], 1e-5, e(x3))
+        yield "channels_first_batch_forward", (x3, w[:4], b[:4], 1e-5, e(x3))
 
     # kernels that only return; every other one also writes its last argument
     RETURN_ONLY = {"plane_moments", "channels_last_moments",

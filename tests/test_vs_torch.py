@@ -89,12 +89,11 @@ def _no_worse_than_torch(actual, torch16, truth, what):
         f"{what}: error vs float64 {ours:.3g} > {TORCH_FACTOR} x torch's {theirs:.3g}"
 
 
-def _case(norm, dtype, axis, ndim, rng):
-    shape = SHAPES[ndim]
+def _case(shape, rng):
     x = (rng.standard_normal(shape) * 1.5 + 0.3)
     dy = rng.standard_normal(shape)
-    w = rng.standard_normal(C) + 1.0
-    b = rng.standard_normal(C)
+    w = rng.standard_normal(shape[1]) + 1.0
+    b = rng.standard_normal(shape[1])
     return x, dy, w, b
 
 
@@ -125,7 +124,7 @@ def _torch_channel(norm, x, dy, w, b, tdt):
     if norm == "group_norm":
         ty = TF.group_norm(tx, 3, tw, tb, 1e-5)
     else:
-        trm, trv = _t(np.zeros(C), tdt), _t(np.ones(C), tdt)
+        trm, trv = _t(np.zeros(x.shape[1]), tdt), _t(np.ones(x.shape[1]), tdt)
         fn = TF.batch_norm if norm == "batch_norm" else TF.instance_norm
         ty = fn(tx, trm, trv, tw, tb, True, 0.1, 1e-5)
         r["running_mean"], r["running_var"] = trm, trv
@@ -148,7 +147,7 @@ def _normkit_channel(norm, x, dy, w, b, dtype, axis, backend):
         y, mean, rstd = nk.group_norm(x, 3, w, b, 1e-5, return_stats=True, **kw)
         gx, gw, gb = nk.group_norm_backward(dy, x, 3, mean, rstd, w, **kw)
     else:
-        rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
+        rm, rv = np.zeros(x.shape[axis], dtype), np.ones(x.shape[axis], dtype)
         fn = nk.batch_norm if norm == "batch_norm" else nk.instance_norm
         y, mean, rstd = fn(x, rm, rv, w, b, True, 0.1, 1e-5, return_stats=True, **kw)
         back = nk.batch_norm_backward if norm == "batch_norm" else nk.instance_norm_backward
@@ -173,7 +172,26 @@ def test_channel_norms(backend, dtype, norm, axis, ndim, affine, layout):
         pytest.skip("instance norm needs spatial axes (torch raises too; tested in bad input)")
     _layout_ok(dtype, layout)
     rng = np.random.default_rng(hash((norm, ndim, axis)) % 2**32)
-    x64, dy64, w64, b64 = _case(norm, dtype, axis, ndim, rng)
+    _check_channel(backend, dtype, norm, axis, affine, layout, *_case(SHAPES[ndim], rng))
+
+
+# Shapes on which the one-kernel paths run (normkit._engine: training BatchNorm with
+# >= 16 channels and planes of >= 256 values; GroupNorm / InstanceNorm backward with
+# >= 16 (sample, group) blocks of planes of >= 16 values), channels-first.
+ONE_KERNEL_SHAPES = [(6, 48, 16, 17), (3, 48, 257)]
+
+
+@pytest.mark.parametrize("shape", ONE_KERNEL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("norm", CHANNEL_NORMS)
+@pytest.mark.parametrize(("backend", "dtype"), GRID)
+def test_channel_norms_one_kernel_paths(backend, dtype, norm, affine, shape):
+    rng = np.random.default_rng(hash((norm, shape)) % 2**32)
+    _check_channel(backend, dtype, norm, 1, affine, "contiguous", *_case(shape, rng))
+
+
+def _check_channel(backend, dtype, norm, axis, affine, layout, x64, dy64, w64, b64):
+    c = x64.shape[1]
     dt = K.np_dtype(dtype)
     # everyone sees the values normkit sees (after the cast to dtype)
     xq, dyq = x64.astype(dt), dy64.astype(dt)
@@ -195,9 +213,9 @@ def test_channel_norms(backend, dtype, norm, axis, ndim, affine, layout):
             _no_worse_than_torch(got[what], theirs[what], truth[what], what)
         return
     want = _torch_channel(norm, xq, dyq, w, b, dtype)
-    per_stat = {"batch_norm": x.size // C, "instance_norm": x.size // (x.shape[0] * C),
+    per_stat = {"batch_norm": x.size // c, "instance_norm": x.size // (x.shape[0] * c),
                 "group_norm": x.size // (x.shape[0] * 3)}[norm]
-    tol, gtol, ptol = _tols(dtype, per_stat, x.size // C, mean, rstd, x, dy, w, b, y)
+    tol, gtol, ptol = _tols(dtype, per_stat, x.size // c, mean, rstd, x, dy, w, b, y)
     for what in got:
         _close(got[what], want[what],
                {"grad_x": gtol, "grad_weight": ptol, "grad_bias": ptol}.get(what, tol), what)

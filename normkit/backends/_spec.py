@@ -76,6 +76,29 @@ channels_first_group_forward(x: (N, C, S), groups: int, weight: [C], bias: [C],
     then out = (x - mean) * rstd * weight[c] + bias[c] while the block is in cache.
     Saves a full read of x against plane_moments + channels_first_affine.
 
+channels_first_batch_forward(x: (N, C, S), weight: [C], bias: [C], eps: float,
+                             out: (N, C, S)) -> (mean: f64[C], m2: f64[C])
+    BatchNorm training forward on channels-first data in one kernel: the mean and M2
+    of each channel over its N planes, then out = (x - mean) * rstd * weight[c] +
+    bias[c] with rstd = 1 / sqrt(m2 / (N * S) + eps) (computed exactly so in double,
+    as the caller recomputes it), each channel while its planes are still in cache.
+    Saves a read of x and the Python merge of N * C plane moments against
+    plane_moments + channels_first_affine.
+
+channels_first_group_backward(dy: (N, C, S), x: (N, C, S), groups: int,
+                              mean: f64[N, G], rstd: f64[N, G], weight: [C],
+                              dx: (N, C, S)) -> (sum_dy: f64[N, C], sum_dy_xc: f64[N, C])
+channels_first_batch_backward(dy: (N, C, S), x: (N, C, S), mean: f64[C], rstd: f64[C],
+                              weight: [C], dx: (N, C, S))
+        -> (sum_dy: f64[N, C], sum_dy_xc: f64[N, C])
+    GroupNorm / training BatchNorm backward with batch statistics on channels-first
+    data in one kernel: per plane (n, c), sum(dy) and sum(dy * (x - mean)); then, for
+    the planes sharing a statistic (a (sample, group) block; a channel over N), with
+    count values, A = sum(weight[c] * sum_dy_xc), B = sum(weight[c] * sum_dy):
+    dx = rstd * weight[c] * dy - rstd^3 * A / count * (x - mean) - rstd * B / count,
+    while those planes are still in cache. Saves a read of dy and x against
+    grad_sums + grad_apply.
+
 channels_first_affine_act(x: (N, C, S), shift, scale, offset: (N', C),
                           residual: (N, C, S) or None, relu: bool, out: (N, C, S))
 channels_last_affine_act(x: (N, S, C), shift, scale, offset: (N', C),
@@ -103,6 +126,9 @@ KERNELS = (
     "channels_first_grad_apply",
     "channels_last_grad_apply",
     "channels_first_group_forward",
+    "channels_first_batch_forward",
+    "channels_first_group_backward",
+    "channels_first_batch_backward",
     "channels_first_affine_act",
     "channels_last_affine_act",
 )

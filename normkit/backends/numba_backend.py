@@ -282,6 +282,9 @@ _TABLE = {name: _Launch(name, *how) for name, how in {
     "channels_first_grad_apply": (_split_planes, None, "channels_last_grad_apply"),
     "channels_last_grad_apply": (_split_last, None),
     "channels_first_group_forward": (_split_groups, lambda a: (a[0].shape[0], a[1])),
+    "channels_first_batch_forward": (None, lambda a: a[0].shape[1:2]),
+    "channels_first_group_backward": (None, lambda a: a[0].shape[:2]),
+    "channels_first_batch_backward": (None, lambda a: a[0].shape[:2]),
     "channels_first_affine_act": (_split_planes, None, "channels_last_affine_act"),
     "channels_last_affine_act": (_split_last, None),
 }.items()}
@@ -414,6 +417,19 @@ def channels_last_grad_apply(dy, x, shift, coef_dy, coef_x, coef_1, dx):
 def channels_first_group_forward(x, groups, weight, bias, eps, out):
     return _launch(_K["channels_first_group_forward"], x, int(groups), weight, bias,
                    float(eps), out)
+
+
+def channels_first_batch_forward(x, weight, bias, eps, out):
+    return _launch(_K["channels_first_batch_forward"], x, weight, bias, float(eps), out)
+
+
+def channels_first_group_backward(dy, x, groups, mean, rstd, weight, dx):
+    return _launch(_K["channels_first_group_backward"], dy, x, int(groups), mean, rstd,
+                   weight, dx)
+
+
+def channels_first_batch_backward(dy, x, mean, rstd, weight, dx):
+    return _launch(_K["channels_first_batch_backward"], dy, x, mean, rstd, weight, dx)
 
 
 def channels_first_affine_act(x, shift, scale, offset, residual, relu, out):

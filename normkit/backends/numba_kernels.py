@@ -391,6 +391,37 @@ def _h_group_out(xr, o, lo, hi, S, c0, w, b, mu, rs):
         k = e
 
 
+@njit(**_JIT)
+def _h_unit_back(dy, x, dx, p0, ps, np_, w, mu, rs, sum_dy, sum_dyxc):
+    """The backward of the np_ planes p0, p0 + ps, ... (flat (n, c) indices) sharing one
+    statistic (a GroupNorm (sample, group) block, or a BatchNorm channel over N): each
+    plane's sums, then its dx while the planes are still in cache -- the numbers of
+    grad_sums then grad_apply with normkit._engine.channel_backward's coefficients."""
+    C, S = x.shape[1], x.shape[2]
+    sh = _cv(x, mu)                 # the parameter-dtype shift: x - sh exact near mu
+    resid = mu - np.float64(sh)
+    A = 0.0
+    B = 0.0
+    for k in range(np_):
+        p = p0 + k * ps
+        n = p // C
+        c = p - n * C
+        s1, s2 = _h_dot_c(dy[n, c], x[n, c], 0, S, np.float64(sh))
+        s2 -= resid * s1            # centred at the exact mean
+        sum_dy[n, c] = s1
+        sum_dyxc[n, c] = s2
+        A += s2 * w[c]
+        B += s1 * w[c]
+    cx = -rs * rs * rs * A / (np_ * S)
+    c1 = -rs * B / (np_ * S) - cx * resid
+    for k in range(np_):
+        p = p0 + k * ps
+        n = p // C
+        c = p - n * C
+        _h_gapply(dy[n, c], x[n, c], dx[n, c], S, sh, _cv(x, rs * w[c]), _cv(x, cx),
+                  _cv(x, c1))
+
+
 # ============================================================ drivers
 def _d_plane_moments(x, nc, mean, m2):
     P, S = x.shape
@@ -546,6 +577,39 @@ def _d_channels_first_group_forward(x, groups, weight, bias, eps, out, nc, mean,
                          rs_b[p])
 
 
+def _d_channels_first_batch_forward(x, weight, bias, eps, out, mean, m2):
+    N, C, S = x.shape
+    # One item per channel: its N planes' moments merged in order, then the same planes
+    # normalized while they are still in L2 -- x is read from memory once.
+    for c in prange(C):
+        mu, q = _h_block_moments(x[0, c], 0, S)
+        na = float(S)
+        for n in range(1, N):
+            mb, qb = _h_block_moments(x[n, c], 0, S)
+            na, mu, q = _h_chan(na, mu, q, float(S), mb, qb)
+        mean[c] = mu
+        m2[c] = q
+        rs = 1.0 / np.sqrt(q / (N * S) + eps)
+        for n in range(N):
+            _h_group_out(x[n, c], out[n, c], 0, S, S, c, weight, bias, mu, rs)
+
+
+def _d_channels_first_group_backward(dy, x, groups, mean, rstd, weight, dx, sum_dy,
+                                     sum_dyxc):
+    Cg = x.shape[1] // groups
+    for u in prange(x.shape[0] * groups):
+        n = u // groups
+        g = u - n * groups
+        _h_unit_back(dy, x, dx, u * Cg, 1, Cg, weight, mean[n, g], rstd[n, g], sum_dy,
+                     sum_dyxc)
+
+
+def _d_channels_first_batch_backward(dy, x, mean, rstd, weight, dx, sum_dy, sum_dyxc):
+    N, C, _ = x.shape
+    for c in prange(C):
+        _h_unit_back(dy, x, dx, c, C, N, weight, mean[c], rstd[c], sum_dy, sum_dyxc)
+
+
 def _d_channels_first_affine_act(x, shift, scale, offset, residual, has_res, relu, out, nc):
     N, C, S = x.shape
     if nc == 1 and S <= _SMALL_PLANE:
@@ -590,7 +654,7 @@ def _signature(driver, D, P, ro=True):
     p1, p2 = _A(P, 1, True), _A(P, 2, True)
     o2, o3 = _A(D, 2), _A(D, 3)
     s1, s2 = _A(f8, 1), _A(f8, 2)
-    r1 = _A(f8, 1, True)
+    r1, r2 = _A(f8, 1, True), _A(f8, 2, True)
     return {
         "plane_moments": (x2, i8, s1, s1),
         "channels_last_moments": (x3, i8, s2, s2),
@@ -601,6 +665,9 @@ def _signature(driver, D, P, ro=True):
         "channels_first_grad_apply": (x3, x3, p2, p2, p2, p2, o3, i8),
         "channels_last_grad_apply": (x3, x3, p2, p2, p2, p2, o3, i8),
         "channels_first_group_forward": (x3, i8, p1, p1, f8, o3, i8, s2, s2),
+        "channels_first_batch_forward": (x3, p1, p1, f8, o3, s1, s1),
+        "channels_first_group_backward": (x3, x3, i8, r2, r2, p1, o3, s2, s2),
+        "channels_first_batch_backward": (x3, x3, r1, r1, p1, o3, s2, s2),
         "channels_first_affine_act": (x3, p2, p2, p2, x3, b1, b1, o3, i8),
         "channels_last_affine_act": (x3, p2, p2, p2, x3, b1, b1, o3, i8),
     }[driver]

@@ -163,6 +163,47 @@ def channels_first_group_forward(x, groups, weight, bias, eps, out):
     return mean.reshape(n, groups), rstd.reshape(n, groups)
 
 
+@_quiet
+def channels_first_batch_forward(x, weight, bias, eps, out):
+    n, c, s = x.shape
+    mean, m2 = plane_moments(np.moveaxis(x, 1, 0).reshape(c, n * s))
+    rstd = 1.0 / np.sqrt(m2 / (n * s) + eps)
+    store(out, ((_f64(x) - mean[:, None]) * rstd[:, None] * _f64(weight)[:, None]
+                + _f64(bias)[:, None]))
+    return mean, m2
+
+
+def _shared_stat_backward(dy, x, mean, rstd, weight, pool, count, dx):
+    """dx of planes whose statistics (mean, rstd: (N', C), per plane) are shared by
+    the planes ``pool`` sums over (returning the sums per plane again), and the
+    per-plane sums sum(dy), sum(dy * (x - mean))."""
+    dy64, xc = _f64(dy), _f64(x) - mean[:, :, None]
+    sdy, sdyx = dy64.sum(axis=2), (dy64 * xc).sum(axis=2)
+    w = _f64(weight)
+    cx = -rstd ** 3 * pool(sdyx * w) / count
+    c1 = -rstd * pool(sdy * w) / count
+    store(dx, (rstd * w)[:, :, None] * dy64 + cx[:, :, None] * xc + c1[:, :, None])
+    return sdy, sdyx
+
+
+@_quiet
+def channels_first_group_backward(dy, x, groups, mean, rstd, weight, dx):
+    n, c, s = x.shape
+    per = c // groups
+
+    def pool(a):
+        return np.repeat(a.reshape(n, groups, per).sum(axis=-1), per, axis=1)
+    return _shared_stat_backward(dy, x, np.repeat(mean, per, axis=1),
+                                 np.repeat(rstd, per, axis=1), weight, pool, per * s, dx)
+
+
+@_quiet
+def channels_first_batch_backward(dy, x, mean, rstd, weight, dx):
+    n, _, s = x.shape
+    return _shared_stat_backward(dy, x, mean[None], rstd[None], weight,
+                                 lambda a: a.sum(axis=0, keepdims=True), n * s, dx)
+
+
 def _act(y, residual, relu):
     if residual is not None:
         y = y + _f64(residual)
