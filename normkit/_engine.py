@@ -343,10 +343,6 @@ _derived_size = [0]              # bytes held by _derived
 _derived_lock = threading.Lock()
 
 
-def _snapshot(arrays):
-    return [(a.dtype, a.shape, a.tobytes()) if a is not None else None for a in arrays]
-
-
 def _held_bytes(obj):
     """Bytes of the arrays and byte strings in a (nested) snapshot or value."""
     if isinstance(obj, np.ndarray):
@@ -361,10 +357,15 @@ def _held_bytes(obj):
 def derived(what, arrays, compute):
     """``compute(*arrays)``, or what it returned for these very arrays with the same
     contents; ``what`` names the computation and its other inputs (dtype, eps)."""
-    if any(a is not None and a.nbytes > _DERIVED_MAX_BYTES for a in arrays):
-        return compute(*arrays)          # not kept: no snapshot to take or compare
+    snapshot = []        # (dtype, shape, bytes) per array, taken in the loop that checks
+    for a in arrays:     # the sizes (a generator and a second loop cost ~0.5 us more)
+        if a is None:
+            snapshot.append(None)
+        elif a.nbytes > _DERIVED_MAX_BYTES:
+            return compute(*arrays)      # not kept: no snapshot to take or compare
+        else:
+            snapshot.append((a.dtype, a.shape, a.tobytes()))
     key = (what, *map(id, arrays))
-    snapshot = _snapshot(arrays)
     hit = _derived.get(key)
     if hit is not None and hit[0] == snapshot:
         if next(reversed(_derived), None) != key:     # a loop on one layer skips this
@@ -407,7 +408,7 @@ def _affine_copies(w, b, k, dt):
 
 
 # From how many elements widening a 16-bit parameter costs more than ``derived``'s
-# content check (~1.5 us for two arrays here): NumPy widens float16 one element at a
+# content check (~1 us for two arrays here): NumPy widens float16 one element at a
 # time (~1.4 ns each), ml_dtypes' bfloat16 cast is ~10x faster.
 _WIDEN_ONCE_FROM = {F16: 256, BF16: 4096}
 

@@ -81,6 +81,15 @@ CHILD_ALL_KERNELS = textwrap.dedent("""
         for groups in (1, 2, 4):
             yield "channels_first_group_forward", (x3, groups, w[:4], b[:4], 1e-5, e(x3))
         yield "channels_first_batch_forward", (x3, w[:4], b[:4], 1e-5, e(x3))
+        def stats(rows):
+            m, m2 = ref.plane_moments(rows)
+            return m, 1.0 / np.sqrt(m2 / rows.shape[1] + 1e-5)
+        for groups in (1, 2, 4):
+            m, r = stats(x3.reshape(2 * groups, -1))
+            yield "channels_first_group_backward", (dy3, x3, groups, m.reshape(2, groups),
+                                                    r.reshape(2, groups), w[:4], e(x3))
+        m, r = stats(np.moveaxis(x3, 1, 0).reshape(4, -1))
+        yield "channels_first_batch_backward", (dy3, x3, m, r, w[:4], e(x3))
 
     # kernels that only return; every other one also writes its last argument
     RETURN_ONLY = {"plane_moments", "channels_last_moments",
