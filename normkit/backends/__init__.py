@@ -47,10 +47,12 @@ _CHOICES = ("auto",) + KNOWN_BACKENDS
 _lock = threading.RLock()
 _loaded: dict[str, ModuleType] = {}
 _failed: dict[str, str] = {}
+
+
 class _Local(threading.local):
     # a class default, not getattr(..., None): a missing thread-local attribute costs
     # ~0.4 us (the AttributeError behind the default) on every call
-    override = None
+    override: str | None = None
 
 
 _local = _Local()
