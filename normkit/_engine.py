@@ -246,6 +246,11 @@ def _fused_batch(view):
             and view.s >= FUSED_BATCH_MIN_PLANE)
 
 
+def _fused_group(view, blocks):
+    return (view.layout == "first" and blocks >= FUSED_GROUP_MIN_BLOCKS
+            and view.s >= FUSED_GROUP_MIN_PLANE)
+
+
 def _param_vec(p, fill, c, dt):
     """A weight/bias of the kernels' parameter dtype ``dt`` (constant ``fill``: None)."""
     return constant(fill, c, dt) if p is None else p.astype(dt)
@@ -574,22 +579,18 @@ def per_sample_backward(be, view, dy, groups, mean, rstd_, w, batch_stats):
     """GroupNorm/InstanceNorm: (dx in the view's layout, grad_weight, grad_bias)."""
     n, c = view.n, view.c
     per = c // groups
-    if per == 1:                        # InstanceNorm: one statistic per channel
-        pool = expand = _same
-    else:
-        def pool(s):    # the channels of each group summed
-            return np.add.reduce(s.reshape(n, groups, per), axis=-1)
+    def expand(g):      # each channel given its group's value (InstanceNorm: its own)
+        return g if per == 1 else np.repeat(g, per, axis=1)
 
-        def expand(g):  # each channel given its group's value
-            return np.repeat(g, per, axis=1)
-    if (batch_stats and view.layout == "first" and n * groups >= FUSED_GROUP_MIN_BLOCKS
-            and view.s >= FUSED_GROUP_MIN_PLANE):
+    if batch_stats and _fused_group(view, n * groups):
         dx = np.empty_like(view.data)
-        sum_dy, sum_dyx = be.channels_first_group_backward(
-            dy, view.data, groups, mean, rstd_,
-            _param_vec(w, 1.0, c, param_dtype(dx.dtype)), dx)
+        w_ = _param_vec(w, 1.0, c, param_dtype(dx.dtype))
+        sum_dy, sum_dyx = be.channels_first_group_backward(dy, view.data, groups, mean,
+                                                           rstd_, w_, dx)
         r_c = expand(rstd_)
     else:
+        def pool(s):    # the channels of each group summed
+            return s if per == 1 else np.add.reduce(s.reshape(n, groups, per), axis=-1)
         dx, sum_dy, sum_dyx, r_c = channel_backward(be, view, dy, expand(mean), rstd_, w,
                                                     pool, expand, per * view.s, batch_stats)
     return dx, np.add.reduce(sum_dyx * r_c, axis=0), np.add.reduce(sum_dy, axis=0)
