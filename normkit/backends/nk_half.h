@@ -107,6 +107,10 @@ static inline nk_wf nk_ld_f32(const float *p, Py_ssize_t w) {
     return v;
 }
 
+static inline void nk_st_f32(float *q, nk_wf v, Py_ssize_t w) {
+    memcpy(q, &v, (size_t)w * 4);
+}
+
 static inline nk_wu nk_wsel(nk_wi c, nk_wu a, nk_wu b) {
     return (a & (nk_wu)c) | (b & ~(nk_wu)c);
 }
@@ -203,6 +207,57 @@ static inline nk_wh nk_cvt_to_bf16(nk_wf v) {               /* nk_f32_to_bf16 on
     return (nk_wh)_mm512_castsi512_si256(
         _mm512_permutexvar_epi16(_mm512_loadu_si512(nk_bf16_narrow_idx), r));
 }
+#  elif defined(__AVX2__) && NK_FW == 8
+/* AVX2: the generic formula below compiled to 17 vector instructions per 8 values
+   (the unsigned NaN compare alone took three); here the NaN is set before the
+   rounding, as on AVX-512, with one unordered compare and a blend: 11. Same bits. */
+static inline nk_wf nk_cvt_bf16(nk_wh h) {
+    return (nk_wf)(nk_wh_to_wu(h) << 16);
+}
+
+/* the rounded bfloat16 bits in the low half of each lane */
+static inline __m256i nk_rnd_bf16(nk_wf v) {
+    const __m256i u = (__m256i)v;
+    const __m256i q = _mm256_or_si256(_mm256_and_si256(u, _mm256_set1_epi32((int)0x80000000u)),
+                                      _mm256_set1_epi32(0x7fc00000));
+    /* NaN -> sign | 0x7fc00000, which the rounding leaves as it is */
+    const __m256i s = (__m256i)_mm256_blendv_ps((__m256)u, (__m256)q,
+                                                _mm256_cmp_ps((__m256)v, (__m256)v, _CMP_UNORD_Q));
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(s, 16), _mm256_set1_epi32(1));
+    return _mm256_srli_epi32(
+        _mm256_add_epi32(_mm256_add_epi32(s, _mm256_set1_epi32(0x7fff)), odd), 16);
+}
+
+static inline nk_wh nk_cvt_to_bf16(nk_wf v) {               /* nk_f32_to_bf16 on vectors */
+    return nk_wu_to_wh((nk_wu)nk_rnd_bf16(v));
+}
+
+/* Pairs. The elementwise passes take 16 bfloat16 values at a time as two float
+   vectors in the order of the 16-bit unpacks -- lanes 0-3 and 8-11, then 4-7 and
+   12-15 -- which one pack puts back in order: widening costs one unpack per 8 values
+   (not a zero-extension and a shift) and narrowing one pack per 16 (not a pack and
+   a cross-lane permute per 8). Lanes are independent, so any elementwise formula
+   gives the same values; float32 operands are loaded in the same order. */
+#    define NK_PAIR_bf16 1
+static inline nk_wf nk_pair_bf16(const nk_bf16 *p, int h) {
+    __m256i v;
+    memcpy(&v, p, sizeof v);
+    return (nk_wf)(h ? _mm256_unpackhi_epi16(_mm256_setzero_si256(), v)
+                     : _mm256_unpacklo_epi16(_mm256_setzero_si256(), v));
+}
+
+static inline nk_wf nk_pair_f32(const float *p, int h) {
+    return (nk_wf)_mm256_loadu2_m128(p + 8 + 4 * h, p + 4 * h);
+}
+
+static inline void nk_st2_bf16(nk_bf16 *q, nk_wf lo, nk_wf hi) {
+    const __m256i v = _mm256_packus_epi32(nk_rnd_bf16(lo), nk_rnd_bf16(hi));
+    memcpy(q, &v, sizeof v);
+}
+
+static inline void nk_st2_nt_bf16(nk_bf16 *q, nk_wf lo, nk_wf hi) {    /* q: 32-byte aligned */
+    _mm256_stream_si256((__m256i *)q, _mm256_packus_epi32(nk_rnd_bf16(lo), nk_rnd_bf16(hi)));
+}
 #  else
 static inline nk_wf nk_cvt_bf16(nk_wh h) {
     return (nk_wf)(nk_wh_to_wu(h) << 16);
@@ -226,6 +281,7 @@ static inline void nk_st_##SUF(T *q, nk_wf v, Py_ssize_t w) { nk_h_st(q, nk_cvt_
 #  define NK_FW 1
 typedef float nk_wf;
 static inline nk_wf nk_ld_f32(const float *p, Py_ssize_t w) { (void)w; return *p; }
+static inline void nk_st_f32(float *q, nk_wf v, Py_ssize_t w) { (void)w; *q = v; }
 static inline nk_wf nk_relu(nk_wf y) { return y < 0 ? 0.0f : y; }
 #  define NK_DEF_LDST(SUF, T)                                                          \
 static inline nk_wf nk_ld_##SUF(const T *p, Py_ssize_t w) { (void)w; return nk_##SUF##_to_f32(*p); } \
@@ -234,12 +290,57 @@ static inline void nk_st_##SUF(T *q, nk_wf v, Py_ssize_t w) { (void)w; *q = nk_f
 NK_DEF_LDST(f16, nk_f16)
 NK_DEF_LDST(bf16, nk_bf16)
 
-/* BODY for i_ = 0, NK_FW, ... with w_ = NK_FW lanes, then once for the w_ < NK_FW
-   left (the same BODY: the tail computes what a full vector would) */
-#define NK_EW_FOR(n, BODY) do {                                                        \
-    Py_ssize_t i_ = 0;                                                                 \
-    for (; i_ + NK_FW <= (n); i_ += NK_FW) { const Py_ssize_t w_ = NK_FW; BODY; }     \
-    if (i_ < (n)) { const Py_ssize_t w_ = (n) - i_; BODY; }                            \
+/* Pairs (above) exist for bfloat16 in the AVX2 build only; elsewhere these are never
+   called (NK_PAIR_* is 0) but keep NK_EW_MAP's dead branch compiling. */
+#ifndef NK_PAIR_bf16
+#  define NK_PAIR_bf16 0
+static inline nk_wf nk_pair_bf16(const nk_bf16 *p, int h) { (void)h; return nk_ld_bf16(p, NK_FW); }
+static inline nk_wf nk_pair_f32(const float *p, int h) { (void)h; return nk_ld_f32(p, NK_FW); }
+static inline void nk_st2_bf16(nk_bf16 *q, nk_wf lo, nk_wf hi) { (void)q; (void)lo; (void)hi; }
+static inline void nk_st2_nt_bf16(nk_bf16 *q, nk_wf lo, nk_wf hi) { (void)q; (void)lo; (void)hi; }
+#endif
+#define NK_PAIR_f16 0
+#define NK_PAIR_f32 0
+static inline nk_wf nk_pair_f16(const nk_f16 *p, int h) { (void)h; return nk_ld_f16(p, NK_FW); }
+static inline void nk_st2_f16(nk_f16 *q, nk_wf lo, nk_wf hi) { (void)q; (void)lo; (void)hi; }
+static inline void nk_st2_nt_f16(nk_f16 *q, nk_wf lo, nk_wf hi) { (void)q; (void)lo; (void)hi; }
+static inline void nk_st2_f32(float *q, nk_wf lo, nk_wf hi) { (void)q; (void)lo; (void)hi; }
+/* NK_FW values at p (w of them), or half h_ of a pair when h_ >= 0 */
+#define NK_LDX(SUF, p, w, h) ((h) >= 0 ? nk_pair_##SUF((p), (h)) : nk_ld_##SUF((p), (w)))
+
+/* Q[i] = EXPR at i = i_ .. i_ + w_ for i < n, stored by nk_st_SUF. From n >= NK_FW
+   on, the last vector is the full one ending at n, overlapping the one before it: it
+   is computed first, from the data as it was, and stored last, so a call in place (Q
+   aliasing an input at the same index) reads only unchanged values, and a length
+   that is not a multiple of NK_FW costs no partial load or store -- without AVX-512
+   those are variable-length memcpy calls, two per 7x7 plane, which took more time
+   than the plane's 49 values. The values are those of the partial vector. Where
+   SUF has pairs, the same with 2 NK_FW values (EXPR once per half h_). */
+#define NK_EW_MAP(n, SUF, Q, EXPR) do {                                                \
+    if (NK_PAIR_##SUF && (n) >= 2 * NK_FW) {                                           \
+        const Py_ssize_t w_ = NK_FW, last_ = (n) - 2 * NK_FW;                          \
+        Py_ssize_t i_ = last_;                                                         \
+        nk_wf l_, r_, tl_, tr_;                                                        \
+        { const int h_ = 0; tl_ = (EXPR); }                                            \
+        { const int h_ = 1; tr_ = (EXPR); }                                            \
+        for (i_ = 0; i_ < last_; i_ += 2 * NK_FW) {                                    \
+            { const int h_ = 0; l_ = (EXPR); }                                         \
+            { const int h_ = 1; r_ = (EXPR); }                                         \
+            nk_st2_##SUF((Q) + i_, l_, r_);                                            \
+        }                                                                              \
+        nk_st2_##SUF((Q) + last_, tl_, tr_);                                           \
+    } else if ((n) >= NK_FW) {                                                         \
+        const Py_ssize_t w_ = NK_FW, last_ = (n) - NK_FW;                              \
+        const int h_ = -1;                                                             \
+        Py_ssize_t i_ = last_;                                                         \
+        const nk_wf t_ = (EXPR);                                                       \
+        for (i_ = 0; i_ < last_; i_ += NK_FW) nk_st_##SUF((Q) + i_, (EXPR), w_);       \
+        nk_st_##SUF((Q) + last_, t_, w_);                                              \
+    } else if ((n) > 0) {                                                              \
+        const Py_ssize_t w_ = (n), i_ = 0;                                             \
+        const int h_ = -1;                                                             \
+        nk_st_##SUF((Q) + i_, (EXPR), w_);                                             \
+    }                                                                                  \
 } while (0)
 
 /* The elementwise kernels of _kernels_elementwise / _kernels_stats for 16-bit rows,
@@ -247,23 +348,23 @@ NK_DEF_LDST(bf16, nk_bf16)
    rows). LD(a): NK_FW widened values of data array a at i_, F(a): of float32 array a. */
 #define NK_HALF_KERNELS(SUF, T)                                                        \
 static void nk_widen_##SUF(const T *p, float *dst, Py_ssize_t n) {                     \
-    NK_EW_FOR(n, nk_wf v_ = nk_ld_##SUF(p + i_, w_); memcpy(dst + i_, &v_, (size_t)w_ * 4)); \
+    NK_EW_MAP(n, f32, dst, LD(p));                                                     \
 }                                                                                      \
 static void nk_narrow_##SUF(const float *src, T *q, Py_ssize_t n) {                   \
-    NK_EW_FOR(n, nk_st_##SUF(q + i_, nk_ld_f32(src + i_, w_), w_));                    \
+    NK_EW_MAP(n, SUF, q, F(src));                                                      \
 }                                                                                      \
 /* q = (p - m) * a + b [+ r] [ReLU], as (p/2 - m/2) * (2a) + b: the caller passes    \
    m/2 and 2a. r may be q (each vector is read before it is written). */              \
 static void nk_affine_##SUF(const T *p, T *q, const T *r, Py_ssize_t n, float m,      \
                             float a, float b, int relu) {                              \
     if (r == NULL && !relu)                                                            \
-        NK_EW_FOR(n, nk_st_##SUF(q + i_, (LD(p) * 0.5f - m) * a + b, w_));             \
+        NK_EW_MAP(n, SUF, q, (LD(p) * 0.5f - m) * a + b);                      \
     else if (r == NULL)                                                                \
-        NK_EW_FOR(n, nk_st_##SUF(q + i_, nk_relu((LD(p) * 0.5f - m) * a + b), w_));    \
+        NK_EW_MAP(n, SUF, q, nk_relu((LD(p) * 0.5f - m) * a + b));             \
     else if (!relu)                                                                    \
-        NK_EW_FOR(n, nk_st_##SUF(q + i_, (LD(p) * 0.5f - m) * a + b + LD(r), w_));     \
+        NK_EW_MAP(n, SUF, q, (LD(p) * 0.5f - m) * a + b + LD(r));              \
     else                                                                               \
-        NK_EW_FOR(n, nk_st_##SUF(q + i_, nk_relu((LD(p) * 0.5f - m) * a + b + LD(r)), w_)); \
+        NK_EW_MAP(n, SUF, q, nk_relu((LD(p) * 0.5f - m) * a + b + LD(r)));     \
 }                                                                                      \
 /* nk_affine without r or ReLU, storing the aligned full vectors non-temporally    \
    (NK_HAVE_NT; else the plain kernel): a head of < NK_FW values up to q's vector    \
@@ -272,18 +373,28 @@ static void nk_affine_##SUF(const T *p, T *q, const T *r, Py_ssize_t n, float m,
 static void nk_affine_nt_##SUF(const T *p, T *q, Py_ssize_t n, float m, float a,      \
                                float b) {                                              \
     NK_IF_NT(                                                                          \
-    Py_ssize_t head = (Py_ssize_t)((sizeof(nk_wh) - (uintptr_t)q % sizeof(nk_wh))      \
-                                   % sizeof(nk_wh)) / 2;                               \
+    /* bytes per streamed store: one vector of halves, or a pair's two */              \
+    const size_t vb_ = (NK_PAIR_##SUF ? 2 : 1) * sizeof(nk_wh);                        \
+    Py_ssize_t head = (Py_ssize_t)((vb_ - (uintptr_t)q % vb_) % vb_) / 2;              \
     if (head > n) head = n;                                                            \
-    NK_EW_FOR(head, nk_st_##SUF(q + i_, (LD(p) * 0.5f - m) * a + b, w_));              \
+    NK_EW_MAP(head, SUF, q, (LD(p) * 0.5f - m) * a + b);                               \
     p += head; q += head; n -= head;                                                   \
     Py_ssize_t i_ = 0;                                                                 \
-    for (; i_ + NK_FW <= n; i_ += NK_FW) {                                             \
-        const Py_ssize_t w_ = NK_FW;                                                   \
-        nk_h_st_nt(q + i_, nk_cvt_to_##SUF((LD(p) * 0.5f - m) * a + b));               \
+    const Py_ssize_t w_ = NK_FW;                                                       \
+    if (NK_PAIR_##SUF) {                                                               \
+        for (; i_ + 2 * NK_FW <= n; i_ += 2 * NK_FW) {                                 \
+            nk_wf l_, r_;                                                              \
+            { const int h_ = 0; l_ = (LD(p) * 0.5f - m) * a + b; }                     \
+            { const int h_ = 1; r_ = (LD(p) * 0.5f - m) * a + b; }                     \
+            nk_st2_nt_##SUF(q + i_, l_, r_);                                           \
+        }                                                                              \
+    } else {                                                                           \
+        const int h_ = -1;                                                             \
+        for (; i_ + NK_FW <= n; i_ += NK_FW)                                           \
+            nk_h_st_nt(q + i_, nk_cvt_to_##SUF((LD(p) * 0.5f - m) * a + b));           \
     }                                                                                  \
-    if (i_ < n) { const Py_ssize_t w_ = n - i_;                                        \
-        nk_st_##SUF(q + i_, (LD(p) * 0.5f - m) * a + b, w_); }                         \
+    p += i_; q += i_; n -= i_;                                                         \
+    NK_EW_MAP(n, SUF, q, (LD(p) * 0.5f - m) * a + b);                                  \
     return;                                                                            \
     )                                                                                  \
     nk_affine_##SUF(p, q, NULL, n, m, a, b, 0);                                        \
@@ -307,7 +418,7 @@ static void nk_cf_affine_##SUF(const T *x, T *out, const T *res, int relu, int s
         T *q = out + o;                                                                \
         const float m = sh[pi] * 0.5f, a = sc[pi] * 2.0f, b = of[pi];                  \
         if (res == NULL && !relu && !stream)                                           \
-            NK_EW_FOR(n, nk_st_##SUF(q + i_, (LD(p) * 0.5f - m) * a + b, w_));         \
+            NK_EW_MAP(n, SUF, q, (LD(p) * 0.5f - m) * a + b);                  \
         else if (res == NULL && !relu)                                                 \
             nk_affine_nt_##SUF(p, q, n, m, a, b);                                      \
         else                                                                           \
@@ -324,47 +435,47 @@ static void nk_cl_affine_##SUF(const T *p, T *q, const T *r, Py_ssize_t n,      
                                const float *sh, const float *sc, const float *of,      \
                                int relu) {                                             \
     if (r == NULL && !relu)                                                            \
-        NK_EW_FOR(n, nk_st_##SUF(q + i_, NK_HALFDIFF(p) + F(of), w_));                 \
+        NK_EW_MAP(n, SUF, q, NK_HALFDIFF(p) + F(of));                          \
     else if (r == NULL)                                                                \
-        NK_EW_FOR(n, nk_st_##SUF(q + i_, nk_relu(NK_HALFDIFF(p) + F(of)), w_));        \
+        NK_EW_MAP(n, SUF, q, nk_relu(NK_HALFDIFF(p) + F(of)));                 \
     else if (!relu)                                                                    \
-        NK_EW_FOR(n, nk_st_##SUF(q + i_, NK_HALFDIFF(p) + F(of) + LD(r), w_));         \
+        NK_EW_MAP(n, SUF, q, NK_HALFDIFF(p) + F(of) + LD(r));                  \
     else                                                                               \
-        NK_EW_FOR(n, nk_st_##SUF(q + i_, nk_relu(NK_HALFDIFF(p) + F(of) + LD(r)), w_)); \
+        NK_EW_MAP(n, SUF, q, nk_relu(NK_HALFDIFF(p) + F(of) + LD(r)));         \
 }                                                                                      \
 /* dx = a * dy + (b * (x - m) + z) */                                                 \
 static void nk_apply_##SUF(const T *dy, const T *x, T *dx, Py_ssize_t n, float m,     \
                            float a, float b, float z) {                                \
-    NK_EW_FOR(n, nk_st_##SUF(dx + i_, a * LD(dy) + (b * (LD(x) - m) + z), w_));        \
+    NK_EW_MAP(n, SUF, dx, a * LD(dy) + (b * (LD(x) - m) + z));                 \
 }                                                                                      \
 /* one channels-last row: dx = cdy * dy + (cx * (x - sh) + c1) */                      \
 static void nk_cl_apply_##SUF(const T *dy, const T *x, T *dx, Py_ssize_t n,           \
                               const float *sh, const float *cdy, const float *cx,      \
                               const float *c1) {                                       \
-    NK_EW_FOR(n, nk_st_##SUF(dx + i_, F(cdy) * LD(dy) + (F(cx) * (LD(x) - F(sh)) + F(c1)), w_)); \
+    NK_EW_MAP(n, SUF, dx, F(cdy) * LD(dy) + (F(cx) * (LD(x) - F(sh)) + F(c1))); \
 }                                                                                      \
 /* a LayerNorm row: ((x/2 - mh) - ml) * rs2 * w + b; RMSNorm (rms): x * rs2 * w */     \
 static void nk_row_forward_##SUF(const T *x, T *out, Py_ssize_t n, const float *w,    \
                                  const float *b, float mh, float ml, float rs2,        \
                                  int rms) {                                            \
     if (rms)                                                                           \
-        NK_EW_FOR(n, nk_st_##SUF(out + i_, LD(x) * rs2 * F(w), w_));                   \
+        NK_EW_MAP(n, SUF, out, LD(x) * rs2 * F(w));                            \
     else                                                                               \
-        NK_EW_FOR(n, nk_st_##SUF(out + i_, ((LD(x) * 0.5f - mh) - ml) * rs2 * F(w) + F(b), w_)); \
+        NK_EW_MAP(n, SUF, out, ((LD(x) * 0.5f - mh) - ml) * rs2 * F(w) + F(b)); \
 }                                                                                      \
 /* a LayerNorm/RMSNorm row's dx = a * (dy * w) + (c * ((x - mh) - ml) + b0) */         \
 static void nk_row_backward_##SUF(const T *dy, const T *x, T *dx, Py_ssize_t n,       \
                                   const float *w, float a, float c, float b0,          \
                                   float mh, float ml) {                                \
-    NK_EW_FOR(n, nk_st_##SUF(dx + i_, a * (LD(dy) * F(w)) + (c * ((LD(x) - mh) - ml) + b0), w_)); \
+    NK_EW_MAP(n, SUF, dx, a * (LD(dy) * F(w)) + (c * ((LD(x) - mh) - ml) + b0)); \
 }
 
-#define LD(a) nk_ld_f16((a) + i_, w_)
-#define F(a) nk_ld_f32((a) + i_, w_)
+#define LD(a) NK_LDX(f16, (a) + i_, w_, h_)
+#define F(a) NK_LDX(f32, (a) + i_, w_, h_)
 #define NK_HALFDIFF(p) ((LD(p) * 0.5f - F(sh) * 0.5f) * (F(sc) * 2.0f))
 NK_HALF_KERNELS(f16, nk_f16)
 #undef LD
-#define LD(a) nk_ld_bf16((a) + i_, w_)
+#define LD(a) NK_LDX(bf16, (a) + i_, w_, h_)
 NK_HALF_KERNELS(bf16, nk_bf16)
 #undef LD
 #undef F
