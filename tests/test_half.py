@@ -14,8 +14,10 @@ constants, NaN/Inf and float16 overflow as torch, empty inputs, the returned dty
 the oracle's single rounding, and a tracemalloc check that no float32 copy of x is
 made.
 """
+import math
 import tracemalloc
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -132,9 +134,19 @@ def normkit_run(norm, x, dy, p, pdt, axis, backend):
     return {key: np.asarray(v, np.float64) for key, v in r.items()}
 
 
-def no_worse_than_torch(got, theirs, truth, what=""):
+def _ulp(dtype, m):
+    """One unit in the last place of ``dtype`` at magnitude m (> 0, normal)."""
+    return float(ml_dtypes.finfo(dtype).eps) * 2.0 ** math.floor(math.log2(m))
+
+
+def no_worse_than_torch(got, theirs, truth, what="", dtypes=None):
     """For every result: NaN where torch's is NaN, +-Inf as torch's, and the largest
-    error vs the float64 truth at most TORCH_FACTOR times torch's."""
+    error vs the float64 truth at most TORCH_FACTOR times torch's -- or one ulp of the
+    result's dtype (``dtypes[key]``) at the largest |truth|, where that is more. Both
+    round each result to its dtype once, up to half an ulp; when torch's largest error
+    is well under an ulp, TORCH_FACTOR times it measures the luck of that last rounding,
+    not accuracy (seen on an AVX2 EPYC: a float32 grad_weight 4.4e-7 off against
+    torch's 2.1e-7, one ulp there 4.8e-7)."""
     assert set(got) == set(truth), what
     for key in got:
         a, t, ref = got[key], theirs[key], truth[key]
@@ -144,8 +156,11 @@ def no_worse_than_torch(got, theirs, truth, what=""):
         fin = np.isfinite(ref) & np.isfinite(t)
         ours = float(np.max(np.abs(a[fin] - ref[fin]), initial=0.0))
         their = float(np.max(np.abs(t[fin] - ref[fin]), initial=0.0))
-        assert ours <= TORCH_FACTOR * their, \
-            f"{what} {key}: error vs float64 {ours:.3g} > {TORCH_FACTOR} x torch's {their:.3g}"
+        top = float(np.max(np.abs(ref[fin]), initial=0.0))
+        floor = _ulp(dtypes[key], top) if dtypes and top > 0 else 0.0
+        assert ours <= max(TORCH_FACTOR * their, floor), \
+            f"{what} {key}: error vs float64 {ours:.3g} > {TORCH_FACTOR} x torch's {their:.3g}" \
+            f" and > one ulp {floor:.3g}"
 
 
 def compare_with_torch(norm, x64, dy64, p, dtype, pdt, axis, backend, what=""):
@@ -156,7 +171,9 @@ def compare_with_torch(norm, x64, dy64, p, dtype, pdt, axis, backend, what=""):
     rms_eps = float(np.finfo(np.float32).eps)       # torch's default for 16-bit data
     truth = torch_run(norm, xq, dyq, p, "float64", "float64", rms_eps)
     theirs = torch_run(norm, xq, dyq, p, dtype, pdt, rms_eps)
-    no_worse_than_torch(got, theirs, truth, what)
+    # the data results in the data's dtype, the parameter-shaped ones in the parameters'
+    dtypes = {key: dt if key in ("output", "grad_x") else K.np_dtype(pdt) for key in got}
+    no_worse_than_torch(got, theirs, truth, what, dtypes)
     return got
 
 

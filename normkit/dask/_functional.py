@@ -67,7 +67,8 @@ def _batch_stats(mom, count, running_mean, running_var, momentum):
     """(mean, biased var) of training BatchNorm from its moments; the running statistics
     updated in place (unbiased variance)."""
     mean, m2 = mom["mean"], mom["m2"]
-    E.update_running_stats(running_mean, running_var, mean, m2 / (count - 1), momentum)
+    with np.errstate(all="ignore"):     # a statistic that overflows its dtype is Inf
+        E.update_running_stats(running_mean, running_var, mean, m2 / (count - 1), momentum)
     return mean, m2 / count
 
 
