@@ -4,6 +4,7 @@
 #ifndef NK_HALF_H
 #define NK_HALF_H
 #include <float.h>
+#include <stdio.h>         /* fopen: the L3 size from sysfs */
 #if defined(__unix__) || defined(__APPLE__)
 #  include <unistd.h>       /* sysconf: the cache size for nk_nt_min_bytes */
 #endif
@@ -81,16 +82,37 @@ static inline void nk_h_st_nt(uint16_t *q, nk_wh h) {
 #  define NK_IF_NT(...)
 #endif
 /* Output size (bytes) from which the channels-first affine pass streams its stores:
-   the last-level cache's size (glibc's sysconf), 32 MiB where it is unknown -- an
-   output that large cannot stay cached for the next layer anyway, while a smaller
-   one would be pushed out of a cache it fits in. _cython_kernels sets it at import
-   (and tests lower it). */
+   the last-level cache's size, 32 MiB where it is unknown -- an output that large
+   cannot stay cached for the next layer anyway, while a smaller one would be pushed
+   out of a cache it fits in. Linux's own description of the L3 (sysfs) comes first:
+   glibc's sysconf derives it from CPUID, which a hypervisor may report wrongly (seen:
+   256 MiB on an EPYC virtual machine whose L3 is 32 MiB, so no output was streamed).
+   _cython_kernels sets it at import (and tests lower it). */
 static Py_ssize_t nk_nt_min_bytes = (Py_ssize_t)32 << 20;
-static void nk_nt_setup(void) {
-#if defined(_SC_LEVEL3_CACHE_SIZE)
-    long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    if (l3 > 0) nk_nt_min_bytes = (Py_ssize_t)l3;
+static long nk_sysfs_l3_bytes(void) {
+#if defined(__linux__)
+    long level = 0, size = 0;
+    char unit = 0;
+    FILE *f = fopen("/sys/devices/system/cpu/cpu0/cache/index3/level", "r");
+    if (f == NULL) return -1;
+    if (fscanf(f, "%ld", &level) != 1) level = 0;
+    fclose(f);
+    f = fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r");
+    if (f == NULL) return -1;
+    if (fscanf(f, "%ld%c", &size, &unit) != 2) size = 0;
+    fclose(f);
+    if (level != 3 || size <= 0) return -1;
+    return unit == 'K' ? size << 10 : unit == 'M' ? size << 20 : unit == 'G' ? size << 30 : -1;
+#else
+    return -1;
 #endif
+}
+static void nk_nt_setup(void) {
+    long l3 = nk_sysfs_l3_bytes();
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+    if (l3 <= 0) l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+    if (l3 > 0) nk_nt_min_bytes = (Py_ssize_t)l3;
 }
 #if NK_HAVE_VEC
 /* w <= NK_FW float32 parameters (the rest zero) */
