@@ -380,13 +380,13 @@ static void nk_narrow_##SUF(const float *src, T *q, Py_ssize_t n) {             
 static void nk_affine_##SUF(const T *p, T *q, const T *r, Py_ssize_t n, float m,      \
                             float a, float b, int relu) {                              \
     if (r == NULL && !relu)                                                            \
-        NK_EW_MAP(n, SUF, q, (LD(p) * 0.5f - m) * a + b);                      \
+        NK_EW_MAP(n, SUF, q, (LD(p) * 0.5f - m) * a + b);                              \
     else if (r == NULL)                                                                \
-        NK_EW_MAP(n, SUF, q, nk_relu((LD(p) * 0.5f - m) * a + b));             \
+        NK_EW_MAP(n, SUF, q, nk_relu((LD(p) * 0.5f - m) * a + b));                     \
     else if (!relu)                                                                    \
-        NK_EW_MAP(n, SUF, q, (LD(p) * 0.5f - m) * a + b + LD(r));              \
+        NK_EW_MAP(n, SUF, q, (LD(p) * 0.5f - m) * a + b + LD(r));                      \
     else                                                                               \
-        NK_EW_MAP(n, SUF, q, nk_relu((LD(p) * 0.5f - m) * a + b + LD(r)));     \
+        NK_EW_MAP(n, SUF, q, nk_relu((LD(p) * 0.5f - m) * a + b + LD(r)));             \
 }                                                                                      \
 /* nk_affine without r or ReLU, storing the aligned full vectors non-temporally    \
    (NK_HAVE_NT; else the plain kernel): a head of < NK_FW values up to q's vector    \
@@ -440,7 +440,7 @@ static void nk_cf_affine_##SUF(const T *x, T *out, const T *res, int relu, int s
         T *q = out + o;                                                                \
         const float m = sh[pi] * 0.5f, a = sc[pi] * 2.0f, b = of[pi];                  \
         if (res == NULL && !relu && !stream)                                           \
-            NK_EW_MAP(n, SUF, q, (LD(p) * 0.5f - m) * a + b);                  \
+            NK_EW_MAP(n, SUF, q, (LD(p) * 0.5f - m) * a + b);                          \
         else if (res == NULL && !relu)                                                 \
             nk_affine_nt_##SUF(p, q, n, m, a, b);                                      \
         else                                                                           \
@@ -457,39 +457,39 @@ static void nk_cl_affine_##SUF(const T *p, T *q, const T *r, Py_ssize_t n,      
                                const float *sh, const float *sc, const float *of,      \
                                int relu) {                                             \
     if (r == NULL && !relu)                                                            \
-        NK_EW_MAP(n, SUF, q, NK_HALFDIFF(p) + F(of));                          \
+        NK_EW_MAP(n, SUF, q, NK_HALFDIFF(p) + F(of));                                  \
     else if (r == NULL)                                                                \
-        NK_EW_MAP(n, SUF, q, nk_relu(NK_HALFDIFF(p) + F(of)));                 \
+        NK_EW_MAP(n, SUF, q, nk_relu(NK_HALFDIFF(p) + F(of)));                         \
     else if (!relu)                                                                    \
-        NK_EW_MAP(n, SUF, q, NK_HALFDIFF(p) + F(of) + LD(r));                  \
+        NK_EW_MAP(n, SUF, q, NK_HALFDIFF(p) + F(of) + LD(r));                          \
     else                                                                               \
-        NK_EW_MAP(n, SUF, q, nk_relu(NK_HALFDIFF(p) + F(of) + LD(r)));         \
+        NK_EW_MAP(n, SUF, q, nk_relu(NK_HALFDIFF(p) + F(of) + LD(r)));                 \
 }                                                                                      \
 /* dx = a * dy + (b * (x - m) + z) */                                                 \
 static void nk_apply_##SUF(const T *dy, const T *x, T *dx, Py_ssize_t n, float m,     \
                            float a, float b, float z) {                                \
-    NK_EW_MAP(n, SUF, dx, a * LD(dy) + (b * (LD(x) - m) + z));                 \
+    NK_EW_MAP(n, SUF, dx, a * LD(dy) + (b * (LD(x) - m) + z));                         \
 }                                                                                      \
 /* one channels-last row: dx = cdy * dy + (cx * (x - sh) + c1) */                      \
 static void nk_cl_apply_##SUF(const T *dy, const T *x, T *dx, Py_ssize_t n,           \
                               const float *sh, const float *cdy, const float *cx,      \
                               const float *c1) {                                       \
-    NK_EW_MAP(n, SUF, dx, F(cdy) * LD(dy) + (F(cx) * (LD(x) - F(sh)) + F(c1))); \
+    NK_EW_MAP(n, SUF, dx, F(cdy) * LD(dy) + (F(cx) * (LD(x) - F(sh)) + F(c1)));        \
 }                                                                                      \
 /* a LayerNorm row: ((x/2 - mh) - ml) * rs2 * w + b; RMSNorm (rms): x * rs2 * w */     \
 static void nk_row_forward_##SUF(const T *x, T *out, Py_ssize_t n, const float *w,    \
                                  const float *b, float mh, float ml, float rs2,        \
                                  int rms) {                                            \
     if (rms)                                                                           \
-        NK_EW_MAP(n, SUF, out, LD(x) * rs2 * F(w));                            \
+        NK_EW_MAP(n, SUF, out, LD(x) * rs2 * F(w));                                    \
     else                                                                               \
-        NK_EW_MAP(n, SUF, out, ((LD(x) * 0.5f - mh) - ml) * rs2 * F(w) + F(b)); \
+        NK_EW_MAP(n, SUF, out, ((LD(x) * 0.5f - mh) - ml) * rs2 * F(w) + F(b));        \
 }                                                                                      \
 /* a LayerNorm/RMSNorm row's dx = a * (dy * w) + (c * ((x - mh) - ml) + b0) */         \
 static void nk_row_backward_##SUF(const T *dy, const T *x, T *dx, Py_ssize_t n,       \
                                   const float *w, float a, float c, float b0,          \
                                   float mh, float ml) {                                \
-    NK_EW_MAP(n, SUF, dx, a * (LD(dy) * F(w)) + (c * ((LD(x) - mh) - ml) + b0)); \
+    NK_EW_MAP(n, SUF, dx, a * (LD(dy) * F(w)) + (c * ((LD(x) - mh) - ml) + b0));       \
 }
 
 #define LD(a) NK_LDX(f16, (a) + i_, w_, h_)
