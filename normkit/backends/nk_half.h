@@ -229,14 +229,16 @@ static inline nk_wh nk_cvt_to_bf16(nk_wf v) {               /* nk_f32_to_bf16 on
     return (nk_wh)_mm512_castsi512_si256(
         _mm512_permutexvar_epi16(_mm512_loadu_si512(nk_bf16_narrow_idx), r));
 }
-#  elif defined(__AVX2__) && NK_FW == 8
-/* AVX2: the generic formula below compiled to 17 vector instructions per 8 values
-   (the unsigned NaN compare alone took three); here the NaN is set before the
-   rounding, as on AVX-512, with one unordered compare and a blend: 11. Same bits. */
+#  else
+/* widening: the half as the top of a float32 lane (every build but AVX-512's) */
 static inline nk_wf nk_cvt_bf16(nk_wh h) {
     return (nk_wf)(nk_wh_to_wu(h) << 16);
 }
-
+#  endif
+#  if defined(__AVX2__) && NK_FW == 8
+/* AVX2: the generic formula below compiled to 17 vector instructions per 8 values
+   (the unsigned NaN compare alone took three); here the NaN is set before the
+   rounding, as on AVX-512, with one unordered compare and a blend: 11. Same bits. */
 /* the rounded bfloat16 bits in the low half of each lane */
 static inline __m256i nk_rnd_bf16(nk_wf v) {
     const __m256i u = (__m256i)v;
@@ -272,18 +274,19 @@ static inline nk_wf nk_pair_f32(const float *p, int h) {
     return (nk_wf)_mm256_loadu2_m128(p + 8 + 4 * h, p + 4 * h);
 }
 
+static inline __m256i nk_pack2_bf16(nk_wf lo, nk_wf hi) {     /* 16 halves, in order */
+    return _mm256_packus_epi32(nk_rnd_bf16(lo), nk_rnd_bf16(hi));
+}
+
 static inline void nk_st2_bf16(nk_bf16 *q, nk_wf lo, nk_wf hi) {
-    const __m256i v = _mm256_packus_epi32(nk_rnd_bf16(lo), nk_rnd_bf16(hi));
+    const __m256i v = nk_pack2_bf16(lo, hi);
     memcpy(q, &v, sizeof v);
 }
 
 static inline void nk_st2_nt_bf16(nk_bf16 *q, nk_wf lo, nk_wf hi) {    /* q: 32-byte aligned */
-    _mm256_stream_si256((__m256i *)q, _mm256_packus_epi32(nk_rnd_bf16(lo), nk_rnd_bf16(hi)));
+    _mm256_stream_si256((__m256i *)q, nk_pack2_bf16(lo, hi));
 }
-#  else
-static inline nk_wf nk_cvt_bf16(nk_wh h) {
-    return (nk_wf)(nk_wh_to_wu(h) << 16);
-}
+#  elif !(defined(__AVX512BW__) && NK_FW == 16)      /* the portable narrowing */
 
 static inline nk_wh nk_cvt_to_bf16(nk_wf v) {               /* nk_f32_to_bf16 on vectors */
     nk_wu u = (nk_wu)v;
