@@ -14,6 +14,8 @@ float64 on the same 16-bit values): normkit's largest error must be at most
 ``TORCH_FACTOR`` times torch's largest error, for every result. The 16-bit rows of a
 backend in ``_cases.PENDING_16BIT`` are strict xfail(TypeError).
 """
+import zlib
+
 import numpy as np
 import pytest
 
@@ -89,6 +91,12 @@ def _no_worse_than_torch(actual, torch16, truth, what):
         f"{what}: error vs float64 {ours:.3g} > {TORCH_FACTOR} x torch's {theirs:.3g}"
 
 
+def _seed(*key):
+    """A seed fixed by the case's parameters (``hash`` of a str changes with every
+    process: PYTHONHASHSEED), so a failing case fails again when rerun."""
+    return zlib.crc32(repr(key).encode())
+
+
 def _case(shape, rng):
     x = (rng.standard_normal(shape) * 1.5 + 0.3)
     dy = rng.standard_normal(shape)
@@ -114,9 +122,10 @@ def _layout_ok(dtype, layout):
 CHANNEL_NORMS = ["batch_norm", "instance_norm", "group_norm"]
 
 
-def _torch_channel(norm, x, dy, w, b, tdt):
+def _torch_channel(norm, x, dy, w, b, tdt, eval_stats=None):
     """torch's results for channels-first x (NumPy values) in torch dtype ``tdt``:
-    dict of output, running statistics, eval output (BatchNorm), gradients."""
+    dict of output, running statistics, eval output (BatchNorm; with ``eval_stats``
+    (mean, var) when given, else with the running statistics just updated), gradients."""
     tx = _t(x, tdt).requires_grad_()
     tw = None if w is None else _t(w, tdt).requires_grad_()
     tb = None if b is None else _t(b, tdt).requires_grad_()
@@ -129,7 +138,8 @@ def _torch_channel(norm, x, dy, w, b, tdt):
         ty = fn(tx, trm, trv, tw, tb, True, 0.1, 1e-5)
         r["running_mean"], r["running_var"] = trm, trv
         if norm == "batch_norm":
-            r["eval output"] = TF.batch_norm(_t(x, tdt), trm, trv, _t(w, tdt), _t(b, tdt),
+            erm, erv = (trm, trv) if eval_stats is None else (_t(s, tdt) for s in eval_stats)
+            r["eval output"] = TF.batch_norm(_t(x, tdt), erm, erv, _t(w, tdt), _t(b, tdt),
                                              False)
     ty.backward(_t(dy, tdt))
     r["output"], r["grad_x"] = ty, tx.grad
@@ -138,7 +148,7 @@ def _torch_channel(norm, x, dy, w, b, tdt):
     return r
 
 
-def _normkit_channel(norm, x, dy, w, b, dtype, axis, backend):
+def _normkit_channel(norm, x, dy, w, b, dtype, axis, backend, eval_stats=None):
     """normkit's results, channels-first, under the names of ``_torch_channel``, and
     (mean, rstd) of the forward."""
     r = {}
@@ -153,8 +163,10 @@ def _normkit_channel(norm, x, dy, w, b, dtype, axis, backend):
         back = nk.batch_norm_backward if norm == "batch_norm" else nk.instance_norm_backward
         gx, gw, gb = back(dy, x, mean, rstd, w, **kw)
         r["running_mean"], r["running_var"] = rm, rv
-        if norm == "batch_norm":     # eval mode with the updated running statistics
-            r["eval output"] = _from_user(nk.batch_norm(x, rm, rv, w, b, False, **kw), axis)
+        if norm == "batch_norm":     # eval mode, by default with the updated statistics
+            erm, erv = (rm, rv) if eval_stats is None else \
+                (np.asarray(s, dtype) for s in eval_stats)
+            r["eval output"] = _from_user(nk.batch_norm(x, erm, erv, w, b, False, **kw), axis)
     r["output"], r["grad_x"] = _from_user(y, axis), _from_user(gx, axis)
     if w is not None:
         r["grad_weight"], r["grad_bias"] = gw, gb
@@ -171,7 +183,7 @@ def test_channel_norms(backend, dtype, norm, axis, ndim, affine, layout):
     if norm == "instance_norm" and ndim == 2:
         pytest.skip("instance norm needs spatial axes (torch raises too; tested in bad input)")
     _layout_ok(dtype, layout)
-    rng = np.random.default_rng(hash((norm, ndim, axis)) % 2**32)
+    rng = np.random.default_rng(_seed(norm, ndim, axis))
     _check_channel(backend, dtype, norm, axis, affine, layout, *_case(SHAPES[ndim], rng))
 
 
@@ -186,7 +198,7 @@ ONE_KERNEL_SHAPES = [(6, 48, 16, 17), (3, 48, 257)]
 @pytest.mark.parametrize("norm", CHANNEL_NORMS)
 @pytest.mark.parametrize(("backend", "dtype"), GRID)
 def test_channel_norms_one_kernel_paths(backend, dtype, norm, affine, shape):
-    rng = np.random.default_rng(hash((norm, shape)) % 2**32)
+    rng = np.random.default_rng(_seed(norm, shape))
     _check_channel(backend, dtype, norm, 1, affine, "contiguous", *_case(shape, rng))
 
 
@@ -200,14 +212,25 @@ def _check_channel(backend, dtype, norm, axis, affine, layout, x64, dy64, w64, b
     w = w64.astype(dt) if affine else None
     b = b64.astype(dt) if affine else None
     x_before = np.array(x, copy=True)
-    got, (y, gx, mean, rstd) = _normkit_channel(norm, x, dy, w, b, dt, axis, backend)
+    # 16-bit: eval mode is checked on the same 16-bit running statistics for everyone
+    # (the float64 ones rounded once). Each implementation's own updated statistics
+    # differ by an ulp here and there (torch's bfloat16 update rounds twice), and an
+    # ulp of running_var moves the eval output by up to ~1/2 ulp16: that would compare
+    # the statistics again (they are checked on their own), not the eval kernel.
+    eval_stats = None
+    if K.is_half(dt):
+        truth = _torch_channel(norm, xq, dyq, w, b, "float64")
+        if norm == "batch_norm":
+            eval_stats = tuple(_np(truth[k]).astype(dt) for k in ("running_mean", "running_var"))
+            truth = _torch_channel(norm, xq, dyq, w, b, "float64", eval_stats)
+    got, (y, gx, mean, rstd) = _normkit_channel(norm, x, dy, w, b, dt, axis, backend,
+                                                eval_stats)
     # the dtype kept (byte order included: a byte-swapped input gives a byte-swapped output)
     assert y.dtype == x.dtype and y.shape == x.shape
     assert gx.dtype.type == x.dtype.type and gx.shape == x.shape
     K.assert_same(x, x_before)  # input untouched
     if K.is_half(dt):
-        truth = _torch_channel(norm, xq, dyq, w, b, "float64")
-        theirs = _torch_channel(norm, xq, dyq, w, b, dtype)
+        theirs = _torch_channel(norm, xq, dyq, w, b, dtype, eval_stats)
         assert set(got) == set(truth)
         for what in got:
             _no_worse_than_torch(got[what], theirs[what], truth[what], what)
