@@ -18,9 +18,11 @@ import test_kernels as TK
 
 LENGTHS = (1, 3, 15, 16, 17, 31, 33, 1023)
 # (N, C, S): S is the plane/row length (channels-first, rows), C the row length of the
-# channels-last kernels; both run through every tail length, plus 49-value planes
+# channels-last kernels; both run through every tail length, plus 49-value planes and
+# channels-last rows longer than nk_half.h's NK_CL_CHUNK (2048 channels per block of
+# parameters: here 2048, 2048 and 17)
 SHAPES = ([(2, 3, n) for n in LENGTHS] + [(2, n, 5) for n in LENGTHS if n > 1]
-          + [(3, 64, 49)])
+          + [(3, 64, 49), (2, 4113, 3)])
 LEVELS = ("baseline", "avx2", "avx512")
 
 

@@ -340,15 +340,18 @@ static inline void nk_st2_f32(float *q, nk_wf lo, nk_wf hi) { (void)q; (void)lo;
    that is not a multiple of NK_FW costs no partial load or store -- without AVX-512
    those are variable-length memcpy calls, two per 7x7 plane, which took more time
    than the plane's 49 values. The values are those of the partial vector. Where
-   SUF has pairs, the same with 2 NK_FW values (EXPR once per half h_). */
-#define NK_EW_MAP(n, SUF, Q, EXPR) do {                                                \
+   SUF has pairs, the same with 2 NK_FW values (EXPR once per half h_).
+   NK_EW_MAP_B also walks b_ over parameter blocks of BS floats, one per vector step
+   in the order nk_cl_fill lays them out (the last vector's block last). */
+#define NK_EW_MAP_B(n, SUF, Q, BLK, BS, EXPR) do {                                     \
     if (NK_PAIR_##SUF && (n) >= 2 * NK_FW) {                                           \
         const Py_ssize_t w_ = NK_FW, last_ = (n) - 2 * NK_FW;                          \
         Py_ssize_t i_ = last_;                                                         \
+        const float *b_ = (BLK) + (last_ + 2 * NK_FW - 1) / (2 * NK_FW) * (BS);        \
         nk_wf l_, r_, tl_, tr_;                                                        \
         { const int h_ = 0; tl_ = (EXPR); }                                            \
         { const int h_ = 1; tr_ = (EXPR); }                                            \
-        for (i_ = 0; i_ < last_; i_ += 2 * NK_FW) {                                    \
+        for (i_ = 0, b_ = (BLK); i_ < last_; i_ += 2 * NK_FW, b_ += (BS)) {            \
             { const int h_ = 0; l_ = (EXPR); }                                         \
             { const int h_ = 1; r_ = (EXPR); }                                         \
             nk_st2_##SUF((Q) + i_, l_, r_);                                            \
@@ -358,15 +361,53 @@ static inline void nk_st2_f32(float *q, nk_wf lo, nk_wf hi) { (void)q; (void)lo;
         const Py_ssize_t w_ = NK_FW, last_ = (n) - NK_FW;                              \
         const int h_ = -1;                                                             \
         Py_ssize_t i_ = last_;                                                         \
+        const float *b_ = (BLK) + (last_ + NK_FW - 1) / NK_FW * (BS);                  \
         const nk_wf t_ = (EXPR);                                                       \
-        for (i_ = 0; i_ < last_; i_ += NK_FW) nk_st_##SUF((Q) + i_, (EXPR), w_);       \
+        for (i_ = 0, b_ = (BLK); i_ < last_; i_ += NK_FW, b_ += (BS))                  \
+            nk_st_##SUF((Q) + i_, (EXPR), w_);                                         \
         nk_st_##SUF((Q) + last_, t_, w_);                                              \
     } else if ((n) > 0) {                                                              \
         const Py_ssize_t w_ = (n), i_ = 0;                                             \
         const int h_ = -1;                                                             \
+        const float *b_ = (BLK);                                                       \
         nk_st_##SUF((Q) + i_, (EXPR), w_);                                             \
     }                                                                                  \
 } while (0)
+static const float nk_no_blocks[1];
+#define NK_EW_MAP(n, SUF, Q, EXPR) NK_EW_MAP_B(n, SUF, Q, nk_no_blocks, 0, ((void)b_, (EXPR)))
+
+/* Channels-last parameter blocks. A channels-last pass maps rows of C values with
+   per-channel float32 parameters. Loaded per vector, each parameter costs a load --
+   for the AVX2 bfloat16 pairs a load and a cross-lane insert -- and the affine's
+   halving and doubling cost two multiplies: as many instructions as the row's own
+   data (BN eval, channels-last bfloat16, was 1.21-1.34x torch's time; 0.84x now). nk_cl_fill lays out np
+   parameter arrays a[k] * s[k] over n channels once per range and sample, a block of
+   np vectors (pairs: np pairs) per vector step of NK_EW_MAP_B, in the order that
+   step loads them, zero past n; the values are the same floats. NK_CL_CHUNK bounds
+   n, so that the blocks fit a stack buffer (NK_CL_FLOATS per parameter). */
+#define NK_CL_CHUNK 2048
+#define NK_CL_FLOATS (NK_CL_CHUNK + 2 * NK_FW)
+static inline int nk_cl_pair(Py_ssize_t n, int has_pairs) { return has_pairs && n >= 2 * NK_FW; }
+static void nk_cl_fill(float *blk, Py_ssize_t n, int pair, int np, const float *const *a,
+                       const float *s) {
+    const Py_ssize_t V = pair ? 2 * NK_FW : NK_FW;
+    const Py_ssize_t last = n >= V ? n - V : 0, nmain = n >= V ? (last + V - 1) / V : 0;
+    for (Py_ssize_t j = 0; j <= nmain; j++) {
+        const Py_ssize_t i = j < nmain ? j * V : last, w = n - i < NK_FW ? n - i : NK_FW;
+        float *b = blk + j * np * V;
+        for (int k = 0; k < np; k++) {
+            /* the very loads of the step (w < NK_FW only where n < NK_FW) */
+            const nk_wf lo = (pair ? nk_pair_f32(a[k] + i, 0) : nk_ld_f32(a[k] + i, w)) * s[k];
+            memcpy(b + k * V, &lo, sizeof lo);
+            if (pair) {
+                const nk_wf hi = nk_pair_f32(a[k] + i, 1) * s[k];
+                memcpy(b + k * V + NK_FW, &hi, sizeof hi);
+            }
+        }
+    }
+}
+/* parameter k of the current vector step (or half h_ of its pair) from its block */
+#define NK_CLP(k) nk_ld_f32(b_ + ((k) * (h_ >= 0 ? 2 : 1) + (h_ > 0)) * NK_FW, NK_FW)
 
 /* The elementwise kernels of _kernels_elementwise / _kernels_stats for 16-bit rows,
    the same float32 expressions in the same order (see the Cython loops of the other
@@ -455,29 +496,70 @@ static void nk_cf_affine_##SUF(const T *x, T *out, const T *res, int relu, int s
     }                                                                                  \
     NK_IF_NT(if (stream) _mm_sfence();)      /* one fence for the range's streamed stores */ \
 }                                                                                      \
-/* one channels-last row: q = (p/2 - sh/2) * (2 sc) + of [+ r] [ReLU] */             \
-static void nk_cl_affine_##SUF(const T *p, T *q, const T *r, Py_ssize_t n,            \
+/* Channels-last rows [lo, hi) of (N, S, C) data: q = (p/2 - sh/2) * (2 sc) + of     \
+   [+ r] [ReLU], parameters at pi = sample * C (per_sample) or 0, as blocks           \
+   (nk_cl_fill) of NK_CL_CHUNK channels at a time. */                                 \
+static void nk_cl_affine_##SUF(const T *x, T *out, const T *res, int relu,            \
                                const float *sh, const float *sc, const float *of,      \
-                               int relu) {                                             \
-    if (r == NULL && !relu)                                                            \
-        NK_EW_MAP(n, SUF, q, NK_HALFDIFF(p) + F(of));                                  \
-    else if (r == NULL)                                                                \
-        NK_EW_MAP(n, SUF, q, nk_relu(NK_HALFDIFF(p) + F(of)));                         \
-    else if (!relu)                                                                    \
-        NK_EW_MAP(n, SUF, q, NK_HALFDIFF(p) + F(of) + LD(r));                          \
-    else                                                                               \
-        NK_EW_MAP(n, SUF, q, nk_relu(NK_HALFDIFF(p) + F(of) + LD(r)));                 \
+                               Py_ssize_t S, Py_ssize_t C, int per_sample,             \
+                               Py_ssize_t lo, Py_ssize_t hi) {                         \
+    float blk[3 * NK_CL_FLOATS];                                                       \
+    static const float scale[3] = {0.5f, 2.0f, 1.0f};                                  \
+    for (Py_ssize_t c0 = 0; c0 < C; c0 += NK_CL_CHUNK) {                               \
+        const Py_ssize_t n = C - c0 < NK_CL_CHUNK ? C - c0 : NK_CL_CHUNK;              \
+        const int pair = nk_cl_pair(n, NK_PAIR_##SUF);                                 \
+        const Py_ssize_t bs = 3 * (pair ? 2 : 1) * NK_FW;                              \
+        for (Py_ssize_t r = lo; r < hi;) {                                             \
+            const Py_ssize_t pi = per_sample ? r / S * C + c0 : c0;                    \
+            const Py_ssize_t end = per_sample && (r / S + 1) * S < hi ? (r / S + 1) * S : hi; \
+            const float *a[3] = {sh + pi, sc + pi, of + pi};                           \
+            nk_cl_fill(blk, n, pair, 3, a, scale);                                     \
+            for (; r < end; r++) {                                                     \
+                const T *p = x + r * C + c0;                                           \
+                T *q = out + r * C + c0;                                               \
+                const T *rr = res == NULL ? NULL : res + r * C + c0;                   \
+                if (rr == NULL && !relu)                                               \
+                    NK_EW_MAP_B(n, SUF, q, blk, bs, NK_CL_AFFINE(p));                  \
+                else if (rr == NULL)                                                   \
+                    NK_EW_MAP_B(n, SUF, q, blk, bs, nk_relu(NK_CL_AFFINE(p)));         \
+                else if (!relu)                                                        \
+                    NK_EW_MAP_B(n, SUF, q, blk, bs, NK_CL_AFFINE(p) + LD(rr));         \
+                else                                                                   \
+                    NK_EW_MAP_B(n, SUF, q, blk, bs, nk_relu(NK_CL_AFFINE(p) + LD(rr))); \
+            }                                                                          \
+        }                                                                              \
+    }                                                                                  \
 }                                                                                      \
 /* dx = a * dy + (b * (x - m) + z) */                                                 \
 static void nk_apply_##SUF(const T *dy, const T *x, T *dx, Py_ssize_t n, float m,     \
                            float a, float b, float z) {                                \
     NK_EW_MAP(n, SUF, dx, a * LD(dy) + (b * (LD(x) - m) + z));                         \
 }                                                                                      \
-/* one channels-last row: dx = cdy * dy + (cx * (x - sh) + c1) */                      \
-static void nk_cl_apply_##SUF(const T *dy, const T *x, T *dx, Py_ssize_t n,           \
-                              const float *sh, const float *cdy, const float *cx,      \
-                              const float *c1) {                                       \
-    NK_EW_MAP(n, SUF, dx, F(cdy) * LD(dy) + (F(cx) * (LD(x) - F(sh)) + F(c1)));        \
+/* Channels-last rows [lo, hi): dx = cdy * dy + (cx * (x - sh) + c1), parameters   \
+   as in nk_cl_affine. */                                                              \
+static void nk_cl_apply_##SUF(const T *dy, const T *x, T *dx, const float *sh,        \
+                              const float *cdy, const float *cx, const float *c1,      \
+                              Py_ssize_t S, Py_ssize_t C, int per_sample,              \
+                              Py_ssize_t lo, Py_ssize_t hi) {                          \
+    float blk[4 * NK_CL_FLOATS];                                                       \
+    static const float scale[4] = {1.0f, 1.0f, 1.0f, 1.0f};                            \
+    for (Py_ssize_t c0 = 0; c0 < C; c0 += NK_CL_CHUNK) {                               \
+        const Py_ssize_t n = C - c0 < NK_CL_CHUNK ? C - c0 : NK_CL_CHUNK;              \
+        const int pair = nk_cl_pair(n, NK_PAIR_##SUF);                                 \
+        const Py_ssize_t bs = 4 * (pair ? 2 : 1) * NK_FW;                              \
+        for (Py_ssize_t r = lo; r < hi;) {                                             \
+            const Py_ssize_t pi = per_sample ? r / S * C + c0 : c0;                    \
+            const Py_ssize_t end = per_sample && (r / S + 1) * S < hi ? (r / S + 1) * S : hi; \
+            const float *a[4] = {sh + pi, cdy + pi, cx + pi, c1 + pi};                 \
+            nk_cl_fill(blk, n, pair, 4, a, scale);                                     \
+            for (; r < end; r++) {                                                     \
+                const Py_ssize_t o = r * C + c0;                                       \
+                const T *dyo = dy + o, *xo = x + o;                                    \
+                NK_EW_MAP_B(n, SUF, dx + o, blk, bs,                                   \
+                            NK_CLP(1) * LD(dyo) + (NK_CLP(2) * (LD(xo) - NK_CLP(0)) + NK_CLP(3))); \
+            }                                                                          \
+        }                                                                              \
+    }                                                                                  \
 }                                                                                      \
 /* a LayerNorm row: ((x/2 - mh) - ml) * rs2 * w + b; RMSNorm (rms): x * rs2 * w */     \
 static void nk_row_forward_##SUF(const T *x, T *out, Py_ssize_t n, const float *w,    \
@@ -497,14 +579,15 @@ static void nk_row_backward_##SUF(const T *dy, const T *x, T *dx, Py_ssize_t n, 
 
 #define LD(a) NK_LDX(f16, (a) + i_, w_, h_)
 #define F(a) NK_LDX(f32, (a) + i_, w_, h_)
-#define NK_HALFDIFF(p) ((LD(p) * 0.5f - F(sh) * 0.5f) * (F(sc) * 2.0f))
+/* the channels-last affine from parameter blocks (sh/2, 2 sc, of), as nk_affine */
+#define NK_CL_AFFINE(p) ((LD(p) * 0.5f - NK_CLP(0)) * NK_CLP(1) + NK_CLP(2))
 NK_HALF_KERNELS(f16, nk_f16)
 #undef LD
 #define LD(a) NK_LDX(bf16, (a) + i_, w_, h_)
 NK_HALF_KERNELS(bf16, nk_bf16)
 #undef LD
 #undef F
-#undef NK_HALFDIFF
+#undef NK_CL_AFFINE
 
 /* Fused double-vector reductions of the backward passes (16-bit rows; the scalar
    loops of _kernels_stats widen each value on its own, which costs the float16
