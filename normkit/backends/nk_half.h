@@ -408,6 +408,31 @@ static void nk_cl_fill(float *blk, Py_ssize_t n, int pair, int np, const float *
 }
 /* parameter k of the current vector step (or half h_ of its pair) from its block */
 #define NK_CLP(k) nk_ld_f32(b_ + ((k) * (h_ >= 0 ? 2 : 1) + (h_ > 0)) * NK_FW, NK_FW)
+/* The loop of a channels-last pass over rows [lo, hi) of C values (C, S, lo, hi and
+   per_sample from the caller): NK_CL_CHUNK channels at a time, the blocks of NP
+   parameter arrays A[k] * SCALE[k] filled once per chunk and sample (parameters at
+   sample * C with per_sample, else at 0; PAIRS: the data type has pairs), then the
+   body (the variadic rest) per row, with the row's offset o, its length n and the
+   blocks blk of bs floats per vector step. */
+#define NK_CL_ROWS(NP, A, SCALE, PAIRS, ...) do {                                      \
+    float blk[(NP) * NK_CL_FLOATS];                                                    \
+    for (Py_ssize_t c0 = 0; c0 < C; c0 += NK_CL_CHUNK) {                               \
+        const Py_ssize_t n = C - c0 < NK_CL_CHUNK ? C - c0 : NK_CL_CHUNK;              \
+        const int pair = nk_cl_pair(n, (PAIRS));                                       \
+        const Py_ssize_t bs = (NP) * (pair ? 2 : 1) * NK_FW;                           \
+        for (Py_ssize_t r = lo; r < hi;) {                                             \
+            const Py_ssize_t pi = per_sample ? r / S * C + c0 : c0;                    \
+            const Py_ssize_t end = per_sample && (r / S + 1) * S < hi ? (r / S + 1) * S : hi; \
+            const float *a_[NP];                                                       \
+            for (int k_ = 0; k_ < (NP); k_++) a_[k_] = (A)[k_] + pi;                   \
+            nk_cl_fill(blk, n, pair, (NP), a_, (SCALE));                               \
+            for (; r < end; r++) {                                                     \
+                const Py_ssize_t o = r * C + c0;                                       \
+                __VA_ARGS__                                                            \
+            }                                                                          \
+        }                                                                              \
+    }                                                                                  \
+} while (0)
 
 /* The elementwise kernels of _kernels_elementwise / _kernels_stats for 16-bit rows,
    the same float32 expressions in the same order (see the Cython loops of the other
@@ -503,32 +528,21 @@ static void nk_cl_affine_##SUF(const T *x, T *out, const T *res, int relu,      
                                const float *sh, const float *sc, const float *of,      \
                                Py_ssize_t S, Py_ssize_t C, int per_sample,             \
                                Py_ssize_t lo, Py_ssize_t hi) {                         \
-    float blk[3 * NK_CL_FLOATS];                                                       \
     static const float scale[3] = {0.5f, 2.0f, 1.0f};                                  \
-    for (Py_ssize_t c0 = 0; c0 < C; c0 += NK_CL_CHUNK) {                               \
-        const Py_ssize_t n = C - c0 < NK_CL_CHUNK ? C - c0 : NK_CL_CHUNK;              \
-        const int pair = nk_cl_pair(n, NK_PAIR_##SUF);                                 \
-        const Py_ssize_t bs = 3 * (pair ? 2 : 1) * NK_FW;                              \
-        for (Py_ssize_t r = lo; r < hi;) {                                             \
-            const Py_ssize_t pi = per_sample ? r / S * C + c0 : c0;                    \
-            const Py_ssize_t end = per_sample && (r / S + 1) * S < hi ? (r / S + 1) * S : hi; \
-            const float *a[3] = {sh + pi, sc + pi, of + pi};                           \
-            nk_cl_fill(blk, n, pair, 3, a, scale);                                     \
-            for (; r < end; r++) {                                                     \
-                const T *p = x + r * C + c0;                                           \
-                T *q = out + r * C + c0;                                               \
-                const T *rr = res == NULL ? NULL : res + r * C + c0;                   \
-                if (rr == NULL && !relu)                                               \
-                    NK_EW_MAP_B(n, SUF, q, blk, bs, NK_CL_AFFINE(p));                  \
-                else if (rr == NULL)                                                   \
-                    NK_EW_MAP_B(n, SUF, q, blk, bs, nk_relu(NK_CL_AFFINE(p)));         \
-                else if (!relu)                                                        \
-                    NK_EW_MAP_B(n, SUF, q, blk, bs, NK_CL_AFFINE(p) + LD(rr));         \
-                else                                                                   \
-                    NK_EW_MAP_B(n, SUF, q, blk, bs, nk_relu(NK_CL_AFFINE(p) + LD(rr))); \
-            }                                                                          \
-        }                                                                              \
-    }                                                                                  \
+    const float *const prm[3] = {sh, sc, of};                                          \
+    NK_CL_ROWS(3, prm, scale, NK_PAIR_##SUF,                                           \
+        const T *p = x + o;                                                            \
+        T *q = out + o;                                                                \
+        const T *rr = res == NULL ? NULL : res + o;                                    \
+        if (rr == NULL && !relu)                                                       \
+            NK_EW_MAP_B(n, SUF, q, blk, bs, NK_CL_AFFINE(p));                          \
+        else if (rr == NULL)                                                           \
+            NK_EW_MAP_B(n, SUF, q, blk, bs, nk_relu(NK_CL_AFFINE(p)));                 \
+        else if (!relu)                                                                \
+            NK_EW_MAP_B(n, SUF, q, blk, bs, NK_CL_AFFINE(p) + LD(rr));                 \
+        else                                                                           \
+            NK_EW_MAP_B(n, SUF, q, blk, bs, nk_relu(NK_CL_AFFINE(p) + LD(rr)));        \
+    );                                                                                 \
 }                                                                                      \
 /* dx = a * dy + (b * (x - m) + z) */                                                 \
 static void nk_apply_##SUF(const T *dy, const T *x, T *dx, Py_ssize_t n, float m,     \
@@ -541,25 +555,13 @@ static void nk_cl_apply_##SUF(const T *dy, const T *x, T *dx, const float *sh,  
                               const float *cdy, const float *cx, const float *c1,      \
                               Py_ssize_t S, Py_ssize_t C, int per_sample,              \
                               Py_ssize_t lo, Py_ssize_t hi) {                          \
-    float blk[4 * NK_CL_FLOATS];                                                       \
     static const float scale[4] = {1.0f, 1.0f, 1.0f, 1.0f};                            \
-    for (Py_ssize_t c0 = 0; c0 < C; c0 += NK_CL_CHUNK) {                               \
-        const Py_ssize_t n = C - c0 < NK_CL_CHUNK ? C - c0 : NK_CL_CHUNK;              \
-        const int pair = nk_cl_pair(n, NK_PAIR_##SUF);                                 \
-        const Py_ssize_t bs = 4 * (pair ? 2 : 1) * NK_FW;                              \
-        for (Py_ssize_t r = lo; r < hi;) {                                             \
-            const Py_ssize_t pi = per_sample ? r / S * C + c0 : c0;                    \
-            const Py_ssize_t end = per_sample && (r / S + 1) * S < hi ? (r / S + 1) * S : hi; \
-            const float *a[4] = {sh + pi, cdy + pi, cx + pi, c1 + pi};                 \
-            nk_cl_fill(blk, n, pair, 4, a, scale);                                     \
-            for (; r < end; r++) {                                                     \
-                const Py_ssize_t o = r * C + c0;                                       \
-                const T *dyo = dy + o, *xo = x + o;                                    \
-                NK_EW_MAP_B(n, SUF, dx + o, blk, bs,                                   \
-                            NK_CLP(1) * LD(dyo) + (NK_CLP(2) * (LD(xo) - NK_CLP(0)) + NK_CLP(3))); \
-            }                                                                          \
-        }                                                                              \
-    }                                                                                  \
+    const float *const prm[4] = {sh, cdy, cx, c1};                                     \
+    NK_CL_ROWS(4, prm, scale, NK_PAIR_##SUF,                                           \
+        const T *dyo = dy + o, *xo = x + o;                                            \
+        NK_EW_MAP_B(n, SUF, dx + o, blk, bs,                                           \
+                    NK_CLP(1) * LD(dyo) + (NK_CLP(2) * (LD(xo) - NK_CLP(0)) + NK_CLP(3))); \
+    );                                                                                 \
 }                                                                                      \
 /* a LayerNorm row: ((x/2 - mh) - ml) * rs2 * w + b; RMSNorm (rms): x * rs2 * w */     \
 static void nk_row_forward_##SUF(const T *x, T *out, Py_ssize_t n, const float *w,    \
