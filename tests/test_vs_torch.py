@@ -138,14 +138,20 @@ def _torch_channel(norm, x, dy, w, b, tdt, eval_stats=None):
         ty = fn(tx, trm, trv, tw, tb, True, 0.1, 1e-5)
         r["running_mean"], r["running_var"] = trm, trv
         if norm == "batch_norm":
-            erm, erv = (trm, trv) if eval_stats is None else (_t(s, tdt) for s in eval_stats)
-            r["eval output"] = TF.batch_norm(_t(x, tdt), erm, erv, _t(w, tdt), _t(b, tdt),
-                                             False)
+            r["eval output"] = _torch_eval(x, w, b, tdt, *((trm, trv) if eval_stats is None
+                                                          else eval_stats))
     ty.backward(_t(dy, tdt))
     r["output"], r["grad_x"] = ty, tx.grad
     if w is not None:
         r["grad_weight"], r["grad_bias"] = tw.grad, tb.grad
     return r
+
+
+def _torch_eval(x, w, b, tdt, mean, var):
+    """torch's BatchNorm eval output in torch dtype ``tdt`` with running statistics
+    (mean, var): tensors, or NumPy values put in ``tdt``."""
+    mean, var = (s if torch.is_tensor(s) else _t(s, tdt) for s in (mean, var))
+    return TF.batch_norm(_t(x, tdt), mean, var, _t(w, tdt), _t(b, tdt), False)
 
 
 def _normkit_channel(norm, x, dy, w, b, dtype, axis, backend, eval_stats=None):
@@ -222,7 +228,7 @@ def _check_channel(backend, dtype, norm, axis, affine, layout, x64, dy64, w64, b
         truth = _torch_channel(norm, xq, dyq, w, b, "float64")
         if norm == "batch_norm":
             eval_stats = tuple(_np(truth[k]).astype(dt) for k in ("running_mean", "running_var"))
-            truth = _torch_channel(norm, xq, dyq, w, b, "float64", eval_stats)
+            truth["eval output"] = _torch_eval(xq, w, b, "float64", *eval_stats)
     got, (y, gx, mean, rstd) = _normkit_channel(norm, x, dy, w, b, dt, axis, backend,
                                                 eval_stats)
     # the dtype kept (byte order included: a byte-swapped input gives a byte-swapped output)
